@@ -1,0 +1,300 @@
+"""Wall-time overhead of ``HessianSpectrumMonitor()`` at its defaults on a Lightning fit.
+
+What is measured: the wall time of ``Trainer.fit`` on a digits MLP (``load_digits``, pixels
+scaled to [0, 1], cross-entropy, SGD, batch 64) for a fixed ``max_steps``, with and without
+``lightning_landscape.HessianSpectrumMonitor()`` (no arguments: its budget-driven default
+schedule), at two model sizes (64-32-10, about 2.4k parameters, and 64-256-256-10, about 85k).
+Both runs of a pair use the same seed, data order and thread count; the progress bar, model
+summary and checkpointing are off; each run logs to its own ``TensorBoardLogger`` in a temporary
+directory. Runs alternate (without, with, without, with, ...) so that a drift in machine load
+hits both alike, and the ratio is median(with) / median(without). Target: <= 1.05.
+
+Also reported, from the TensorBoard events of the monitored run: how many measurements the
+monitor made and the seconds it logged for them (tags ``landscape/<monitor>/...``), and whether
+the final weights are bitwise equal to those of the unmonitored run (the monitor must leave
+training unchanged).
+
+``max_steps`` is fixed per size: by default it is calibrated once from a short unmonitored run
+so that one run takes about ``--target-seconds`` (75 s), then used for every run of that size.
+
+Run (from the repository root)::
+
+    python benchmarks/overhead.py                      # two sizes, 2 pairs each (~10 min)
+    python benchmarks/overhead.py --quick              # small model, ~15 s runs, 1 pair
+    python benchmarks/overhead.py --max-steps 20000 --json overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+TARGET_RATIO = 1.05
+SEED = 0
+BATCH_SIZE = 64
+SIZES: dict[str, tuple[int, ...]] = {"small": (32,), "large": (256, 256)}
+
+
+def _lightning() -> Any:
+    import lightning.pytorch as pl
+
+    return pl
+
+
+def build_mlp(hidden: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = 64
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+def make_module(hidden: Sequence[int]) -> Any:
+    pl = _lightning()
+
+    class DigitsMLP(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_mlp(hidden)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    return DigitsMLP()
+
+
+def make_loader() -> DataLoader:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.long)
+    gen = torch.Generator().manual_seed(SEED)
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE, shuffle=True, generator=gen)
+
+
+def read_landscape_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """All ``landscape/*`` scalars from the TensorBoard events under ``logdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for root, _, files in os.walk(logdir):
+        if not any(f.startswith("events.out.tfevents") for f in files):
+            continue
+        acc = EventAccumulator(root, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            if tag.startswith("landscape/"):
+                out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def fit_once(hidden: Sequence[int], max_steps: int, monitored: bool) -> dict[str, Any]:
+    """One fit; returns its wall time, final weights and (if monitored) what it logged."""
+    pl = _lightning()
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    pl.seed_everything(SEED, verbose=False)
+    module = make_module(hidden)
+    loader = make_loader()
+    callbacks = []
+    if monitored:
+        import lightning_landscape
+
+        callbacks.append(lightning_landscape.HessianSpectrumMonitor())
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=max_steps,
+            max_epochs=-1,
+            logger=TensorBoardLogger(tmp, name="run"),
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+        )
+        t0 = time.perf_counter()
+        trainer.fit(module, train_dataloaders=loader)
+        seconds = time.perf_counter() - t0
+        scalars = read_landscape_scalars(tmp) if monitored else {}
+    weights = torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+    return {
+        "seconds": seconds,
+        "global_step": int(trainer.global_step),
+        "weights": weights,
+        "scalars": scalars,
+    }
+
+
+def summarize_scalars(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:
+    """Measurements per monitor (steps of its ``seconds`` tag) and the seconds it logged."""
+    out: dict[str, Any] = {}
+    for tag, events in scalars.items():
+        parts = tag.split("/")
+        if len(parts) == 3 and parts[2] == "seconds":
+            out[parts[1]] = {
+                "measurements": len(events),
+                "steps": [s for s, _ in events],
+                "logged_seconds": sum(v for _, v in events),
+            }
+    out["tags"] = sorted(scalars)
+    return out
+
+
+def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = {"hidden": list(hidden)}
+    res["num_params"] = sum(p.numel() for p in build_mlp(hidden).parameters())
+    if args.max_steps:
+        max_steps = args.max_steps
+    else:
+        calib_steps = 300 if args.quick else 1000
+        fit_once(hidden, 50, monitored=False)  # warm-up: imports, first-call costs
+        cal = fit_once(hidden, calib_steps, monitored=False)["seconds"]
+        max_steps = max(calib_steps, int(args.target_seconds / cal * calib_steps))
+        res["calibration"] = {"steps": calib_steps, "seconds": cal}
+    res["max_steps"] = max_steps
+    print(f"[{name}] D = {res['num_params']}, max_steps = {max_steps}", flush=True)
+
+    base, mon = [], []
+    same_weights = []
+    monitor_info: list[dict[str, Any]] = []
+    for pair in range(args.pairs):
+        b = fit_once(hidden, max_steps, monitored=False)
+        print(f"[{name}] pair {pair + 1}: without {b['seconds']:.1f} s", flush=True)
+        try:
+            m = fit_once(hidden, max_steps, monitored=True)
+        except Exception as exc:
+            res["error"] = f"{type(exc).__name__}: {exc}"
+            print(f"[{name}] monitored fit FAILED: {res['error']}", flush=True)
+            return res
+        print(f"[{name}] pair {pair + 1}: with    {m['seconds']:.1f} s", flush=True)
+        base.append(b["seconds"])
+        mon.append(m["seconds"])
+        same_weights.append(bool(torch.equal(b["weights"], m["weights"])))
+        monitor_info.append(summarize_scalars(m["scalars"]))
+    res.update(
+        without_seconds=base,
+        with_seconds=mon,
+        ratio=statistics.median(mon) / statistics.median(base),
+        pair_ratios=[w / o for w, o in zip(mon, base, strict=True)],
+        weights_bitwise_equal=same_weights,
+        monitor=monitor_info,
+    )
+    res["target_met"] = res["ratio"] <= TARGET_RATIO
+    return res
+
+
+def print_report(results: dict[str, Any]) -> None:
+    print(
+        f"\n| {'model':<16} | {'D':>6} | {'max_steps':>9} | {'fit without (s)':>15} "
+        f"| {'fit with (s)':>12} | {'ratio':>6} | {'measurements':>12} | {'logged s':>8} |"
+    )
+    print("|" + "|".join("-" * n for n in (18, 8, 11, 17, 14, 8, 14, 10)) + "|")
+    for name, res in results["sizes"].items():
+        arch = "64-" + "-".join(map(str, res["hidden"])) + "-10"
+        if "error" in res:
+            print(f"| {arch:<16} | {res['num_params']:>6} | ERROR: {res['error']}")
+            continue
+        info = res["monitor"][-1]
+        n = sum(v["measurements"] for k, v in info.items() if k != "tags")
+        logged = sum(v["logged_seconds"] for k, v in info.items() if k != "tags")
+        print(
+            f"| {arch:<16} | {res['num_params']:>6} | {res['max_steps']:>9} "
+            f"| {statistics.median(res['without_seconds']):>15.1f} "
+            f"| {statistics.median(res['with_seconds']):>12.1f} | {res['ratio']:>6.3f} "
+            f"| {n:>12} | {logged:>8.1f} |"
+        )
+        del name
+    print()
+    for name, res in results["sizes"].items():
+        if "error" in res:
+            continue
+        verdict = "MET" if res["target_met"] else "MISSED"
+        pairs = ", ".join(f"{r:.3f}" for r in res["pair_ratios"])
+        print(
+            f"{name}: ratio {res['ratio']:.3f} (pairs: {pairs}) -> target <= {TARGET_RATIO}: "
+            f"{verdict}; final weights bitwise equal: {res['weights_bitwise_equal']}"
+        )
+        steps = {k: v["steps"] for k, v in res["monitor"][-1].items() if k != "tags"}
+        print(f"  measured at steps: {steps}")
+        if not steps:
+            print(f"  no landscape/<monitor>/seconds tag found; tags: {res['monitor'][-1]['tags']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small model, ~15 s runs, 1 pair")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None)
+    parser.add_argument("--max-steps", type=int, default=None, help="fixed steps (no calibration)")
+    parser.add_argument("--target-seconds", type=float, default=None, help="calibrated run length")
+    parser.add_argument("--pairs", type=int, default=None, help="(without, with) pairs per size")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.target_seconds is None:
+        args.target_seconds = 15.0 if args.quick else 75.0
+    if args.pairs is None:
+        args.pairs = 1 if args.quick else 2
+    sizes = args.sizes or (["small"] if args.quick else ["small", "large"])
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*The number of training batches.*")
+    warnings.filterwarnings("ignore", ".*treespec.*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()[0]
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}, load average {load0:.1f}"
+    )
+    results: dict[str, Any] = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "target_ratio": TARGET_RATIO,
+        "load_average_start": load0,
+        "sizes": {},
+    }
+    for name in sizes:
+        results["sizes"][name] = run_size(name, SIZES[name], args)
+    results["load_average_end"] = os.getloadavg()[0]
+    print_report(results)
+    print(f"\nload average {load0:.1f} at start, {results['load_average_end']:.1f} at end")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

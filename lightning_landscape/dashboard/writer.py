@@ -1,0 +1,71 @@
+"""Finding the run's TensorBoard writer, and warning once when there is none.
+
+Lightning is imported inside the functions, so importing the dashboard does not import it.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+__all__ = ["tensorboard_writer", "warn_once"]
+
+_warned_keys: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def tensorboard_writer(trainer: Any) -> SummaryWriter | None:
+    """The ``SummaryWriter`` of the first ``TensorBoardLogger`` in ``trainer.loggers``.
+
+    Histograms, figures, text and layouts can only go to TensorBoard; scalars go through
+    ``trainer.loggers`` (any logger) instead.
+
+    Args:
+        trainer: A ``lightning.pytorch.Trainer``.
+
+    Returns:
+        The writer on global rank 0; None on other ranks (rank 0 logs, and their logger holds
+        only a no-op stand-in) or when no ``TensorBoardLogger`` is attached.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if getattr(trainer, "global_rank", 0) != 0:
+        return None
+    for logger in getattr(trainer, "loggers", None) or ():
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def warn_once(key: str, message: str, *, category: type[Warning] = UserWarning) -> bool:
+    """Warn with ``message`` the first time ``key`` is seen in this process, on rank 0 only.
+
+    Args:
+        key: Identifies the warning, e.g. ``"landscape/hessian/no-tensorboard"``.
+        message: The warning text.
+        category: Warning class.
+
+    Returns:
+        True if this call warned (first time for ``key``), False otherwise.
+    """
+    with _warned_lock:
+        if key in _warned_keys:
+            return False
+        _warned_keys.add(key)
+    try:
+        from lightning.pytorch.utilities import rank_zero_warn
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        warnings.warn(message, category=category, stacklevel=2)
+    else:
+        rank_zero_warn(message, category=category, stacklevel=3)
+    return True
+
+
+def _reset_warn_once() -> None:
+    """Forget which keys have warned (for tests)."""
+    with _warned_lock:
+        _warned_keys.clear()

@@ -1,0 +1,328 @@
+"""Lanczos iteration with full reorthogonalisation (Lanczos 1950; Golub & Van Loan, ch. 10).
+
+Several independent Lanczos processes can run in lockstep so that each step costs one batched
+operator product (``operator.matmat`` on a block of vectors) instead of one product per process:
+the eigenvalue run and the stochastic Lanczos quadrature probes share every call.
+
+Each Ritz pair :math:`(\\theta_i, y_i)` of the tridiagonal :math:`T_m = S \\Theta S^\\top` has the
+residual :math:`\\|H y_i - \\theta_i y_i\\| = |\\beta_m s_{m,i}|` in exact arithmetic, and some
+eigenvalue of :math:`H` lies within that distance of :math:`\\theta_i`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import Tensor
+
+__all__ = ["LanczosResult", "lanczos"]
+
+Which = Literal["LA", "SA"]
+
+
+@dataclass(frozen=True, eq=False)
+class LanczosResult:
+    """Ritz approximations of the wanted end of the spectrum.
+
+    Attributes:
+        eigenvalues: the ``k`` wanted Ritz values; descending for ``"LA"``, ascending for ``"SA"``.
+        residuals: ``||H y_i - theta_i y_i||`` for each Ritz pair, an error bound on each value.
+            Measured with explicit products when ``explicit_residuals`` is on (includes the
+            rounding of the products themselves), else the Lanczos estimate ``|beta_m s_mi|``.
+        eigenvectors: Ritz vectors as rows, shape ``(k, D)``, or None unless requested.
+        alphas: diagonal of the tridiagonal matrix.
+        betas: off-diagonal of the tridiagonal matrix (a zero marks a restart after breakdown).
+        num_matvecs: operator products spent.
+        converged: whether every wanted residual met the tolerance.
+    """
+
+    eigenvalues: np.ndarray
+    residuals: np.ndarray
+    eigenvectors: Tensor | None
+    alphas: np.ndarray
+    betas: np.ndarray
+    num_matvecs: int
+    converged: bool
+
+
+def rademacher(num: int, dim: int, *, seed: int, dtype: torch.dtype, device: Any) -> Tensor:
+    """``num`` Rademacher vectors (rows) from a seeded generator on the CPU (device-independent)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    signs = torch.randint(0, 2, (num, dim), generator=gen, dtype=torch.int8)
+    return (2 * signs - 1).to(dtype=dtype, device=device)
+
+
+def _ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of the tridiagonal matrix."""
+    a = np.asarray(alphas, dtype=np.float64)
+    if len(a) == 1:
+        return a.copy(), np.ones((1, 1))
+    b = np.asarray(betas[: len(a) - 1], dtype=np.float64)
+    return scipy.linalg.eigh_tridiagonal(a, b)
+
+
+class _Process:
+    """State of one Lanczos process: basis, coefficients, stopping rule."""
+
+    def __init__(
+        self, v0: Tensor, max_steps: int, basis_dtype: torch.dtype, restart: bool, seed: int
+    ) -> None:
+        dim = v0.shape[0]
+        self.max_steps = max_steps
+        self.Q = torch.empty(max_steps + 1, dim, dtype=basis_dtype, device=v0.device)
+        self.Q[0] = v0.to(basis_dtype) / torch.linalg.vector_norm(v0.to(basis_dtype))
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+        self.done = False
+        self.restart = restart
+        self.seed = seed
+        self.anorm = 0.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.alphas)
+
+    def step(self, w: Tensor) -> None:
+        j = self.steps
+        q = self.Q[j]
+        w = w.to(self.Q.dtype)
+        alpha = float(torch.dot(q, w))
+        w = w - alpha * q
+        if j > 0:
+            w = w - self.betas[-1] * self.Q[j - 1]
+        basis = self.Q[: j + 1]
+        for _ in range(2):  # classical Gram-Schmidt, twice: orthogonal to working precision
+            w = w - (basis @ w) @ basis
+        beta = float(torch.linalg.vector_norm(w))
+        self.alphas.append(alpha)
+        self.anorm = max(self.anorm, abs(alpha) + beta + (self.betas[-1] if j > 0 else 0.0))
+        dim = self.Q.shape[1]
+        if j + 1 >= dim:
+            self.betas.append(0.0)
+            self.done = True
+            return
+        tiny = 100 * torch.finfo(self.Q.dtype).eps * max(self.anorm, 1e-300)
+        if beta <= tiny:
+            # Invariant subspace found. The eigenvalue run restarts from a random vector
+            # orthogonal to the basis (beta = 0 splits T into blocks) so that repeated eigenvalues
+            # are found too; quadrature probes stop (their quadrature is exact).
+            self.betas.append(0.0)
+            if not self.restart or j + 1 >= self.max_steps:
+                self.done = True
+                return
+            gen = torch.Generator().manual_seed(self.seed + 7919 * (j + 1))
+            w = torch.randn(dim, generator=gen, dtype=self.Q.dtype).to(self.Q.device)
+            for _ in range(2):
+                w = w - (basis @ w) @ basis
+            w = w / torch.linalg.vector_norm(w)
+            self.Q[j + 1] = w
+        else:
+            self.betas.append(beta)
+            self.Q[j + 1] = w / beta
+        if self.steps >= self.max_steps:
+            self.done = True
+
+
+def _select(theta: np.ndarray, k: int, which: Which) -> np.ndarray:
+    """Indices of the wanted Ritz values in output order."""
+    order = np.argsort(theta)
+    return order[::-1][:k] if which == "LA" else order[:k]
+
+
+def run_lanczos(
+    operator: Any,
+    V0: Tensor,
+    max_steps: list[int],
+    *,
+    restart: list[bool],
+    stop: Any = None,
+    seed: int = 0,
+    basis_dtype: torch.dtype | None = None,
+) -> list[_Process]:
+    """Run ``len(V0)`` Lanczos processes in lockstep, one batched product per step.
+
+    Args:
+        operator: has ``matmat((B, D)) -> (B, D)``.
+        V0: start vectors as rows.
+        max_steps: step limit of each process.
+        restart: per process, restart after breakdown (eigenvalue runs) or stop (quadrature).
+        stop: optional callable ``stop(process) -> bool`` checked after each step of process 0.
+        seed: seeds restart vectors.
+        basis_dtype: dtype of the stored basis (default: float64 when it fits in 1 GiB).
+    """
+    dim = V0.shape[1]
+    if basis_dtype is None:
+        fits = dim * (max(max_steps) + 1) * 8 * len(max_steps) <= 2**30
+        basis_dtype = torch.float64 if fits else V0.dtype
+    procs = [
+        _Process(V0[i], max_steps[i], basis_dtype, restart[i], seed + 104729 * i)
+        for i in range(len(max_steps))
+    ]
+    for p in procs:
+        p.done = p.max_steps <= 0
+    while True:
+        active = [p for p in procs if not p.done]
+        if not active:
+            return procs
+        block = torch.stack([p.Q[p.steps] for p in active])
+        W = operator.matmat(block.to(operator.dtype))
+        if not torch.isfinite(W).all():
+            raise FloatingPointError("non-finite operator product inside Lanczos")
+        for p, w in zip(active, W, strict=False):
+            p.step(w)
+        if stop is not None and not procs[0].done and stop(procs[0]):
+            procs[0].done = True
+
+
+def ritz_pairs(
+    proc: _Process, k: int, which: Which, *, vectors: bool
+) -> tuple[np.ndarray, np.ndarray, Tensor | None]:
+    """Wanted Ritz values, their Lanczos residual estimates and (optionally) vectors."""
+    theta, S = _ritz(proc.alphas, proc.betas)
+    idx = _select(theta, k, which)
+    beta_m = proc.betas[-1] if proc.betas else 0.0
+    res = np.abs(beta_m * S[-1, idx])
+    Y = None
+    if vectors:
+        m = proc.steps
+        Sk = torch.as_tensor(S[:, idx].T.copy(), dtype=proc.Q.dtype, device=proc.Q.device)
+        Y = Sk @ proc.Q[:m]
+    return theta[idx], res, Y
+
+
+def _validate(k: int, which: str, tol: float, dim: int, max_iter: int | None) -> None:
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    if k > dim:
+        raise ValueError(f"k must be at most the dimension D={dim}; got k={k}")
+    if which not in ("LA", "SA"):
+        raise ValueError(f"which must be 'LA' (largest) or 'SA' (smallest); got {which!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive finite number; got {tol!r}")
+    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < k):
+        raise ValueError(f"max_iter must be an integer >= k={k}; got {max_iter!r}")
+
+
+def default_max_iter(k: int, dim: int) -> int:
+    """Default step limit: enough for well-separated top eigenvalues of network Hessians."""
+    return min(dim, max(4 * k, 120))
+
+
+def converged_stop(k: int, which: Which, tol: float, min_steps: int = 0) -> Any:
+    """Stopping rule: the ``k`` wanted Lanczos residuals are all below ``tol * ||T||``."""
+
+    def stop(proc: _Process) -> bool:
+        if proc.steps < max(k, min_steps):
+            return False
+        _, res, _ = ritz_pairs(proc, k, which, vectors=False)
+        return bool(np.all(res <= tol * proc.anorm))
+
+    return stop
+
+
+def lanczos(
+    operator: Any,
+    *,
+    k: int = 10,
+    which: Which = "LA",
+    max_iter: int | None = None,
+    tol: float = 1e-6,
+    seed: int = 0,
+    v0: Tensor | None = None,
+    return_eigenvectors: bool = False,
+    explicit_residuals: bool = True,
+) -> LanczosResult:
+    """The ``k`` largest (or smallest) eigenvalues of a symmetric operator.
+
+    Full reorthogonalisation keeps the basis orthogonal, so no spurious copies of converged
+    eigenvalues appear and the residual estimates stay meaningful.
+
+    Args:
+        operator: symmetric operator with ``dim``, ``dtype``, ``device`` and ``matmat``.
+        k: number of wanted eigenvalues.
+        which: ``"LA"`` largest algebraic (descending) or ``"SA"`` smallest algebraic (ascending).
+        max_iter: maximum Lanczos steps; default ``min(D, max(4k, 120))``.
+        tol: stop when each wanted residual is below ``tol * ||T||`` (``||T||`` estimates the
+            spectral radius), so the absolute error of every value is below ``tol * ||H||``.
+        seed: seeds the Rademacher start vector.
+        v0: start vector instead of the random one.
+        return_eigenvectors: return the Ritz vectors (rows, in the basis dtype).
+        explicit_residuals: measure ``||H y - theta y||`` with ``k`` extra products in one
+            batched call (honest under rounding of the products); else the Lanczos estimate.
+
+    Returns:
+        :class:`LanczosResult`.
+
+    Cost: at most ``max_iter`` products (plus ``k`` for explicit residuals); memory
+    ``(max_iter + 1) * D`` numbers for the basis (float64 when that fits in 1 GiB).
+    """
+    dim = int(operator.dim)
+    _validate(k, which, tol, dim, max_iter)
+    m = max_iter if max_iter is not None else default_max_iter(k, dim)
+    if v0 is None:
+        v0 = rademacher(1, dim, seed=seed, dtype=operator.dtype, device=operator.device)[0]
+    elif v0.shape != (dim,) or not torch.any(v0 != 0):
+        raise ValueError(f"v0 must be a non-zero vector of shape ({dim},); got {tuple(v0.shape)}")
+    start = operator.num_hvps if hasattr(operator, "num_hvps") else 0
+    (proc,) = run_lanczos(
+        operator,
+        v0.unsqueeze(0),
+        [m],
+        restart=[True],
+        stop=converged_stop(k, which, tol),
+        seed=seed,
+    )
+    return finish_eigen_run(
+        operator,
+        proc,
+        k,
+        which,
+        tol,
+        return_eigenvectors=return_eigenvectors,
+        explicit_residuals=explicit_residuals,
+        start_count=start,
+    )
+
+
+def finish_eigen_run(
+    operator: Any,
+    proc: _Process,
+    k: int,
+    which: Which,
+    tol: float,
+    *,
+    return_eigenvectors: bool,
+    explicit_residuals: bool,
+    start_count: int,
+) -> LanczosResult:
+    """Ritz pairs of a finished run, with explicit residuals in one batched call if asked."""
+    k_eff = min(k, proc.steps)
+    theta, res_est, Y = ritz_pairs(
+        proc, k_eff, which, vectors=return_eigenvectors or explicit_residuals
+    )
+    converged = bool(np.all(res_est <= tol * max(proc.anorm, 1e-300))) and k_eff == k
+    residuals = res_est
+    if explicit_residuals and Y is not None:
+        HY = operator.matmat(Y.to(operator.dtype)).to(Y.dtype)
+        residuals = (
+            torch.linalg.vector_norm(
+                HY - torch.as_tensor(theta, dtype=Y.dtype, device=Y.device)[:, None] * Y, dim=1
+            )
+            .cpu()
+            .numpy()
+        )
+    used = (operator.num_hvps - start_count) if hasattr(operator, "num_hvps") else proc.steps
+    return LanczosResult(
+        eigenvalues=theta,
+        residuals=np.asarray(residuals, dtype=np.float64),
+        eigenvectors=Y if return_eigenvectors else None,
+        alphas=np.asarray(proc.alphas),
+        betas=np.asarray(proc.betas),
+        num_matvecs=int(used),
+        converged=converged,
+    )
