@@ -183,6 +183,19 @@ def dense_gradient(
     return g, value
 
 
+def spectral_norm(A: Tensor, iters: int = 100) -> float:
+    """``||A||_2`` of a symmetric matrix by power iteration (a cheap scale for tolerances)."""
+    v = torch.ones(A.shape[0], dtype=A.dtype) / A.shape[0] ** 0.5
+    norm = 0.0
+    for _ in range(iters):
+        w = A @ v
+        norm = float(torch.linalg.vector_norm(w))
+        if norm == 0.0:
+            return 0.0
+        v = w / norm
+    return norm
+
+
 # ---------------------------------------------------------------------------------------------
 # Data and models
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,348 @@
+"""The common Lightning adapter of all monitors: schedule, probe set, isolation, state, failure.
+
+Subclasses supply ``_compute`` (call a core estimator) and ``_log`` (write what it returned).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from ..dashboard import tensorboard_writer, warn_once, write_custom_scalars_layout
+from ..dashboard.layout import merge_layouts
+from ..linalg.operators import HVPFailedError
+from . import _context as ctx
+from ._schedule import Coordinator, coordinator_for
+
+__all__: list[str] = []
+
+#: Exceptions that mean "this measurement failed numerically": warn, skip, train on.
+NUMERICAL_FAILURES: tuple[type[BaseException], ...] = (
+    FloatingPointError,
+    HVPFailedError,
+    torch.OutOfMemoryError,
+    np.linalg.LinAlgError,
+)
+
+
+def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}; "
+                         f"got {value!r}")
+
+
+class LandscapeMonitor(Callback):
+    """Base class: decides when to measure, holds the probe set, isolates and logs.
+
+    Args:
+        name: short name used in tags (``landscape/<name>/...``).
+        every_n_steps: measure every ``n`` optimizer steps (step 0 included) instead of the budget.
+        every_n_epochs: measure at the end of every ``n``-th epoch instead of the budget.
+        max_overhead: share of training wall time this monitor may use (budget schedule).
+        num_probe_batches: batches per rank in the probe set.
+        probe_dataloader: take the probe set from this loader instead of the training loader.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default the module's ``training_step``.
+        train_mode: measure in train mode (dropout active, batch statistics) instead of eval.
+        clock: seconds counter for the budget (tests inject a fake one).
+    """
+
+    name = "monitor"
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        max_overhead: float = 0.05,
+        num_probe_batches: int = 4,
+        probe_dataloader: Iterable[Any] | None = None,
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+        train_mode: bool = False,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        _check_positive_int("every_n_steps", every_n_steps, allow_none=True)
+        _check_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+        if every_n_steps is not None and every_n_epochs is not None:
+            raise ValueError(
+                "every_n_steps and every_n_epochs are exclusive; got "
+                f"every_n_steps={every_n_steps}, every_n_epochs={every_n_epochs}"
+            )
+        if isinstance(max_overhead, bool) or not (
+            isinstance(max_overhead, (int, float)) and 0 < max_overhead < 1
+        ):
+            raise ValueError(f"max_overhead must be a fraction in (0, 1); got {max_overhead!r}")
+        _check_positive_int("num_probe_batches", num_probe_batches)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch); got {loss_fn!r}")
+        if not isinstance(train_mode, bool):
+            raise ValueError(f"train_mode must be a bool; got {train_mode!r}")
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.max_overhead = float(max_overhead)
+        self.num_probe_batches = num_probe_batches
+        self.probe_dataloader = probe_dataloader
+        self.loss_fn = loss_fn
+        self.train_mode = train_mode
+        self._clock = clock
+        # Checkpointed state.
+        self.last_measured_step: int | None = None
+        self.next_step: int | None = None
+        self.num_measurements = 0
+        self.skipped = 0
+        self.last_cost: float | None = None
+        self.probe_dir: str | None = None
+        self._pending_coordinator: dict[str, Any] | None = None
+        # Per-fit objects, created in setup/on_train_start (ddp_spawn pickles callbacks).
+        self._coord: Coordinator | None = None
+        self._probe: list[Any] | None = None
+        self._seen_step: int | None = None
+
+    # -- subclass hooks ----------------------------------------------------------------------
+    def _compute(self, pl_module: LightningModule, batches: list[Any], loss_fn: Any,
+                 reduce_fn: Any) -> Any:
+        raise NotImplementedError
+
+    def _log(self, trainer: Trainer, step: int, result: Any, seconds: float) -> None:
+        raise NotImplementedError
+
+    def _layout(self) -> dict[str, dict[str, list[str]]]:
+        return {}
+
+    def _cost_guess(self, step_seconds: float) -> float:
+        """A priori cost of one measurement, before any was timed."""
+        return 300.0 * self.num_probe_batches * step_seconds
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def uses_budget(self) -> bool:
+        return self.every_n_steps is None and self.every_n_epochs is None
+
+    @property
+    def tag_prefix(self) -> str:
+        return f"landscape/{self.name}"
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        ctx.check_strategy(trainer, type(self).__name__)
+        if self.loss_fn is None and not pl_module.automatic_optimization:
+            raise ValueError(
+                f"{type(self).__name__}: loss_fn is required with manual optimisation "
+                "(calling training_step would step the optimiser); got loss_fn=None"
+            )
+        precision = str(getattr(trainer, "precision", ""))
+        if precision in ("16-true", "bf16-true", "16", "bf16"):
+            raise ValueError(
+                f"{type(self).__name__}: half-precision weights (precision={precision!r}) are not "
+                "supported; use a mixed precision setting such as 'bf16-mixed'"
+            )
+        self._coord = coordinator_for(trainer, self._clock)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._pending_coordinator is not None and self._coord is not None:
+            self._coord.load_state_dict(self._pending_coordinator)
+            self._pending_coordinator = None
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._probe = self._load_or_capture_probe(trainer)
+        if trainer.is_global_zero and self._coord is not None and not self._coord.layout_written:
+            self._coord.layout_written = True
+            writer = tensorboard_writer(trainer)
+            layouts = [cb._layout() for cb in trainer.callbacks if isinstance(cb, LandscapeMonitor)]
+            if writer is not None:
+                write_custom_scalars_layout(writer, merge_layouts(*layouts))
+        step = trainer.global_step
+        self._seen_step = step
+        if self.every_n_steps is not None and step == 0 and self.last_measured_step != 0:
+            self._measure(trainer, pl_module, step)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:  # not an optimizer step (gradient accumulation)
+            return
+        self._seen_step = step
+        assert self._coord is not None
+        self._coord.tick(step)
+        if self._due(trainer, step):
+            self._measure(trainer, pl_module, step)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        n = self.every_n_epochs
+        if n is not None and (trainer.current_epoch + 1) % n == 0:
+            step = trainer.global_step
+            if step != self.last_measured_step:
+                self._measure(trainer, pl_module, step)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        step = trainer.global_step
+        if step != self.last_measured_step:
+            self._measure(trainer, pl_module, step)
+            if self.uses_budget and self._coord is not None:
+                spent = self._coord.spent.get(self.name, 0.0)
+                allowed = self.max_overhead * self._coord.train_seconds
+                if trainer.is_global_zero and spent > allowed > 0:
+                    warn_once(
+                        f"{self.name}-budget",
+                        f"{type(self).__name__}: the end-of-fit measurement took the monitor to "
+                        f"{spent:.1f} s, over its budget of {allowed:.1f} s "
+                        f"({self.max_overhead:.0%} of {self._coord.train_seconds:.1f} s of "
+                        "training); the run was too short for this measurement.",
+                    )
+        self._probe = None
+
+    # -- schedule ----------------------------------------------------------------------------
+    def _due(self, trainer: Trainer, step: int) -> bool:
+        if self.every_n_steps is not None:
+            return step % self.every_n_steps == 0
+        if self.every_n_epochs is not None:
+            return False
+        assert self._coord is not None
+        if self.next_step is None:
+            if self._coord.counted_steps < self._coord.warmup_steps:
+                return False
+            # First placement, from the timed steps and an a-priori cost (rank 0 decides).
+            t = self._coord.step_seconds or 0.0
+            guess = self.last_cost if self.last_cost is not None else self._cost_guess(t)
+            nxt = self._coord.next_step(self.name, step, guess, self.max_overhead)
+            self.next_step = trainer.strategy.broadcast(nxt if nxt is not None else step + 1, 0)
+            return False
+        return step >= self.next_step
+
+    def _reschedule(self, trainer: Trainer, step: int, seconds: float) -> None:
+        if not self.uses_budget or self._coord is None:
+            return
+        nxt = self._coord.next_step(self.name, step, seconds, self.max_overhead)
+        self.next_step = trainer.strategy.broadcast(nxt if nxt is not None else step + 1, 0)
+
+    # -- measurement -------------------------------------------------------------------------
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        clock = self._coord.clock if self._coord is not None else time.perf_counter
+        t0 = clock()
+        result = None
+        batches = self._probe or []
+        loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
+        try:
+            if not batches:
+                raise FloatingPointError("the probe set is empty (the training loader gave no batch)")
+            with ctx.isolated(pl_module, train_mode=self.train_mode):
+                result = self._compute(pl_module, batches, loss_fn, ctx.make_reduce(trainer))
+        except NUMERICAL_FAILURES as err:
+            self.skipped += 1
+            if trainer.is_global_zero:
+                warn_once(
+                    f"{self.name}-skip-{type(err).__name__}",
+                    f"{type(self).__name__}: skipped the measurement at step {step} "
+                    f"({type(err).__name__}: {err}); training goes on. Further skips of this "
+                    f"kind are counted in {self.tag_prefix}/skipped.",
+                    category=RuntimeWarning,
+                )
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        seconds = clock() - t0
+        self.last_cost = seconds
+        self.last_measured_step = step
+        if self._coord is not None:
+            self._coord.record(self.name, seconds)
+        if result is not None:
+            self.num_measurements += 1
+        if trainer.is_global_zero:
+            if result is not None:
+                self._log(trainer, step, result, seconds)
+            self._log_scalars(
+                trainer, step, {"seconds": seconds, "skipped": float(self.skipped)}
+            )
+        self._reschedule(trainer, step, seconds)
+
+    def _log_scalars(self, trainer: Trainer, step: int, values: dict[str, float]) -> None:
+        metrics = {f"{self.tag_prefix}/{k}": float(v) for k, v in values.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # -- probe set ---------------------------------------------------------------------------
+    def _probe_file(self, trainer: Trainer) -> str:
+        if self.probe_dir is None:
+            self.probe_dir = os.path.join(trainer.default_root_dir, ".landscape_probes")
+        key = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.state_key)[:120]
+        return os.path.join(self.probe_dir, f"{key}_rank{trainer.global_rank}.pt")
+
+    def _load_or_capture_probe(self, trainer: Trainer) -> list[Any]:
+        resumed = self.probe_dir is not None
+        path = self._probe_file(trainer)
+        if resumed and os.path.exists(path):
+            batches = torch.load(path, map_location=trainer.strategy.root_device,
+                                 weights_only=False)
+            if len(batches) == self.num_probe_batches:
+                return batches
+        if resumed and trainer.is_global_zero:
+            warnings.warn(
+                f"{type(self).__name__}: the saved probe set ({path}) was not found; took a new "
+                "one, so measurements after the resume use other samples than before.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        loader = self.probe_dataloader
+        if loader is None:
+            loader = trainer.train_dataloader
+        batches = ctx.capture_probe_batches(trainer, loader, self.num_probe_batches)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save([ctx.clone_batch(_cpu(b)) for b in batches], path)
+        except OSError as err:  # a read-only log directory must not stop training
+            warn_once(f"{self.name}-probe-save", f"could not save the probe set to {path}: {err}")
+        return batches
+
+    # -- state -------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_measured_step": self.last_measured_step,
+            "next_step": self.next_step,
+            "num_measurements": self.num_measurements,
+            "skipped": self.skipped,
+            "last_cost": self.last_cost,
+            "probe_dir": self.probe_dir,
+            "coordinator": self._coord.state_dict() if self._coord is not None else None,
+            **self._extra_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_measured_step = state_dict.get("last_measured_step")
+        self.next_step = state_dict.get("next_step")
+        self.num_measurements = int(state_dict.get("num_measurements", 0))
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.last_cost = state_dict.get("last_cost")
+        self.probe_dir = state_dict.get("probe_dir")
+        self._pending_coordinator = state_dict.get("coordinator")
+        self._load_extra_state(state_dict)
+
+
+def _cpu(batch: Any) -> Any:
+    from lightning.pytorch.utilities import move_data_to_device
+
+    return move_data_to_device(batch, torch.device("cpu"))

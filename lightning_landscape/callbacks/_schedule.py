@@ -1,0 +1,110 @@
+"""When to measure: fixed ``every_n_*`` schedules, or a wall-time budget shared by all monitors.
+
+The budget places each monitor's next measurement so that its time stays under its
+``max_overhead`` share of training time (and all monitors together under ``total_overhead``),
+always keeping in reserve the cost of the end-of-fit measurement. Step time is measured after a
+warm-up (first steps, compilation), excluding the time spent measuring. Decisions are made on
+rank 0 and broadcast, and the coordinator's state is checkpointed so a resumed run continues the
+same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__: list[str] = []
+
+#: All monitors together stay under this share of wall time (DESIGN.md, "Cost").
+TOTAL_OVERHEAD = 0.10
+
+
+class Coordinator:
+    """One per trainer: times the training steps and every measurement of every monitor.
+
+    Args:
+        clock: seconds, monotonic (tests inject a fake clock).
+        warmup_steps: steps not counted in the step time.
+        total_overhead: cap on the summed share of all monitors.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.perf_counter,
+        warmup_steps: int = 5,
+        total_overhead: float = TOTAL_OVERHEAD,
+    ) -> None:
+        self.clock = clock
+        self.warmup_steps = warmup_steps
+        self.total_overhead = total_overhead
+        self.train_seconds = 0.0
+        self.counted_steps = 0
+        self.spent: dict[str, float] = {}
+        self._last_tick: float | None = None
+        self._last_step: int | None = None
+        self._measuring_since_tick = 0.0
+        self.layout_written = False
+
+    # -- timing ------------------------------------------------------------------------------
+    def tick(self, step: int) -> None:
+        """Called once per optimizer step (by whichever monitor sees it first)."""
+        if step == self._last_step:
+            return
+        now = self.clock()
+        if self._last_tick is not None and step > self.warmup_steps:
+            dt = now - self._last_tick - self._measuring_since_tick
+            self.train_seconds += max(dt, 0.0)
+            self.counted_steps += 1
+        self._last_tick = now
+        self._last_step = step
+        self._measuring_since_tick = 0.0
+
+    def record(self, monitor: str, seconds: float) -> None:
+        self.spent[monitor] = self.spent.get(monitor, 0.0) + seconds
+        self._measuring_since_tick += seconds
+
+    @property
+    def step_seconds(self) -> float | None:
+        if self.counted_steps == 0:
+            return None
+        return self.train_seconds / self.counted_steps
+
+    def next_step(self, monitor: str, step: int, cost: float, max_overhead: float) -> int | None:
+        """First step at which a measurement of ``cost`` seconds (plus the end-of-fit reserve)
+        keeps ``monitor`` within ``max_overhead`` and all monitors within the total cap."""
+        t_step = self.step_seconds
+        if t_step is None or t_step <= 0:
+            return None
+        spent_self = self.spent.get(monitor, 0.0)
+        spent_all = sum(self.spent.values())
+        need_self = (spent_self + 2 * cost) / max_overhead
+        need_all = (spent_all + 2 * cost) / self.total_overhead
+        need = max(need_self, need_all) - self.train_seconds
+        return step + max(1, math.ceil(need / t_step))
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "train_seconds": self.train_seconds,
+            "counted_steps": self.counted_steps,
+            "spent": dict(self.spent),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("counted_steps", 0) >= self.counted_steps:
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+            self.counted_steps = int(state.get("counted_steps", 0))
+            self.spent = {k: float(v) for k, v in state.get("spent", {}).items()}
+
+
+def coordinator_for(trainer: Any, clock: Callable[[], float] | None = None) -> Coordinator:
+    """The trainer's coordinator, created by the first monitor that asks."""
+    coord = getattr(trainer, "_landscape_coordinator", None)
+    if coord is None:
+        coord = Coordinator(clock=clock or time.perf_counter)
+        trainer._landscape_coordinator = coord
+    elif clock is not None:
+        coord.clock = clock
+    return coord

@@ -1,0 +1,241 @@
+"""HessianSpectrumMonitor: the Hessian spectrum of the training loss, during ``fit``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from ..dashboard import (
+    SpectrumAxis,
+    hessian_layout,
+    spectrum_axis_markdown,
+    spectrum_figure,
+    tensorboard_writer,
+    warn_once,
+    write_figure,
+    write_spectrum_histogram,
+    write_text,
+)
+from ..linalg import HessianSpectrum, hessian_spectrum, parameter_groups
+from ._base import LandscapeMonitor
+
+__all__ = ["HessianSpectrumMonitor"]
+
+#: Display broadening of the spectrum histogram, in signed-log decades.
+HISTOGRAM_SIGMA = 0.02
+
+
+class HessianSpectrumMonitor(LandscapeMonitor):
+    """Estimate the Hessian spectrum of the training loss periodically during ``fit``.
+
+    Drop-in: ``Trainer(callbacks=[HessianSpectrumMonitor()])`` works on an unmodified
+    LightningModule. The Hessian is that of the mean loss over a fixed probe set (the first
+    ``num_probe_batches`` training batches of each rank, captured at the start of fit), measured in
+    eval mode, with the module's own ``training_step`` as the loss (its ``self.log`` calls are
+    silenced). Training is left bitwise unchanged. Under DDP every rank holds its shard of the
+    probe set and the Hessian-vector products are all-reduced, so the result is that of the union.
+
+    Schedule: by default a wall-time budget (``max_overhead``, 5% of training time) places the
+    measurements; the end-of-fit measurement always runs. ``every_n_steps`` / ``every_n_epochs``
+    give a fixed, reproducible schedule instead.
+
+    Args:
+        top_k: number of top eigenvalues.
+        every_n_steps: measure at every ``n``-th optimizer step (step 0 included).
+        every_n_epochs: measure at the end of every ``n``-th epoch.
+        max_overhead: the budget, as a share of training wall time.
+        num_probe_batches: probe batches per rank.
+        probe_dataloader: take the probe set from this loader instead (first batches).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` instead of ``training_step``; required with
+            manual optimisation.
+        train_mode: measure in train mode instead of eval mode (not deterministic under DDP).
+        groups: also per-parameter-group spectra: ``"layer"`` or ``{name: [param prefixes]}``.
+        density: estimate the spectral density (needed for the histogram, figure, outliers).
+        trace: estimate the trace.
+        seed: seeds the random probe vectors (the same at every measurement).
+        log_histogram: write the spectrum to TensorBoard's histogram dashboard.
+        log_figure: write a figure of the density with the outliers marked.
+        clock: time source for the budget (tests).
+        **spectrum_kwargs: further options of :func:`~lightning_landscape.hessian_spectrum`
+            (``tol``, ``max_iter``, ``num_slq_probes``, ``slq_steps``, ``num_trace_probes``,
+            ``retain_graph``, ``batch_size_fn``, ``dtype``).
+
+    Logged metrics (step axis = ``trainer.global_step``; scalars go to every logger, the rest to
+    a TensorBoardLogger only):
+        ``landscape/hessian/eigenvalue_01`` … ``eigenvalue_{top_k}``: top eigenvalues (one
+        multi-line chart in the custom-scalars dashboard);
+        ``landscape/hessian/residual_01`` …: their error bounds ``||Hv - θv||``;
+        ``landscape/hessian/trace``, ``trace_stderr``;
+        ``landscape/hessian/n_outliers``, ``bulk_edge``, ``lambda_min``;
+        ``landscape/hessian/ratio_max_over_bulk_edge`` (λ_max / bulk edge) and
+        ``ratio_max_over_kth`` (λ_1 / λ_k);
+        ``landscape/hessian/seconds``, ``num_hvps``, ``skipped``;
+        ``landscape/hessian/<group>/eigenvalue_01`` … with ``groups``;
+        histogram ``landscape/hessian/spectrum_signed_log``: x = sign(λ)·log10(1+|λ|/τ) with τ
+        fixed at the first measurement (0.1% of |λ|max), y = log10(1 + number of eigenvalues),
+        so single outliers stay visible beside a bulk of thousands; explained in the text card
+        ``landscape/hessian/spectrum_axis``;
+        image ``landscape/hessian/density``: the density on a log scale, outliers and bulk edge
+        marked, and the top eigenvalues with error bars. TensorBoard keeps 10 images per tag
+        unless started with ``--samples_per_plugin images=100``.
+    """
+
+    name = "hessian"
+
+    def __init__(
+        self,
+        *,
+        top_k: int = 10,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        max_overhead: float = 0.05,
+        num_probe_batches: int = 4,
+        probe_dataloader: Iterable[Any] | None = None,
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+        train_mode: bool = False,
+        groups: Literal["layer"] | Mapping[str, Sequence[str]] | None = None,
+        density: bool = True,
+        trace: bool = True,
+        seed: int = 0,
+        log_histogram: bool = True,
+        log_figure: bool = True,
+        clock: Callable[[], float] | None = None,
+        **spectrum_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            max_overhead=max_overhead,
+            num_probe_batches=num_probe_batches,
+            probe_dataloader=probe_dataloader,
+            loss_fn=loss_fn,
+            train_mode=train_mode,
+            clock=clock,
+        )
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
+        if groups is not None and groups != "layer" and not isinstance(groups, Mapping):
+            raise ValueError(f"groups must be None, 'layer' or a mapping; got {groups!r}")
+        allowed = {"tol", "max_iter", "num_slq_probes", "slq_steps", "num_trace_probes",
+                   "retain_graph", "batch_size_fn", "dtype"}
+        unknown = sorted(set(spectrum_kwargs) - allowed)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for HessianSpectrumMonitor; allowed: {sorted(allowed)}"
+            )
+        self.top_k = top_k
+        self.groups = groups
+        self.density = density
+        self.trace = trace
+        self.seed = seed
+        self.log_histogram = log_histogram
+        self.log_figure = log_figure
+        self.spectrum_kwargs = spectrum_kwargs
+        self.axis: SpectrumAxis | None = None
+        self._group_names: list[str] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(top_k=self.top_k, every_n_steps=self.every_n_steps,
+                                        every_n_epochs=self.every_n_epochs)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.groups is not None:
+            self._group_names = list(parameter_groups(pl_module, self.groups))
+
+    def _layout(self) -> dict[str, dict[str, list[str]]]:
+        return hessian_layout(self.tag_prefix, groups=self._group_names)
+
+    def _compute(self, pl_module: LightningModule, batches: list[Any], loss_fn: Any,
+                 reduce_fn: Any) -> HessianSpectrum:
+        return hessian_spectrum(
+            pl_module,
+            loss_fn,
+            batches,
+            top_k=self.top_k,
+            density=self.density,
+            trace=self.trace,
+            seed=self.seed,
+            groups=self.groups,
+            reduce_fn=reduce_fn,
+            **self.spectrum_kwargs,
+        )
+
+    def _log(self, trainer: Trainer, step: int, result: HessianSpectrum, seconds: float) -> None:
+        values: dict[str, float] = {"num_hvps": float(result.num_hvps)}
+        values.update(_eigen_scalars("", result))
+        if result.trace is not None:
+            values["trace"] = result.trace
+            values["trace_stderr"] = float(result.trace_stderr or 0.0)
+        if result.lambda_min is not None:
+            values["lambda_min"] = result.lambda_min
+        if result.n_outliers is not None and result.bulk_edge is not None:
+            values["n_outliers"] = float(result.n_outliers)
+            values["bulk_edge"] = result.bulk_edge
+            if result.bulk_edge > 0:
+                values["ratio_max_over_bulk_edge"] = float(result.eigenvalues[0]) / result.bulk_edge
+        if result.eigenvalues[-1] != 0:
+            values["ratio_max_over_kth"] = float(result.eigenvalues[0] / result.eigenvalues[-1])
+        for g, sub in (result.groups or {}).items():
+            values.update(_eigen_scalars(f"{g}/", sub))
+        self._log_scalars(trainer, step, values)
+
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            if self.log_histogram or self.log_figure:
+                warn_once(
+                    "hessian-no-tensorboard",
+                    "HessianSpectrumMonitor: no TensorBoardLogger among trainer.loggers; scalars "
+                    "are logged, the spectrum histogram and figure are not.",
+                )
+            return
+        if result.ritz_nodes is None or result.ritz_weights is None:
+            return
+        if self.axis is None:
+            lam = max(abs(float(result.eigenvalues[0])), abs(result.lambda_min or 0.0))
+            self.axis = SpectrumAxis.for_spectrum(lam)
+            write_text(writer, f"{self.tag_prefix}/spectrum_axis", spectrum_axis_markdown(self.axis))
+        if self.log_histogram:
+            write_spectrum_histogram(
+                writer,
+                f"{self.tag_prefix}/spectrum_signed_log",
+                result.ritz_nodes,
+                result.ritz_weights,
+                dim=result.num_params,
+                axis=self.axis,
+                step=step,
+                sigma=HISTOGRAM_SIGMA,
+            )
+        if self.log_figure and result.density is not None and result.density_grid is not None:
+            fig = spectrum_figure(
+                result.density_grid,
+                result.density,
+                eigenvalues=result.eigenvalues,
+                residuals=result.residuals,
+                n_outliers=result.n_outliers or 0,
+                bulk_edge=result.bulk_edge,
+                title=f"Hessian spectrum at step {step}",
+            )
+            write_figure(writer, f"{self.tag_prefix}/density", fig, step)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"axis": self.axis.to_dict() if self.axis is not None else None}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        axis = state.get("axis")
+        self.axis = SpectrumAxis.from_dict(axis) if axis else None
+
+
+def _eigen_scalars(prefix: str, result: HessianSpectrum) -> dict[str, float]:
+    out = {}
+    for i, (lam, res) in enumerate(zip(result.eigenvalues, result.residuals, strict=True), 1):
+        out[f"{prefix}eigenvalue_{i:02d}"] = float(lam)
+        out[f"{prefix}residual_{i:02d}"] = float(res)
+    if not np.all(np.isfinite(result.eigenvalues)):
+        raise FloatingPointError("non-finite eigenvalue")
+    return out

@@ -1,0 +1,109 @@
+"""The budget-driven default schedule, with a fake clock so that the test is deterministic."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+
+from lightning_landscape import HessianSpectrumMonitor
+from lightning_landscape.callbacks._schedule import Coordinator
+from tests.callbacks._models import DigitsModule, loader
+
+STEP, COST, BUDGET, WARMUP = 1.0, 3.0, 0.05, 5
+_REAL_COMPUTE = HessianSpectrumMonitor._compute
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_coordinator_places_the_earliest_affordable_step():
+    clock = FakeClock()
+    coord = Coordinator(clock=clock, warmup_steps=WARMUP)
+    for step in range(1, 41):
+        clock.now += STEP
+        coord.tick(step)
+    assert coord.counted_steps == 40 - WARMUP
+    assert coord.step_seconds == pytest.approx(STEP)
+    coord.record("hessian", COST)
+    nxt = coord.next_step("hessian", 40, COST, BUDGET)
+
+    def affordable(step: int) -> bool:  # spent + next + end-of-fit reserve within the budget
+        train = coord.train_seconds + (step - 40) * STEP
+        return COST + 2 * COST <= BUDGET * train + 1e-9
+
+    assert affordable(nxt) and not affordable(nxt - 1)
+
+
+def test_total_cap_binds_when_several_monitors_spend():
+    coord = Coordinator(clock=FakeClock(), warmup_steps=0, total_overhead=0.10)
+    coord.train_seconds, coord.counted_steps = 100.0, 100
+    coord.record("other", 20.0)  # another monitor already used 20 s
+    nxt = coord.next_step("hessian", 100, COST, BUDGET)
+    train_at_next = 100.0 + (nxt - 100) * 1.0
+    assert 20.0 + 2 * COST <= 0.10 * train_at_next + 1e-9
+    assert 20.0 + 2 * COST > 0.10 * (train_at_next - 1.0)
+
+
+class _AdvanceClock(L.Callback):
+    """Each optimizer step takes STEP fake seconds."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self.clock.now += STEP
+
+
+def _run(tmp_path, monkeypatch, max_steps: int) -> tuple[list[int], HessianSpectrumMonitor]:
+    clock = FakeClock()
+    monitor = HessianSpectrumMonitor(
+        top_k=2, density=False, trace=False, clock=clock, max_overhead=BUDGET
+    )
+    real = _REAL_COMPUTE
+    steps: list[int] = []
+
+    def compute(self, pl_module, *args):
+        steps.append(pl_module.global_step)
+        clock.now += COST  # each measurement costs COST fake seconds
+        return real(self, pl_module, *args)
+
+    monkeypatch.setattr(HessianSpectrumMonitor, "_compute", compute)
+    monkeypatch.setattr(HessianSpectrumMonitor, "_cost_guess", lambda self, t: COST)
+    trainer = L.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[_AdvanceClock(clock), monitor], default_root_dir=str(tmp_path),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DigitsModule(hidden=4), loader(16, n=4096))
+    return steps, monitor
+
+
+def test_budget_schedule_keeps_the_overhead_under_max_overhead(tmp_path, monkeypatch):
+    steps, monitor = _run(tmp_path, monkeypatch, max_steps=600)
+    assert steps[-1] == 600  # the end-of-fit measurement always runs
+    scheduled = steps[:-1]
+    assert len(scheduled) >= 4, steps  # measurements actually happen
+    for i, s in enumerate(scheduled):
+        train = (s - WARMUP) * STEP
+        # Every scheduled measurement, with the end-of-fit reserve, fits the 5% budget.
+        assert (i + 2) * COST <= BUDGET * train + 1e-9, (i, s)
+    # The whole run, end-of-fit included, stays under the budget.
+    assert len(steps) * COST <= BUDGET * (600 - WARMUP) * STEP
+    # Not wastefully sparse: the budget is mostly used.
+    assert len(steps) * COST >= 0.6 * BUDGET * (600 - WARMUP) * STEP
+    assert monitor.skipped == 0
+
+
+def test_budget_schedule_is_deterministic(tmp_path, monkeypatch):
+    a, _ = _run(tmp_path / "a", monkeypatch, max_steps=300)
+    b, _ = _run(tmp_path / "b", monkeypatch, max_steps=300)
+    assert a == b

@@ -1,0 +1,211 @@
+"""Lanczos on dense symmetric matrices with known spectra (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_landscape.linalg import LanczosResult, MatrixOperator, lanczos
+from tests._reference import matrix_with_spectrum, random_orthogonal
+from tests._tolerances import tolerances
+
+F64 = torch.float64
+TOL = tolerances(F64)
+D = 300
+
+
+def _known_spectrum(dim: int = D) -> np.ndarray:
+    """Separated ends (10 positive, 10 negative outliers) around a uniform bulk in [-1, 1]."""
+    top = [20.0, 15.0, 12.0, 10.0, 8.0, 7.0, 6.0, 5.5, 5.0, 4.5]
+    bottom = [-3.0, -3.5, -4.0, -5.0, -6.0, -8.0, -9.0, -10.0, -12.0, -15.0]
+    bulk = np.linspace(-1.0, 1.0, dim - len(top) - len(bottom))
+    rng = np.random.default_rng(0)
+    return rng.permutation(np.concatenate([top, bulk, bottom]))
+
+
+SPECTRUM = _known_spectrum()
+NORM = float(np.abs(SPECTRUM).max())
+
+
+@pytest.fixture(scope="module", params=["diagonal", "conjugated"])
+def A(request) -> torch.Tensor:
+    return matrix_with_spectrum(SPECTRUM, seed=None if request.param == "diagonal" else 7)
+
+
+def _nearest_error(theta: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    return np.abs(theta[:, None] - exact[None, :]).min(axis=1)
+
+
+@pytest.mark.parametrize("k", [1, 6, 10])
+def test_largest_algebraic_descending(A, k) -> None:
+    res = lanczos(MatrixOperator(A), k=k, which="LA", tol=1e-10)
+    assert isinstance(res, LanczosResult)
+    exact = np.sort(SPECTRUM)[::-1][:k]
+    assert res.eigenvalues.shape == (k,)
+    assert np.all(np.diff(res.eigenvalues) <= 0), "LA eigenvalues must be descending"
+    rel = np.abs(res.eigenvalues - exact) / np.abs(exact)
+    assert rel.max() <= TOL.eig, rel
+    assert res.converged
+
+
+@pytest.mark.parametrize("k", [1, 6, 10])
+def test_smallest_algebraic_ascending(A, k) -> None:
+    res = lanczos(MatrixOperator(A), k=k, which="SA", tol=1e-10)
+    exact = np.sort(SPECTRUM)[:k]
+    assert res.eigenvalues.shape == (k,)
+    assert np.all(np.diff(res.eigenvalues) >= 0), "SA eigenvalues must be ascending"
+    rel = np.abs(res.eigenvalues - exact) / np.abs(exact)
+    assert rel.max() <= TOL.eig, rel
+    assert res.converged
+
+
+def test_default_tolerance_bounds_the_absolute_error(A) -> None:
+    """tol is documented as a bound on the absolute error relative to ||H||."""
+    tol = 1e-6
+    res = lanczos(MatrixOperator(A), k=10, tol=tol)
+    exact = np.sort(SPECTRUM)[::-1][:10]
+    assert np.abs(res.eigenvalues - exact).max() <= tol * NORM
+    assert res.converged
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+@pytest.mark.parametrize("explicit_residuals", [True, False])
+def test_residuals_are_honest(A, which, explicit_residuals) -> None:
+    """Reported residual >= |theta - nearest eigenvalue| and = ||A v - theta v||."""
+    slack = TOL.rounding(D) * NORM
+    # Loose tol and few steps: residuals are far from the rounding floor, so the check bites.
+    res = lanczos(
+        MatrixOperator(A),
+        k=5,
+        which=which,
+        tol=1e-3,
+        max_iter=25,
+        return_eigenvectors=True,
+        explicit_residuals=explicit_residuals,
+    )
+    err = _nearest_error(res.eigenvalues, SPECTRUM)
+    assert np.all(err <= res.residuals + slack), (err, res.residuals)
+    assert res.residuals.max() > 1e3 * slack  # not converged to the floor: a real test
+    V = res.eigenvectors
+    assert V is not None and V.shape == (5, D)
+    theta = torch.as_tensor(res.eigenvalues, dtype=F64)
+    actual = torch.linalg.vector_norm(V.to(F64) @ A - theta[:, None] * V.to(F64), dim=1).numpy()
+    np.testing.assert_allclose(res.residuals, actual, rtol=1e-6, atol=slack)
+
+
+def test_eigenvectors_are_orthonormal_eigenvectors(A) -> None:
+    res = lanczos(MatrixOperator(A), k=8, which="LA", tol=1e-10, return_eigenvectors=True)
+    V = res.eigenvectors
+    assert V is not None and V.shape == (8, D)
+    V = V.to(F64)
+    gram = V @ V.T
+    assert (gram - torch.eye(8, dtype=F64)).abs().max().item() <= TOL.ortho
+    theta = torch.as_tensor(res.eigenvalues, dtype=F64)
+    assert torch.linalg.vector_norm(V @ A - theta[:, None] * V, dim=1).max() <= 1e-9 * NORM
+    assert lanczos(MatrixOperator(A), k=8).eigenvectors is None
+
+
+@pytest.mark.parametrize(
+    ("which", "exact"), [("LA", [5.0, 3.0, 1.0, 0.0, 0.0]), ("SA", [0.0, 0.0, 0.0, 0.0, 0.0])]
+)
+def test_breakdown_on_low_rank_matrix_returns_exact_eigenvalues(which, exact) -> None:
+    """Rank 3 < k = 5: the Krylov space is invariant after 4 steps (beta = 0).
+
+    "SA" wants five zeros: each restart into the null space finds one more, so a run that stops
+    as soon as its k Ritz values have zero residual returns [0, 0, 1, 3, 5] -- exact eigenvalues,
+    but not the smallest ones.
+    """
+    dim = 50
+    lam = np.zeros(dim)
+    lam[:3] = [5.0, 3.0, 1.0]
+    A = matrix_with_spectrum(lam, seed=3)
+    res = lanczos(MatrixOperator(A), k=5, which=which, tol=1e-10)
+    assert np.all(np.isfinite(res.eigenvalues))
+    assert np.all(np.isfinite(res.residuals))
+    assert res.eigenvalues.shape == (5,)
+    np.testing.assert_allclose(res.eigenvalues, exact, rtol=0, atol=TOL.eig * 5.0)
+
+
+def test_breakdown_with_repeated_eigenvalues_finds_the_copies() -> None:
+    """diag with multiplicities: the Krylov space sees each eigenspace once, then breaks down."""
+    lam = np.repeat([4.0, 3.0, 2.0, 1.0, 0.5], [3, 2, 4, 5, 6])
+    A = matrix_with_spectrum(lam, seed=None)
+    res = lanczos(MatrixOperator(A), k=6, tol=1e-10, max_iter=20)
+    np.testing.assert_allclose(res.eigenvalues, [4, 4, 4, 3, 3, 2], rtol=0, atol=TOL.eig * 4)
+
+
+def test_full_dimension_gives_every_eigenvalue() -> None:
+    lam = np.linspace(-2.0, 3.0, 30) + 0.01 * np.arange(30) ** 1.5
+    A = matrix_with_spectrum(lam, seed=11)
+    res = lanczos(MatrixOperator(A), k=30, max_iter=30, tol=1e-12)
+    np.testing.assert_allclose(res.eigenvalues, np.sort(lam)[::-1], rtol=0, atol=TOL.eig * 3.0)
+
+
+def test_deterministic_for_a_seed(A) -> None:
+    a = lanczos(MatrixOperator(A), k=5, tol=1e-4, max_iter=40, seed=123)
+    b = lanczos(MatrixOperator(A), k=5, tol=1e-4, max_iter=40, seed=123)
+    np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
+    np.testing.assert_array_equal(a.residuals, b.residuals)
+    np.testing.assert_array_equal(a.alphas, b.alphas)
+    np.testing.assert_array_equal(a.betas, b.betas)
+    if not torch.equal(A, torch.diag(torch.diagonal(A))):
+        # (On a diagonal matrix every Rademacher start gives the same tridiagonal matrix.)
+        c = lanczos(MatrixOperator(A), k=5, tol=1e-4, max_iter=40, seed=124)
+        assert not np.array_equal(a.alphas, c.alphas)  # the seed is used
+
+
+def test_start_vector(A) -> None:
+    v0 = torch.as_tensor(random_orthogonal(D, seed=5)[0])
+    res = lanczos(MatrixOperator(A), k=3, tol=1e-10, v0=v0)
+    np.testing.assert_allclose(res.eigenvalues, [20.0, 15.0, 12.0], rtol=TOL.eig, atol=0)
+
+
+def test_num_matvecs_counts_operator_products(A) -> None:
+    op = MatrixOperator(A)
+    op.matvec(torch.ones(D, dtype=F64))  # products before the call are not counted
+    res = lanczos(op, k=4, tol=1e-8, max_iter=60)
+    assert res.num_matvecs == op.num_hvps - 1
+    assert 4 <= res.num_matvecs <= 60 + 4
+    assert len(res.alphas) <= 60
+    # Tridiagonal: one alpha per step; one beta per step (the last one is beta_m).
+    assert len(res.betas) in (len(res.alphas), len(res.alphas) - 1)
+
+
+def test_max_iter_caps_the_work_and_reports_non_convergence(A) -> None:
+    op = MatrixOperator(A)
+    res = lanczos(op, k=10, tol=1e-12, max_iter=12)
+    assert len(res.alphas) == 12
+    assert not res.converged
+    # Unconverged values still obey their error bounds.
+    err = _nearest_error(res.eigenvalues, SPECTRUM)
+    assert np.all(err <= res.residuals + TOL.rounding(D) * NORM)
+
+
+def test_argument_errors(A) -> None:
+    op = MatrixOperator(A)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match=r"\bk\b.*positive"):
+            lanczos(op, k=k)
+    with pytest.raises(ValueError, match=r"\bk\b"):
+        lanczos(op, k=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\bk\b.*at most"):
+        lanczos(op, k=D + 1)
+    with pytest.raises(ValueError, match="which"):
+        lanczos(op, which="LM")  # type: ignore[arg-type]
+    for tol in (0.0, -1e-6, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tol"):
+            lanczos(op, tol=tol)
+    with pytest.raises(ValueError, match="max_iter"):
+        lanczos(op, k=5, max_iter=4)
+    with pytest.raises(ValueError, match="v0"):
+        lanczos(op, v0=torch.zeros(D, dtype=F64))
+    with pytest.raises(ValueError, match="v0"):
+        lanczos(op, v0=torch.ones(D + 1, dtype=F64))
+
+
+def test_non_finite_products_raise() -> None:
+    A = torch.eye(20, dtype=F64)
+    A[3, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        lanczos(MatrixOperator(A), k=2)
