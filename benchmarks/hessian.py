@@ -336,7 +336,7 @@ class Contender:
         return row.get("max_rel_err", np.inf) <= TARGET_REL_ERR
 
 
-def ours_contender(model: nn.Module, batches: list[Batch]) -> Contender:
+def ours_contender(model: nn.Module, batches: list[Batch], **options: Any) -> Contender:
     try:
         import lightning_landscape
 
@@ -347,14 +347,17 @@ def ours_contender(model: nn.Module, batches: list[Batch]) -> Contender:
         return c
 
     def run() -> tuple[np.ndarray, int]:
-        res = spectrum_fn(model, loss_fn, batches, top_k=TOP_K, density=False, trace=False)
+        res = spectrum_fn(
+            model, loss_fn, batches, top_k=TOP_K, density=False, trace=False, **options
+        )
         c.extra.update(
             residuals=np.asarray(res.residuals, dtype=np.float64).tolist(),
             converged=bool(res.converged),
         )
         return np.asarray(res.eigenvalues), int(res.num_hvps)
 
-    c = Contender("ours hessian_spectrum", "defaults", run)
+    config = ", ".join(f"{k}={v:g}" for k, v in options.items()) + " (not default)"
+    c = Contender("ours hessian_spectrum", config if options else "defaults", run)
     return c
 
 
@@ -582,8 +585,14 @@ class CurvlinopsRounds:
 # --------------------------------------------------------------------------- HVP cost
 
 
-def hvp_costs(model: nn.Module, batches: list[Batch], block: int = 8) -> dict[str, Any]:
-    """Per-HVP time of our operator, graph-build cost, the peers' HVPs, and a gradient's time."""
+def hvp_costs(
+    model: nn.Module, batches: list[Batch], block: int = 8, reps: int = 30
+) -> dict[str, Any]:
+    """Per-HVP time of our operator, graph-build cost, the peer's HVP, and a gradient's time.
+
+    The gradient and the products are timed alternately (gradient, matvec, matmat, peer matvec,
+    gradient, ...) so that a burst of machine load hits numerator and denominator alike.
+    """
     out: dict[str, Any] = {}
     params = [p for p in model.parameters() if p.requires_grad]
     total = float(sum(x.shape[0] for x, _ in batches))
@@ -596,49 +605,65 @@ def hvp_costs(model: nn.Module, batches: list[Batch], block: int = 8) -> dict[st
         loss = sum(x.shape[0] * loss_fn(model, (x, y)) for x, y in batches) / total
         return torch.autograd.grad(loss, params)
 
-    out["gradient_seconds"], _ = median_time(gradient, 30, warmup=3)
-    g = out["gradient_seconds"]
-
+    fns: dict[str, Callable[[], Any]] = {"gradient": gradient}
     try:
         import hessian_eigenthings as he
 
         op_he = he.HessianOperator(model, batches, loss_fn, full_dataset=True)
-        out["eigenthings_hvp_seconds"], _ = median_time(lambda: op_he.matvec(v), 20, warmup=2)
+        fns["eigenthings_hvp"] = lambda: op_he.matvec(v)
     except Exception as exc:
         out["eigenthings_error"] = repr(exc)
-
+    op: Any = None
     try:
         from lightning_landscape.linalg import HessianOperator
 
-        HessianOperator(model, loss_fn, batches).matvec(v)  # warm-up
-        ctor, first, later, mm = [], [], [], []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            op = HessianOperator(model, loss_fn, batches)
-            t1 = time.perf_counter()
-            op.matvec(v)
-            t2 = time.perf_counter()
-            later.append(median_time(lambda op=op: op.matvec(v), 5)[0])
-            mm.append(median_time(lambda op=op: op.matmat(vs), 3)[0] / block)
-            ctor.append(t1 - t0)
-            first.append(t2 - t1)
-            op.release()
-        hvp = statistics.median(later)
-        build = statistics.median(ctor) + statistics.median(first) - hvp
-        out.update(
-            constructor_seconds=statistics.median(ctor),
-            first_matvec_seconds=statistics.median(first),
-            hvp_seconds=hvp,
-            matmat_block=block,
-            matmat_seconds_per_vector=statistics.median(mm),
-            graph_build_seconds=build,
-            hvp_over_gradient=hvp / g,
-            matmat_per_vector_over_gradient=statistics.median(mm) / g,
-            graph_build_over_gradient=build / g,
-        )
+        op = HessianOperator(model, loss_fn, batches)
+        fns["hvp"] = lambda: op.matvec(v)
+        fns["matmat"] = lambda: op.matmat(vs)
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
         out["traceback"] = traceback.format_exc()
+
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(reps + 3):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= 3:  # the first rounds are warm-up
+                times[key].append(time.perf_counter() - t0)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    g = out["gradient_seconds"] = med["gradient"]
+    if "eigenthings_hvp" in med:
+        out["eigenthings_hvp_seconds"] = med["eigenthings_hvp"]
+    if op is None:
+        return out
+    op.release()
+
+    # one-time cost: constructor (builds and retains the first-order graph) + first product,
+    # minus one later product; alternated with gradients as above
+    builds, grads = [], []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        op = HessianOperator(model, loss_fn, batches)
+        op.matvec(v)
+        t1 = time.perf_counter()
+        op.matvec(v)
+        t2 = time.perf_counter()
+        gradient()
+        t3 = time.perf_counter()
+        op.release()
+        builds.append((t1 - t0) - (t2 - t1))
+        grads.append(t3 - t2)
+    build = statistics.median(builds)
+    out.update(
+        hvp_seconds=med["hvp"],
+        matmat_block=block,
+        matmat_seconds_per_vector=med["matmat"] / block,
+        graph_build_seconds=build,
+        hvp_over_gradient=med["hvp"] / g,
+        matmat_per_vector_over_gradient=med["matmat"] / block / g,
+        graph_build_over_gradient=build / statistics.median(grads),
+    )
     return out
 
 
@@ -675,6 +700,9 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
     ours.once()
     ours.times.clear()
     chosen: list[Contender] = [ours]
+    # informative only (the targets use the defaults): a looser tolerance of our own
+    for tol in args.ours_extra_tol:
+        chosen.append(ours_contender(model, batches, tol=tol))
     sweeps: list[list[Contender]] = []
     try:
         he, sweeps = eigenthings_contenders(model, batches, args.quick)
@@ -695,7 +723,8 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
     else:
         curv = CurvlinopsRounds(py, hidden, model, batches, exact_top, args.threads, args.quick)
 
-    ours.once()
+    for c in chosen:
+        c.once()
     for sweep in sweeps:
         for c in sweep:
             c.once()
@@ -745,7 +774,9 @@ def fmt(x: Any, spec: str) -> str:
 
 def compare(res: dict[str, Any]) -> dict[str, Any]:
     rows = [r for r in res["rows"] if "error" not in r]
-    ours = next((r for r in rows if r["method"].startswith("ours")), None)
+    ours = next(
+        (r for r in rows if r["method"].startswith("ours") and r["config"] == "defaults"), None
+    )
     peers = [r for r in rows if not r["method"].startswith("ours")]
     reached = [r for r in peers if r.get("max_rel_err", np.inf) <= TARGET_REL_ERR]
     out: dict[str, Any] = {"lines": []}
@@ -863,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small model only, 1 round")
     parser.add_argument("--json", metavar="OUT", help="write all results to this JSON file")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, every method")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5)")
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None)
     parser.add_argument("--max-exact-dim", type=int, default=15_000)
     parser.add_argument(
@@ -872,6 +903,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "LL_BENCH_CACHE", str(Path.home() / ".cache" / "lightning_landscape" / "benchmarks")
         ),
         help="where exact eigenvalues are cached by a hash of weights and data ('' = off)",
+    )
+    parser.add_argument(
+        "--ours-extra-tol",
+        type=float,
+        nargs="*",
+        default=[1e-4],
+        help="also time ours at these Lanczos tol values (informative rows, not the target)",
     )
     parser.add_argument("--curvlinops-python", default=None, help="python of the curvlinops venv")
     parser.add_argument("--curvlinops-worker", nargs=2, help=argparse.SUPPRESS)
@@ -887,7 +925,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
+        args.repeats = 1 if args.quick else 5
     sizes = args.sizes or (["small"] if args.quick else ["small", "large"])
     load0 = os.getloadavg()
     print(

@@ -29,20 +29,23 @@ class DigitsMLP(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
-            nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+            nn.Linear(64, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, hidden),
+            nn.Tanh(),
             nn.Linear(hidden, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, D102
+    def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch, batch_idx):  # noqa: ANN001, D102
+    def validation_step(self, batch, batch_idx):
         x, y = batch
         acc = (self(x).argmax(-1) == y).float().mean()
         self.log("val/acc", acc, prog_bar=True)
@@ -63,19 +66,21 @@ def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, Dat
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--logdir", default="runs/digits")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--every-n-steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop early (smoke tests)")
+    args = parser.parse_args(argv)
 
     L.seed_everything(args.seed, workers=True)
     train_loader, val_loader = digits_loaders(seed=args.seed)
     monitor = HessianSpectrumMonitor(every_n_steps=args.every_n_steps, groups="layer")
     trainer = L.Trainer(
         max_epochs=args.epochs,
+        max_steps=args.max_steps,
         accelerator="cpu",
         logger=TensorBoardLogger(args.logdir, name="", version=None),
         callbacks=[monitor],

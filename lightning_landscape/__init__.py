@@ -1,12 +1,31 @@
 """lightning_landscape: watch the loss-landscape geometry of training from PyTorch Lightning.
 
 Every estimator is a plain function on any ``nn.Module``; the callbacks run them periodically
-during ``Trainer.fit`` and log to TensorBoard.
+during ``Trainer.fit`` and log to TensorBoard. The callbacks are imported lazily, so that
+``lightning_landscape.linalg`` works without importing Lightning or TensorBoard.
 """
 
-from .callbacks import HessianSpectrumMonitor
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .linalg import HessianSpectrum, hessian_spectrum
+
+if TYPE_CHECKING:
+    from .callbacks import HessianSpectrumMonitor
 
 __version__ = "0.1.0.dev0"
 
 __all__ = ["HessianSpectrum", "HessianSpectrumMonitor", "__version__", "hessian_spectrum"]
+
+_LAZY = {"HessianSpectrumMonitor": ".callbacks"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

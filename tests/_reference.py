@@ -237,7 +237,7 @@ def cross_entropy_loss(model: nn.Module, batch: Any) -> Tensor:
 
 
 def mse_sum_outputs_loss(model: nn.Module, batch: Any) -> Tensor:
-    r"""Mean over samples of the squared error summed over outputs: :math:`\frac1N\sum\|Wx-y\|^2`."""
+    r"""Squared error summed over outputs, mean over samples: :math:`\frac1N\sum\|Wx-y\|^2`."""
     x, y = batch
     return (model(x) - y).pow(2).sum(dim=1).mean()
 
@@ -344,7 +344,7 @@ def trained_mlp(seed: int = 0, steps: int = 200, lr: float = 0.5) -> nn.Module:
 
 
 class Quadratic(nn.Module):
-    r"""A model whose only parameter is :math:`\theta`, for the loss :math:`\tfrac12\theta^TA\theta`."""
+    r"""A model whose only parameter is :math:`\theta`; loss :math:`\tfrac12\theta^TA\theta`."""
 
     def __init__(self, A: Tensor, theta: Tensor | None = None) -> None:
         super().__init__()
@@ -438,7 +438,7 @@ def bbp_threshold(gamma: float) -> float:
 
 def mp_outlier_location(spike: float, gamma: float) -> float:
     """Limit position of the outlier produced by an additive spike above the BBP threshold."""
-    # G(z) = (z - 1 + gamma - sqrt((z - 1 - gamma)^2 - 4 gamma)) / (2 gamma z); solve G(z) = 1/spike.
+    # G(z) = (z - 1 + gamma - sqrt((z - 1 - gamma)^2 - 4 gamma)) / (2 gamma z) = 1 / spike.
     lo, hi = mp_edges(gamma)[1], spike + 10.0 + 10.0 * gamma
     target = 1.0 / spike
 

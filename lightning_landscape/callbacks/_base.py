@@ -38,8 +38,9 @@ def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> N
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}; "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be a positive integer{' or None' if allow_none else ''}; got {value!r}"
+        )
 
 
 class LandscapeMonitor(Callback):
@@ -109,8 +110,9 @@ class LandscapeMonitor(Callback):
         self._seen_step: int | None = None
 
     # -- subclass hooks ----------------------------------------------------------------------
-    def _compute(self, pl_module: LightningModule, batches: list[Any], loss_fn: Any,
-                 reduce_fn: Any) -> Any:
+    def _compute(
+        self, pl_module: LightningModule, batches: list[Any], loss_fn: Any, reduce_fn: Any
+    ) -> Any:
         raise NotImplementedError
 
     def _log(self, trainer: Trainer, step: int, result: Any, seconds: float) -> None:
@@ -178,8 +180,9 @@ class LandscapeMonitor(Callback):
             self._measure(trainer, pl_module, step)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step == self._seen_step:  # not an optimizer step (gradient accumulation)
             return
@@ -248,7 +251,9 @@ class LandscapeMonitor(Callback):
         loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
         try:
             if not batches:
-                raise FloatingPointError("the probe set is empty (the training loader gave no batch)")
+                raise FloatingPointError(
+                    "the probe set is empty (the training loader gave no batch)"
+                )
             with ctx.isolated(pl_module, train_mode=self.train_mode):
                 result = self._compute(pl_module, batches, loss_fn, ctx.make_reduce(trainer))
         except NUMERICAL_FAILURES as err:
@@ -273,9 +278,7 @@ class LandscapeMonitor(Callback):
         if trainer.is_global_zero:
             if result is not None:
                 self._log(trainer, step, result, seconds)
-            self._log_scalars(
-                trainer, step, {"seconds": seconds, "skipped": float(self.skipped)}
-            )
+            self._log_scalars(trainer, step, {"seconds": seconds, "skipped": float(self.skipped)})
         self._reschedule(trainer, step, seconds)
 
     def _log_scalars(self, trainer: Trainer, step: int, values: dict[str, float]) -> None:
@@ -294,8 +297,9 @@ class LandscapeMonitor(Callback):
         resumed = self.probe_dir is not None
         path = self._probe_file(trainer)
         if resumed and os.path.exists(path):
-            batches = torch.load(path, map_location=trainer.strategy.root_device,
-                                 weights_only=False)
+            batches = torch.load(
+                path, map_location=trainer.strategy.root_device, weights_only=False
+            )
             if len(batches) == self.num_probe_batches:
                 return batches
         if resumed and trainer.is_global_zero:

@@ -120,12 +120,21 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
         if groups is not None and groups != "layer" and not isinstance(groups, Mapping):
             raise ValueError(f"groups must be None, 'layer' or a mapping; got {groups!r}")
-        allowed = {"tol", "max_iter", "num_slq_probes", "slq_steps", "num_trace_probes",
-                   "retain_graph", "batch_size_fn", "dtype"}
+        allowed = {
+            "tol",
+            "max_iter",
+            "num_slq_probes",
+            "slq_steps",
+            "num_trace_probes",
+            "retain_graph",
+            "batch_size_fn",
+            "dtype",
+        }
         unknown = sorted(set(spectrum_kwargs) - allowed)
         if unknown:
             raise ValueError(
-                f"unknown option(s) {unknown} for HessianSpectrumMonitor; allowed: {sorted(allowed)}"
+                f"unknown option(s) {unknown} for HessianSpectrumMonitor; "
+                f"allowed: {sorted(allowed)}"
             )
         self.top_k = top_k
         self.groups = groups
@@ -140,8 +149,9 @@ class HessianSpectrumMonitor(LandscapeMonitor):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(top_k=self.top_k, every_n_steps=self.every_n_steps,
-                                        every_n_epochs=self.every_n_epochs)
+        return self._generate_state_key(
+            top_k=self.top_k, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs
+        )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -151,8 +161,9 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     def _layout(self) -> dict[str, dict[str, list[str]]]:
         return hessian_layout(self.tag_prefix, groups=self._group_names)
 
-    def _compute(self, pl_module: LightningModule, batches: list[Any], loss_fn: Any,
-                 reduce_fn: Any) -> HessianSpectrum:
+    def _compute(
+        self, pl_module: LightningModule, batches: list[Any], loss_fn: Any, reduce_fn: Any
+    ) -> HessianSpectrum:
         return hessian_spectrum(
             pl_module,
             loss_fn,
@@ -199,7 +210,9 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         if self.axis is None:
             lam = max(abs(float(result.eigenvalues[0])), abs(result.lambda_min or 0.0))
             self.axis = SpectrumAxis.for_spectrum(lam)
-            write_text(writer, f"{self.tag_prefix}/spectrum_axis", spectrum_axis_markdown(self.axis))
+            write_text(
+                writer, f"{self.tag_prefix}/spectrum_axis", spectrum_axis_markdown(self.axis)
+            )
         if self.log_histogram:
             write_spectrum_histogram(
                 writer,

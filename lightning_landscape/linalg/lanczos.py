@@ -82,6 +82,7 @@ class _Process:
         self.restart = restart
         self.seed = seed
         self.anorm = 0.0
+        self.block_start = 0  # first step of the current Krylov block (after the last restart)
 
     @property
     def steps(self) -> int:
@@ -121,6 +122,7 @@ class _Process:
                 w = w - (basis @ w) @ basis
             w = w / torch.linalg.vector_norm(w)
             self.Q[j + 1] = w
+            self.block_start = j + 1
         else:
             self.betas.append(beta)
             self.Q[j + 1] = w / beta
@@ -195,17 +197,19 @@ def ritz_pairs(
     return theta[idx], res, Y
 
 
-def _validate(k: int, which: str, tol: float, dim: int, max_iter: int | None) -> None:
-    if not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive integer; got {k!r}")
+def _validate(
+    k: int, which: str, tol: float, dim: int, max_iter: int | None, name: str = "k"
+) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"{name} must be a positive integer; got {k!r}")
     if k > dim:
-        raise ValueError(f"k must be at most the dimension D={dim}; got k={k}")
+        raise ValueError(f"{name} must be at most the dimension D={dim}; got {name}={k}")
     if which not in ("LA", "SA"):
         raise ValueError(f"which must be 'LA' (largest) or 'SA' (smallest); got {which!r}")
     if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a positive finite number; got {tol!r}")
     if max_iter is not None and (not isinstance(max_iter, int) or max_iter < k):
-        raise ValueError(f"max_iter must be an integer >= k={k}; got {max_iter!r}")
+        raise ValueError(f"max_iter must be an integer >= {name}={k}; got {max_iter!r}")
 
 
 def default_max_iter(k: int, dim: int) -> int:
@@ -217,10 +221,22 @@ def converged_stop(k: int, which: Which, tol: float, min_steps: int = 0) -> Any:
     """Stopping rule: the ``k`` wanted Lanczos residuals are all below ``tol * ||T||``."""
 
     def stop(proc: _Process) -> bool:
-        if proc.steps < max(k, min_steps):
+        if proc.steps < max(k, min_steps) or proc.block_start >= proc.steps:
             return False
         _, res, _ = ritz_pairs(proc, k, which, vectors=False)
-        return bool(np.all(res <= tol * proc.anorm))
+        if not np.all(res <= tol * proc.anorm):
+            return False
+        # After a breakdown the earlier blocks are exact, but the block started from the restart
+        # vector explores the rest of the space: only when its own extreme Ritz value has
+        # converged (and so is not a wanted one, or is among the converged wanted ones) is
+        # nothing left to find there.
+        if proc.block_start == 0:
+            return True
+        start = proc.block_start
+        theta, S = _ritz(proc.alphas[start:], proc.betas[start:])
+        i = int(np.argmax(theta)) if which == "LA" else int(np.argmin(theta))
+        beta_m = proc.betas[-1] if proc.betas else 0.0
+        return bool(abs(beta_m * S[-1, i]) <= tol * proc.anorm)
 
     return stop
 

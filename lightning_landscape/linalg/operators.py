@@ -24,6 +24,7 @@ Cost, with :math:`D` parameters, :math:`n` probe samples and :math:`B` vectors p
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
@@ -180,6 +181,9 @@ class HessianOperator(_LinearOperator):
             parallelism each process holds a shard of the probe batches. The failure flag of each
             product travels in the same collective, so all processes fail or succeed together.
         batch_size_fn: number of samples in a batch; default: length of its first tensor.
+        dtype: compute in this floating dtype, on a temporary copy of the model (and of the
+            batches' floating tensors). Half-precision weights are always upcast to float32 that
+            way; a ``torch.compile``d module is measured through its original module.
 
     Memory: see the module docstring. Cost per product: one backward through the retained graph
     (about 1-1.5 gradient evaluations), or about 3-4 gradient evaluations when recomputing.
@@ -195,17 +199,25 @@ class HessianOperator(_LinearOperator):
         retain_graph: bool | Literal["auto"] = "auto",
         reduce_fn: ReduceFn | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if retain_graph not in (True, False, "auto"):
             raise ValueError(f"retain_graph must be True, False or 'auto'; got {retain_graph!r}")
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(model, batch); got {loss_fn!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype or None; got {dtype!r}")
+        batches = list(batches)
+        if not batches:
+            raise ValueError("batches must hold at least one batch; got an empty iterable")
+        names, _ = _resolve_params(model, params)
+        model, batches = _working_copy(model, batches, dtype)
         self.model = model
         self.loss_fn = loss_fn
-        self.batches = list(batches)
-        if not self.batches:
-            raise ValueError("batches must hold at least one batch; got an empty iterable")
-        self.names, self.params = _resolve_params(model, params)
+        self.batches = batches
+        by_name = dict(model.named_parameters())
+        self.names = names
+        self.params = [by_name[n] for n in names]
         if not self.params:
             raise ValueError("params: no trainable parameters (none has requires_grad=True)")
         self.dim = sum(p.numel() for p in self.params)
@@ -436,6 +448,31 @@ class HessianOperator(_LinearOperator):
         sub._loss = None
         sub._gradient = None
         return sub
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        items = [_cast(o, dtype) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, dict):
+        return type(obj)({k: _cast(v, dtype) for k, v in obj.items()})
+    return obj
+
+
+def _working_copy(
+    model: nn.Module, batches: list[Any], dtype: torch.dtype | None
+) -> tuple[nn.Module, list[Any]]:
+    """The module to differentiate: the original, or a copy in ``dtype`` (half is upcast)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile: measure the original module
+    current = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
+    target = dtype or (torch.float32 if current in (torch.float16, torch.bfloat16) else current)
+    if target == current:
+        return model, batches
+    # A LightningModule refers to its trainer: share it rather than copy the whole trainer.
+    memo = {id(v): v for k in ("_trainer", "_fabric") if (v := getattr(model, k, None)) is not None}
+    return copy.deepcopy(model, memo).to(target), [_cast(b, target) for b in batches]
 
 
 def _resolve_params(

@@ -8,7 +8,6 @@ probes share one more batched call.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -109,28 +108,6 @@ def parameter_groups(
     return out
 
 
-def _cast(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cast(o, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _cast(v, dtype) for k, v in obj.items()}
-    return obj
-
-
-def _working_copy(
-    model: nn.Module, batches: list[Any], dtype: torch.dtype | None
-) -> tuple[nn.Module, list[Any]]:
-    """Upcast half-precision weights (or cast to ``dtype``) in a temporary copy of the model."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile: measure the original module
-    current = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
-    target = dtype or (torch.float32 if current in (torch.float16, torch.bfloat16) else current)
-    if target == current:
-        return model, batches
-    return copy.deepcopy(model).to(target), [_cast(b, target) for b in batches]
-
-
 def _check_options(**opts: Any) -> None:
     for name in ("num_slq_probes", "slq_steps"):
         v = opts[name]
@@ -213,26 +190,23 @@ def hessian_spectrum(
         FloatingPointError: the loss or a product is not finite.
     """
     t0 = time.perf_counter()
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
     _check_options(
         num_slq_probes=num_slq_probes, slq_steps=slq_steps, num_trace_probes=num_trace_probes
     )
-    batches = list(batches)
-    work_model, work_batches = _working_copy(model, batches, dtype)
-    if params is not None and work_model is not model:
-        ids = {id(p): n for n, p in model.named_parameters()}
-        wanted = {ids[id(p)] for p in params}
-        params = [p for n, p in work_model.named_parameters() if n in wanted]
-    group_names = parameter_groups(work_model, groups) if groups is not None else None
+    group_names = parameter_groups(model, groups) if groups is not None else None
     op = HessianOperator(
-        work_model,
+        model,
         loss_fn,
-        work_batches,
+        batches,
         params=params,
         retain_graph=retain_graph,
         reduce_fn=reduce_fn,
         batch_size_fn=batch_size_fn,
+        dtype=dtype,
     )
-    _validate(top_k, which, tol, op.dim, max_iter)
+    _validate(top_k, which, tol, op.dim, max_iter, name="top_k")
     loss = op.loss()
     if not np.isfinite(loss):
         raise FloatingPointError(f"the loss over the probe batches is not finite ({loss})")

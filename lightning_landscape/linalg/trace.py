@@ -1,9 +1,9 @@
 """Stochastic trace estimators: Hutchinson (1989) and Hutch++ (Meyer, Musco, Musco & Woodruff
 2021, "Hutch++: optimal stochastic trace estimation").
 
-Hutchinson's estimator :math:`\\frac1s\\sum_i z_i^\\top H z_i` (Rademacher :math:`z_i`) has variance
-:math:`\\frac2s(\\|H\\|_F^2 - \\sum_i H_{ii}^2)`, large when a few eigenvalues dominate, as in network
-Hessians. Hutch++ first captures the dominant subspace :math:`Q` exactly and applies
+Hutchinson's estimator :math:`\\frac1s\\sum_i z_i^\\top H z_i` (Rademacher :math:`z_i`) has
+variance :math:`\\frac2s(\\|H\\|_F^2 - \\sum_i H_{ii}^2)`, large when a few eigenvalues dominate,
+as in network Hessians. Hutch++ first captures the dominant subspace :math:`Q` exactly and applies
 Hutchinson to the deflated rest :math:`(I-QQ^\\top)H(I-QQ^\\top)`.
 """
 

@@ -24,9 +24,7 @@ TOP_K = 6
 def _fit(tmp_path, devices: int, *, loss_fn=None, steps: int = 6) -> None:
     per_rank = 32 // devices  # the same global batch of 32 samples in both runs
     strategy = (
-        DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120))
-        if devices > 1
-        else "auto"
+        DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120)) if devices > 1 else "auto"
     )
     trainer = L.Trainer(
         max_steps=steps,
@@ -47,11 +45,10 @@ def _fit(tmp_path, devices: int, *, loss_fn=None, steps: int = 6) -> None:
     trainer.fit(DigitsModule(hidden=12, dtype=torch.float64), DistributedDigits(per_rank))
 
 
-def _logged(tmp_path) -> dict[str, dict[int, float]]:  # noqa: D103
+def _logged(tmp_path) -> dict[str, dict[int, float]]:
     acc = load_events(str(tmp_path))
     tags = [f"landscape/hessian/eigenvalue_{i:02d}" for i in range(1, TOP_K + 1)]
-    tags += ["landscape/hessian/trace", "landscape/hessian/n_outliers",
-             "landscape/hessian/skipped"]
+    tags += ["landscape/hessian/trace", "landscape/hessian/n_outliers", "landscape/hessian/skipped"]
     return {t: scalar_series(acc, t) for t in tags}
 
 

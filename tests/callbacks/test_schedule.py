@@ -77,9 +77,14 @@ def _run(tmp_path, monkeypatch, max_steps: int) -> tuple[list[int], HessianSpect
     monkeypatch.setattr(HessianSpectrumMonitor, "_compute", compute)
     monkeypatch.setattr(HessianSpectrumMonitor, "_cost_guess", lambda self, t: COST)
     trainer = L.Trainer(
-        max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[_AdvanceClock(clock), monitor], default_root_dir=str(tmp_path),
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_AdvanceClock(clock), monitor],
+        default_root_dir=str(tmp_path),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -102,9 +102,10 @@ def test_gradient_and_loss_are_the_sample_weighted_mean(mlp64) -> None:
     g_ref, loss_ref = dense_gradient(model, cross_entropy_loss, batches)
     g = op.gradient()
     assert g.shape == g_ref.shape
-    assert torch.linalg.vector_norm(g - g_ref).item() <= TOL.matvec * torch.linalg.vector_norm(
-        g_ref
-    ).item()
+    assert (
+        torch.linalg.vector_norm(g - g_ref).item()
+        <= TOL.matvec * torch.linalg.vector_norm(g_ref).item()
+    )
     assert abs(op.loss() - loss_ref) <= TOL.matvec * abs(loss_ref)
     assert op.num_hvps == 0  # first-order quantities are not Hessian-vector products
 
@@ -300,6 +301,18 @@ def test_float32_model_products_to_float32_accuracy() -> None:
     _assert_products_close(HV.double(), V @ H, scale, tol32.rounding(op.dim))
 
 
+def test_dtype_argument_computes_a_float32_model_in_float64() -> None:
+    """spec_core.md: HessianOperator(..., dtype=None); dtype=float64 on float32 weights."""
+    model = make_mlp("tanh", seed=3)  # float32 weights
+    batches = digits_batches(SIZES)  # float32 inputs
+    H = dense_hessian(model, cross_entropy_loss, batches)
+    op = HessianOperator(model, cross_entropy_loss, batches, dtype=F64)
+    assert op.dtype == F64
+    V = _vectors(3, op.dim, seed=16) / op.dim**0.5
+    _assert_products_close(op.matmat(V), V @ H, spectral_norm(H), TOL.matvec)
+    assert model[0].weight.dtype == torch.float32
+
+
 def test_reduce_fn_two_identical_ranks_give_the_same_hessian(mlp64) -> None:
     """A sum over two ranks holding the same shard is the same mean loss: the same H."""
     model, batches, H = mlp64
@@ -398,6 +411,4 @@ def test_graph_that_does_not_fit_on_another_rank_falls_back_to_recomputing(mlp64
         op = HessianOperator(model, cross_entropy_loss, batches, reduce_fn=reduce_)
     assert not op.retains_graph
     V = _vectors(2, H.shape[0], seed=15) / H.shape[0] ** 0.5
-    _assert_products_close(
-        op.matmat(V), V @ H, spectral_norm(H), TOL.matvec
-    )
+    _assert_products_close(op.matmat(V), V @ H, spectral_norm(H), TOL.matvec)

@@ -80,7 +80,9 @@ def test_more_probes_converge(spiked) -> None:
 
     def mean_w1(P: int) -> float:
         return float(
-            np.mean([_w1_over_range(slq(MatrixOperator(A), num_probes=P, seed=s), lam) for s in seeds])
+            np.mean(
+                [_w1_over_range(slq(MatrixOperator(A), num_probes=P, seed=s), lam) for s in seeds]
+            )
         )
 
     w1 = {P: mean_w1(P) for P in (1, 16, 64)}

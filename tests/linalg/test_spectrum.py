@@ -106,7 +106,8 @@ def test_outlier_split_on_the_mlp(case) -> None:
     assert res.n_outliers is not None and 0 <= res.n_outliers <= 10
     assert res.bulk_edge is not None
     # The edge is an eigenvalue of H below every outlier (or a quadrature node below them).
-    assert res.bulk_edge < res.eigenvalues[res.n_outliers - 1] if res.n_outliers else True
+    if res.n_outliers:
+        assert res.bulk_edge < res.eigenvalues[res.n_outliers - 1]
     assert lam.min() - 1e-6 <= res.bulk_edge <= lam.max() + 1e-6
 
 
@@ -197,7 +198,7 @@ def test_eigenvectors(case) -> None:
 @pytest.mark.parametrize("groups", ["layer", {"hidden": ["0"], "readout": ["2.weight", "2.bias"]}])
 def test_groups_match_the_dense_diagonal_blocks(case, groups) -> None:
     model, H = case["model"], case["H"]
-    res = hessian_spectrum(model, cross_entropy_loss, case["batches"], groups=groups, top_k=5)
+    res = hessian_spectrum(model, cross_entropy_loss, case["batches"], groups=groups)  # defaults
     assert res.groups is not None
     members = (
         {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
@@ -211,13 +212,12 @@ def test_groups_match_the_dense_diagonal_blocks(case, groups) -> None:
         sub = res.groups[name]
         assert isinstance(sub, HessianSpectrum)
         assert sub.num_params == len(idx)
-        rel = np.abs(sub.eigenvalues - lam_g[:5]) / np.abs(lam_g[:5])
-        assert rel.max() <= TOP_K_RTOL, (name, sub.eigenvalues, lam_g[:5])
+        rel = np.abs(sub.eigenvalues - lam_g[:10]) / np.abs(lam_g[:10])
+        assert rel.max() <= TOP_K_RTOL, (name, sub.eigenvalues, lam_g[:10])
         assert abs(sub.trace - lam_g.sum()) / np.abs(lam_g).sum() <= TRACE_TARGET
         assert sub.num_hvps > 0
     # The full-model result is unchanged by asking for groups, and counts every product.
-    rel = np.abs(res.eigenvalues - case["lam"][:5]) / np.abs(case["lam"][:5])
-    assert rel.max() <= TOP_K_RTOL
+    np.testing.assert_array_equal(res.eigenvalues, case["result"].eigenvalues)
     assert res.num_hvps > sum(g.num_hvps for g in res.groups.values())
 
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_landscape.linalg import MatrixOperator, TraceEstimate, hutchinson_trace, hutchpp_trace
+from lightning_landscape.linalg import (
+    MatrixOperator,
+    TraceEstimate,
+    hutchinson_trace,
+    hutchpp_trace,
+)
 from tests._reference import matrix_with_spectrum
 from tests._tolerances import tolerances
 
@@ -61,8 +66,13 @@ def test_error_falls_with_more_products(estimator, arg) -> None:
 def test_hutchpp_beats_hutchinson_on_a_few_dominant_eigenvalues() -> None:
     A, tr = _dominated()
     n = 48
-    err_h = np.mean([abs(hutchinson_trace(MatrixOperator(A), num_probes=n, seed=s).trace - tr) for s in range(10)])
-    err_pp = np.mean([abs(hutchpp_trace(MatrixOperator(A), num_matvecs=n, seed=s).trace - tr) for s in range(10)])
+    seeds = range(10)
+    err_h = np.mean(
+        [abs(hutchinson_trace(MatrixOperator(A), num_probes=n, seed=s).trace - tr) for s in seeds]
+    )
+    err_pp = np.mean(
+        [abs(hutchpp_trace(MatrixOperator(A), num_matvecs=n, seed=s).trace - tr) for s in seeds]
+    )
     assert err_pp < 0.05 * err_h, (err_pp, err_h)
 
 
