@@ -121,9 +121,29 @@ class LandscapeMonitor(Callback):
     def _layout(self) -> dict[str, dict[str, list[str]]]:
         return {}
 
-    def _cost_guess(self, step_seconds: float) -> float:
-        """A priori cost of one measurement, before any was timed."""
-        return 300.0 * self.num_probe_batches * step_seconds
+    def _gradient_equivalents(self) -> float:
+        """Cost of one measurement in gradient evaluations over the probe set (a priori)."""
+        return 300.0
+
+    def _cost_guess(self, trainer: Trainer, pl_module: LightningModule) -> float:
+        """A priori cost of one measurement: one timed gradient over the probe set, scaled.
+
+        The training step time is a poor proxy (for small models it is mostly framework
+        overhead), so the probe gradient itself is timed, without touching ``.grad``.
+        """
+        clock = self._coord.clock if self._coord is not None else time.perf_counter
+        loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        times = []
+        with ctx.isolated(pl_module, train_mode=self.train_mode):
+            for _ in range(2):  # the first pass pays one-off initialisation: keep the faster
+                t0 = clock()
+                for batch in self._probe or []:
+                    torch.autograd.grad(loss_fn(pl_module, batch), params, allow_unused=True)
+                if pl_module.device.type == "cuda":
+                    torch.cuda.synchronize(pl_module.device)
+                times.append(clock() - t0)
+        return self._gradient_equivalents() * min(times)
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
@@ -189,7 +209,7 @@ class LandscapeMonitor(Callback):
         self._seen_step = step
         assert self._coord is not None
         self._coord.tick(step)
-        if self._due(trainer, step):
+        if self._due(trainer, pl_module, step):
             self._measure(trainer, pl_module, step)
 
     @override
@@ -219,7 +239,7 @@ class LandscapeMonitor(Callback):
         self._probe = None
 
     # -- schedule ----------------------------------------------------------------------------
-    def _due(self, trainer: Trainer, step: int) -> bool:
+    def _due(self, trainer: Trainer, pl_module: LightningModule, step: int) -> bool:
         if self.every_n_steps is not None:
             return step % self.every_n_steps == 0
         if self.every_n_epochs is not None:
@@ -229,8 +249,12 @@ class LandscapeMonitor(Callback):
             if self._coord.counted_steps < self._coord.warmup_steps:
                 return False
             # First placement, from the timed steps and an a-priori cost (rank 0 decides).
-            t = self._coord.step_seconds or 0.0
-            guess = self.last_cost if self.last_cost is not None else self._cost_guess(t)
+            if self.last_cost is not None:
+                guess = self.last_cost
+            else:
+                guess = self._cost_guess(trainer, pl_module)
+                # The timing gradient is overhead too: charge it.
+                self._coord.record(self.name, guess / self._gradient_equivalents())
             nxt = self._coord.next_step(self.name, step, guess, self.max_overhead)
             self.next_step = trainer.strategy.broadcast(nxt if nxt is not None else step + 1, 0)
             return False

@@ -62,6 +62,7 @@ class Coordinator:
         self._measuring_since_tick = 0.0
 
     def record(self, monitor: str, seconds: float) -> None:
+        """Charge ``seconds`` to ``monitor`` (and keep them out of the step time)."""
         self.spent[monitor] = self.spent.get(monitor, 0.0) + seconds
         self._measuring_since_tick += seconds
 

@@ -38,7 +38,7 @@ class LanczosResult:
         alphas: diagonal of the tridiagonal matrix.
         betas: off-diagonal of the tridiagonal matrix (a zero marks a restart after breakdown).
         num_matvecs: operator products spent.
-        converged: whether every wanted residual met the tolerance.
+        converged: whether every wanted eigenvalue met the tolerance (by its error bound).
     """
 
     eigenvalues: np.ndarray
@@ -75,6 +75,11 @@ class _Process:
         dim = v0.shape[0]
         self.max_steps = max_steps
         self.Q = torch.empty(max_steps + 1, dim, dtype=basis_dtype, device=v0.device)
+        # The eigenvalue run keeps the products H q_j: then H y = (HQ) s for every Ritz vector
+        # y = Q s, so residuals are measured on the products actually computed, at no extra cost.
+        self.W = (
+            torch.empty(max_steps, dim, dtype=basis_dtype, device=v0.device) if restart else None
+        )
         self.Q[0] = v0.to(basis_dtype) / torch.linalg.vector_norm(v0.to(basis_dtype))
         self.alphas: list[float] = []
         self.betas: list[float] = []
@@ -92,6 +97,8 @@ class _Process:
         j = self.steps
         q = self.Q[j]
         w = w.to(self.Q.dtype)
+        if self.W is not None:
+            self.W[j] = w
         alpha = float(torch.dot(q, w))
         w = w - alpha * q
         if j > 0:
@@ -159,7 +166,8 @@ def run_lanczos(
     """
     dim = V0.shape[1]
     if basis_dtype is None:
-        fits = dim * (max(max_steps) + 1) * 8 * len(max_steps) <= 2**30
+        vectors = sum((m + 1) * (2 if r else 1) for m, r in zip(max_steps, restart, strict=True))
+        fits = dim * vectors * 8 <= 2**30
         basis_dtype = torch.float64 if fits else V0.dtype
     procs = [
         _Process(V0[i], max_steps[i], basis_dtype, restart[i], seed + 104729 * i)
@@ -185,16 +193,29 @@ def ritz_pairs(
     proc: _Process, k: int, which: Which, *, vectors: bool
 ) -> tuple[np.ndarray, np.ndarray, Tensor | None]:
     """Wanted Ritz values, their Lanczos residual estimates and (optionally) vectors."""
+    theta, res, Y, _ = ritz_vectors(proc, k, which, vectors=vectors)
+    return theta, res, Y
+
+
+def ritz_vectors(
+    proc: _Process, k: int, which: Which, *, vectors: bool = True
+) -> tuple[np.ndarray, np.ndarray, Tensor | None, Tensor | None]:
+    """Wanted Ritz values, residual estimates, vectors ``Y`` and products ``HY`` (as rows).
+
+    ``HY`` comes from the stored products of the eigenvalue run (None for quadrature probes).
+    """
     theta, S = _ritz(proc.alphas, proc.betas)
     idx = _select(theta, k, which)
     beta_m = proc.betas[-1] if proc.betas else 0.0
     res = np.abs(beta_m * S[-1, idx])
-    Y = None
+    Y = HY = None
     if vectors:
         m = proc.steps
         Sk = torch.as_tensor(S[:, idx].T.copy(), dtype=proc.Q.dtype, device=proc.Q.device)
         Y = Sk @ proc.Q[:m]
-    return theta[idx], res, Y
+        if proc.W is not None:
+            HY = Sk @ proc.W[:m]
+    return theta[idx], res, Y, HY
 
 
 def _validate(
@@ -217,14 +238,19 @@ def default_max_iter(k: int, dim: int) -> int:
     return min(dim, max(4 * k, 120))
 
 
+def is_converged(proc: _Process, k: int, which: Which, tol: float) -> bool:
+    """Every wanted Ritz pair's residual is below ``tol * ||T||``."""
+    _, res, _ = ritz_pairs(proc, k, which, vectors=False)
+    return bool(np.all(res <= tol * max(proc.anorm, 1e-300)))
+
+
 def converged_stop(k: int, which: Which, tol: float, min_steps: int = 0) -> Any:
-    """Stopping rule: the ``k`` wanted Lanczos residuals are all below ``tol * ||T||``."""
+    """Stopping rule: every wanted Ritz pair's residual is below ``tol * ||T||``."""
 
     def stop(proc: _Process) -> bool:
         if proc.steps < max(k, min_steps) or proc.block_start >= proc.steps:
             return False
-        _, res, _ = ritz_pairs(proc, k, which, vectors=False)
-        if not np.all(res <= tol * proc.anorm):
+        if not is_converged(proc, k, which, tol):
             return False
         # After a breakdown the earlier blocks are exact, but the block started from the restart
         # vector explores the rest of the space: only when its own extreme Ritz value has
@@ -264,18 +290,21 @@ def lanczos(
         which: ``"LA"`` largest algebraic (descending) or ``"SA"`` smallest algebraic (ascending).
         max_iter: maximum Lanczos steps; default ``min(D, max(4k, 120))``.
         tol: stop when each wanted residual is below ``tol * ||T||`` (``||T||`` estimates the
-            spectral radius), so the absolute error of every value is below ``tol * ||H||``.
+            spectral radius): the absolute error of every value is below ``tol * ||H||`` and,
+            for a value separated by ``gap``, below ``(tol ||H||)^2 / gap``; the Ritz vectors'
+            angles to the eigenvectors are below ``tol ||H|| / gap``.
         seed: seeds the Rademacher start vector.
         v0: start vector instead of the random one.
         return_eigenvectors: return the Ritz vectors (rows, in the basis dtype).
-        explicit_residuals: measure ``||H y - theta y||`` with ``k`` extra products in one
-            batched call (honest under rounding of the products); else the Lanczos estimate.
+        explicit_residuals: measure ``||H y - theta y||`` from the products the run computed
+            (``H y = (HQ) s``: honest under rounding of the products, no extra products); else
+            the Lanczos estimate ``|beta_m s_m|``.
 
     Returns:
         :class:`LanczosResult`.
 
-    Cost: at most ``max_iter`` products (plus ``k`` for explicit residuals); memory
-    ``(max_iter + 1) * D`` numbers for the basis (float64 when that fits in 1 GiB).
+    Cost: at most ``max_iter`` products; memory ``2 (max_iter + 1) D`` numbers for the basis
+    and its products (float64 when that fits in 1 GiB).
     """
     dim = int(operator.dim)
     _validate(k, which, tol, dim, max_iter)
@@ -316,22 +345,16 @@ def finish_eigen_run(
     explicit_residuals: bool,
     start_count: int,
 ) -> LanczosResult:
-    """Ritz pairs of a finished run, with explicit residuals in one batched call if asked."""
+    """Ritz pairs of a finished run; explicit residuals from the stored products."""
     k_eff = min(k, proc.steps)
-    theta, res_est, Y = ritz_pairs(
+    theta, res_est, Y, HY = ritz_vectors(
         proc, k_eff, which, vectors=return_eigenvectors or explicit_residuals
     )
-    converged = bool(np.all(res_est <= tol * max(proc.anorm, 1e-300))) and k_eff == k
+    converged = is_converged(proc, k_eff, which, tol) and k_eff == k
     residuals = res_est
-    if explicit_residuals and Y is not None:
-        HY = operator.matmat(Y.to(operator.dtype)).to(Y.dtype)
-        residuals = (
-            torch.linalg.vector_norm(
-                HY - torch.as_tensor(theta, dtype=Y.dtype, device=Y.device)[:, None] * Y, dim=1
-            )
-            .cpu()
-            .numpy()
-        )
+    if explicit_residuals and Y is not None and HY is not None:
+        theta_t = torch.as_tensor(theta.copy(), dtype=Y.dtype, device=Y.device)
+        residuals = torch.linalg.vector_norm(HY - theta_t[:, None] * Y, dim=1).cpu().numpy()
     used = (operator.num_hvps - start_count) if hasattr(operator, "num_hvps") else proc.steps
     return LanczosResult(
         eigenvalues=theta,

@@ -22,8 +22,9 @@ from .lanczos import (
     _validate,
     converged_stop,
     default_max_iter,
+    is_converged,
     rademacher,
-    ritz_pairs,
+    ritz_vectors,
     run_lanczos,
 )
 from .operators import HessianOperator, LossFn, ReduceFn
@@ -156,8 +157,9 @@ def hessian_spectrum(
         density: estimate the spectral density by stochastic Lanczos quadrature.
         trace: estimate the trace (deflated Hutchinson).
         seed: seeds every random vector; the result is deterministic for a seed.
-        tol: Lanczos stops when every wanted residual is below ``tol * ||H||``; the default
-            gives top-10 eigenvalues of small networks to ~1e-6 relative in float32.
+        tol: Lanczos stops when every wanted eigenvalue is within ``tol`` relative error by
+            its bound ``min(r, r^2/gap)`` (see :func:`~lightning_landscape.linalg.lanczos`);
+            the reported ``residuals`` stay the plain, always valid ``r``.
         max_iter: Lanczos step limit; default ``min(D, max(4 top_k, 120))``.
         num_slq_probes: quadrature probes, the eigenvalue run included (1 + extra).
         slq_steps: Lanczos steps per quadrature probe (m). More steps resolve the density better.
@@ -178,12 +180,13 @@ def hessian_spectrum(
     Cost (in Hessian-vector products, each about 1-1.5 gradient evaluations with the retained
     graph, plus one graph build of about 2): the Lanczos run takes until convergence, at least
     ``slq_steps`` steps when ``density`` (up to ``max_iter``); the other ``num_slq_probes - 1``
-    probes take ``slq_steps`` each but ride in the same batched calls; then ``top_k +
-    num_trace_probes`` products in one batched call. Accuracy trades against cost through
-    ``tol``/``max_iter`` (eigenvalues), ``slq_steps``/``num_slq_probes`` (density: Wasserstein
-    error falls like 1/m) and ``num_trace_probes`` (trace: standard error falls like 1/sqrt(s)).
-    Memory: the retained graph, plus ``(max_iter + (num_slq_probes-1) * slq_steps) * D`` numbers
-    for the Lanczos bases (float64 when under 1 GiB).
+    probes take ``slq_steps`` each but ride in the same batched calls; then
+    ``num_trace_probes`` products in one batched call. The residuals come from the products the
+    run stored (no extra products). Accuracy trades against cost through ``tol``/``max_iter``
+    (eigenvalues), ``slq_steps``/``num_slq_probes`` (density: Wasserstein error falls like 1/m)
+    and ``num_trace_probes`` (trace: standard error falls like 1/sqrt(s)).
+    Memory: the retained graph, plus ``(2 max_iter + (num_slq_probes-1) * slq_steps) * D``
+    numbers for the Lanczos bases and the eigenvalue run's products (float64 under 1 GiB).
 
     Raises:
         ValueError: bad options, naming the argument and the value.
@@ -274,24 +277,20 @@ def _spectrum(
     )
     main = procs[0]
     k = min(k, main.steps)
-    theta, res_est, Y = ritz_pairs(main, k, which, vectors=True)
-    assert Y is not None
-    converged = bool(np.all(res_est <= tol * max(main.anorm, 1e-300)))
-    block = [Y]
-    Z = None
-    if trace:
-        Z = rademacher(num_trace_probes, D, seed=seed + 1, dtype=Y.dtype, device=Y.device)
-        Z = project_out(Z, Y)
-        block.append(Z)
-    out = op.matmat(torch.cat(block).to(op.dtype)).to(Y.dtype)
-    if not torch.isfinite(out).all():
-        raise FloatingPointError("non-finite Hessian-vector product")
-    HY = out[:k]
+    theta, _, Y, HY = ritz_vectors(main, k, which)
+    assert Y is not None and HY is not None
+    converged = is_converged(main, k, which, tol)
+    # Residuals from the products the run computed: H y = (HQ) s, no extra products.
     theta_t = torch.as_tensor(theta.copy(), dtype=Y.dtype, device=Y.device)
     residuals = torch.linalg.vector_norm(HY - theta_t[:, None] * Y, dim=1).cpu().numpy()
     tr = tr_se = None
-    if Z is not None:
-        est = deflated_trace(Y, HY, Z, out[k:])
+    if trace:
+        Z = rademacher(num_trace_probes, D, seed=seed + 1, dtype=Y.dtype, device=Y.device)
+        Z = project_out(Z, Y)
+        HZ = op.matmat(Z.to(op.dtype)).to(Y.dtype)
+        if not torch.isfinite(HZ).all():
+            raise FloatingPointError("non-finite Hessian-vector product")
+        est = deflated_trace(Y, HY, Z, HZ)
         tr, tr_se = est.trace, est.stderr
     grid = dens = nodes = weights = None
     n_out = edge = lam_min = None

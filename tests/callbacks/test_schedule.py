@@ -75,7 +75,7 @@ def _run(tmp_path, monkeypatch, max_steps: int) -> tuple[list[int], HessianSpect
         return real(self, pl_module, *args)
 
     monkeypatch.setattr(HessianSpectrumMonitor, "_compute", compute)
-    monkeypatch.setattr(HessianSpectrumMonitor, "_cost_guess", lambda self, t: COST)
+    monkeypatch.setattr(HessianSpectrumMonitor, "_cost_guess", lambda self, *args: COST)
     trainer = L.Trainer(
         max_steps=max_steps,
         accelerator="cpu",

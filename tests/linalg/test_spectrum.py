@@ -131,16 +131,17 @@ def test_density_and_trace_can_be_skipped(case) -> None:
 def test_num_hvps_is_consistent(case) -> None:
     res = case["result"]
     assert isinstance(res.num_hvps, int)
-    # Defaults: 4 SLQ probes of 80 steps each; 10 residual products; 16 trace probes.
-    assert res.num_hvps >= 4 * 80 + 10 + 16
+    # Defaults: 4 SLQ probes of 80 steps each and 16 trace probes; the residuals come from the
+    # products the eigenvalue run stored, so they cost none.
+    assert res.num_hvps >= 4 * 80 + 16
     again = hessian_spectrum(case["model"], cross_entropy_loss, case["batches"])
     assert again.num_hvps == res.num_hvps
     np.testing.assert_array_equal(again.eigenvalues, res.eigenvalues)  # deterministic for a seed
     eig_only = hessian_spectrum(
         case["model"], cross_entropy_loss, case["batches"], density=False, trace=False
     )
-    # Lanczos steps + the k explicit residual products, at most max_iter + k.
-    assert 10 <= eig_only.num_hvps <= 120 + 10
+    # Lanczos steps only (at least k, at most the default max_iter).
+    assert 10 <= eig_only.num_hvps <= 120
 
 
 def test_result_is_a_frozen_dataclass(case) -> None:
