@@ -37,7 +37,7 @@ more time than the fastest peer reaching the same accuracy, and one HVP at most 
 Run (from the repository root, in an environment with the ``bench`` extra)::
 
     python benchmarks/hessian.py --curvlinops-python /path/to/venv-curv/bin/python
-    python benchmarks/hessian.py --quick            # small model only, one repeat
+    python benchmarks/hessian.py --quick            # small model only, one round
     python benchmarks/hessian.py --json results.json
 
 The curvlinops interpreter is found from ``--curvlinops-python``, else the environment variable

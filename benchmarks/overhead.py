@@ -9,12 +9,13 @@ summary and checkpointing are off; each run logs to its own ``TensorBoardLogger`
 directory. Runs alternate (without, with, without, with, ...) so that a drift in machine load
 hits both alike, and the ratio is median(with) / median(without). Target: <= 1.05.
 
-Also reported, from the TensorBoard events of the monitored run: how many measurements the
-monitor made and the seconds it logged for them (tags ``landscape/<monitor>/...``), the extra
-fit time those logged seconds do not account for ("unlogged": per-step hook cost, probe-set
-collection, figure and histogram writing, or noise), and whether
-the final weights are bitwise equal to those of the unmonitored run (the monitor must leave
-training unchanged).
+Also reported, as estimates less exposed to other jobs on a shared machine: the ratio of the
+fastest runs and the ratio of process CPU times (``time.process_time``). And, from the
+TensorBoard events of the monitored run: how many measurements the monitor made and the seconds
+it logged for them (tags ``landscape/<monitor>/...``), the extra fit time those logged seconds
+do not account for ("unlogged": per-step hook cost, probe-set collection, figure and histogram
+writing, or noise), and whether the final weights are bitwise equal to those of the unmonitored
+run (the monitor must leave training unchanged).
 
 ``max_steps`` is fixed per size: by default it is calibrated once from a short unmonitored run
 so that one run takes about ``--target-seconds`` (75 s), then used for every run of that size.
@@ -146,13 +147,14 @@ def fit_once(hidden: Sequence[int], max_steps: int, monitored: bool) -> dict[str
             # the monitor keeps its probe set under default_root_dir: keep it out of the cwd
             default_root_dir=tmp,
         )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         trainer.fit(module, train_dataloaders=loader)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         scalars = read_landscape_scalars(tmp) if monitored else {}
     weights = torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "global_step": int(trainer.global_step),
         "weights": weights,
         "scalars": scalars,
@@ -188,21 +190,31 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
     res["max_steps"] = max_steps
     print(f"[{name}] D = {res['num_params']}, max_steps = {max_steps}", flush=True)
 
-    base, mon = [], []
+    base, mon, base_cpu, mon_cpu = [], [], [], []
     same_weights = []
     monitor_info: list[dict[str, Any]] = []
     for pair in range(args.pairs):
         b = fit_once(hidden, max_steps, monitored=False)
-        print(f"[{name}] pair {pair + 1}: without {b['seconds']:.1f} s", flush=True)
+        print(
+            f"[{name}] pair {pair + 1}: without {b['seconds']:.1f} s "
+            f"(cpu {b['cpu_seconds']:.1f} s)",
+            flush=True,
+        )
         try:
             m = fit_once(hidden, max_steps, monitored=True)
         except Exception as exc:
             res["error"] = f"{type(exc).__name__}: {exc}"
             print(f"[{name}] monitored fit FAILED: {res['error']}", flush=True)
             return res
-        print(f"[{name}] pair {pair + 1}: with    {m['seconds']:.1f} s", flush=True)
+        print(
+            f"[{name}] pair {pair + 1}: with    {m['seconds']:.1f} s "
+            f"(cpu {m['cpu_seconds']:.1f} s)",
+            flush=True,
+        )
         base.append(b["seconds"])
         mon.append(m["seconds"])
+        base_cpu.append(b["cpu_seconds"])
+        mon_cpu.append(m["cpu_seconds"])
         same_weights.append(bool(torch.equal(b["weights"], m["weights"])))
         monitor_info.append(summarize_scalars(m["scalars"]))
     res.update(
@@ -215,6 +227,9 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
     )
     # Contention only ever adds time: the ratio of the fastest runs is a second, robust estimate.
     res["ratio_of_minima"] = min(mon) / min(base)
+    # CPU time of the process does not count the time other jobs take the cores from us.
+    res["without_cpu_seconds"], res["with_cpu_seconds"] = base_cpu, mon_cpu
+    res["cpu_ratio"] = statistics.median(mon_cpu) / statistics.median(base_cpu)
     res["target_met"] = res["ratio"] <= TARGET_RATIO
     # Low-noise companions of the ratio: how much identical runs differ, and the share of the
     # measurements the monitor timed itself (excludes per-step hook costs).
@@ -261,6 +276,7 @@ def print_report(results: dict[str, Any]) -> None:
         )
         print(
             f"  ratio of the fastest runs: {res['ratio_of_minima']:.3f}; "
+            f"ratio of process CPU times: {res['cpu_ratio']:.3f}; "
             f"run-to-run noise: unmonitored fits spread {res['noise_spread']:.1%} "
             f"(max/min - 1); measurement share from logged seconds: "
             f"{res['logged_share']:.2%} of the unmonitored fit"
@@ -269,6 +285,10 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"  measured at steps: {steps}")
         if not steps:
             print(f"  no landscape/<monitor>/seconds tag found; tags: {res['monitor'][-1]['tags']}")
+
+
+def _no_tensor(obj: Any) -> Any:
+    return None if isinstance(obj, torch.Tensor) else str(obj)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,11 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for name in sizes:
         results["sizes"][name] = run_size(name, SIZES[name], args)
+        if args.json:  # after each size, so an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2, default=_no_tensor))
     results["load_average_end"] = os.getloadavg()[0]
     print_report(results)
     print(f"\nload average {load0:.1f} at start, {results['load_average_end']:.1f} at end")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2, default=_no_tensor))
         print(f"wrote {args.json}")
     return 0
 

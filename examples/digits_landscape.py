@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         logger=TensorBoardLogger(args.logdir, name="", version=None),
         callbacks=[monitor],
         enable_checkpointing=False,
+        default_root_dir=args.logdir,
         log_every_n_steps=10,
     )
     trainer.fit(DigitsMLP(), train_loader, val_loader)

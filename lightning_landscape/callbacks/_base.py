@@ -293,17 +293,19 @@ class LandscapeMonitor(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         seconds = clock() - t0
-        self.last_cost = seconds
         self.last_measured_step = step
-        if self._coord is not None:
-            self._coord.record(self.name, seconds)
         if result is not None:
             self.num_measurements += 1
         if trainer.is_global_zero:
             if result is not None:
                 self._log(trainer, step, result, seconds)
             self._log_scalars(trainer, step, {"seconds": seconds, "skipped": float(self.skipped)})
-        self._reschedule(trainer, step, seconds)
+        # Writing figures and histograms is overhead too: the budget is charged with it.
+        total = clock() - t0
+        self.last_cost = total
+        if self._coord is not None:
+            self._coord.record(self.name, total)
+        self._reschedule(trainer, step, total)
 
     def _log_scalars(self, trainer: Trainer, step: int, values: dict[str, float]) -> None:
         metrics = {f"{self.tag_prefix}/{k}": float(v) for k, v in values.items()}

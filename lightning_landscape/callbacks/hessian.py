@@ -160,14 +160,17 @@ class HessianSpectrumMonitor(LandscapeMonitor):
 
     def _gradient_equivalents(self) -> float:
         # One Hessian-vector product costs about 1.2 probe gradients with the retained graph; a
-        # batched product of B vectors about 1 + 0.3 (B - 1). The eigenvalue run takes about
-        # max(slq_steps, 6 top_k) steps, the other quadrature probes ride along, then one batched
-        # call for residuals and trace probes; plus the graph build.
+        # batched product of B vectors 1 + 0.3 (B - 1) for small, overhead-bound models but up
+        # to 1 + 0.8 (B - 1) for compute-bound ones. The guess takes the conservative end: it
+        # only places the first measurement, later ones use measured costs. The eigenvalue run
+        # takes about max(slq_steps, 6 top_k) steps, the other quadrature probes ride along,
+        # then one batched call of trace probes (top_k counted too, as a margin); plus the
+        # graph build.
         kw = self.spectrum_kwargs
         steps = max(kw.get("slq_steps", 80) if self.density else 0, 6 * self.top_k)
         probes = kw.get("num_slq_probes", 4) - 1 if self.density else 0
         extra = self.top_k + (kw.get("num_trace_probes", 16) if self.trace else 0)
-        hvps = steps * (1 + 0.3 * probes) + 1 + 0.3 * (extra - 1)
+        hvps = steps * (1 + 0.8 * probes) + 1 + 0.8 * (extra - 1)
         groups = 1 + len(self._group_names)
         return 1.2 * hvps * groups + 2.0
 

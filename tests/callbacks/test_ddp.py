@@ -41,6 +41,7 @@ def _fit(tmp_path, devices: int, *, loss_fn=None, steps: int = 6) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=str(tmp_path),
     )
     trainer.fit(DigitsModule(hidden=12, dtype=torch.float64), DistributedDigits(per_rank))
 

@@ -36,6 +36,7 @@ def _trainer(tmp_path, callbacks, *, max_steps=12, logger=True, **kw) -> L.Train
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=True,
+        default_root_dir=str(tmp_path),
         **kw,
     )
 
