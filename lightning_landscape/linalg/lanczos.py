@@ -238,19 +238,56 @@ def default_max_iter(k: int, dim: int) -> int:
     return min(dim, max(4 * k, 120))
 
 
-def is_converged(proc: _Process, k: int, which: Which, tol: float) -> bool:
-    """Every wanted Ritz pair's residual is below ``tol * ||T||``."""
-    _, res, _ = ritz_pairs(proc, k, which, vectors=False)
-    return bool(np.all(res <= tol * max(proc.anorm, 1e-300)))
+def error_bounds(proc: _Process, k: int, which: Which) -> np.ndarray:
+    """Error bound of each wanted Ritz value: ``min(r_i, r_i^2 / gap_i)``.
+
+    ``r_i = |beta_m s_mi|`` bounds the distance to the nearest eigenvalue (always valid). When the
+    other eigenvalues are at least ``gap_i`` away, the error is at most ``r_i^2 / gap_i``
+    (Kato-Temple; Parlett, *The Symmetric Eigenvalue Problem*, 11.7). The gap is estimated from
+    the other Ritz values, each moved towards ``theta_i`` by its own residual (an eigenvalue lies
+    within ``r_j`` of ``theta_j``); a Ritz value that has not converged thus shrinks the gap and
+    the bound falls back to ``r_i``. The estimate misses eigenvalues the Krylov space has not
+    found yet, the usual limit of any Lanczos stopping test.
+    """
+    theta, S = _ritz(proc.alphas, proc.betas)
+    idx = _select(theta, k, which)
+    beta_m = proc.betas[-1] if proc.betas else 0.0
+    res_all = np.abs(beta_m * S[-1, :])
+    bounds = res_all[idx].copy()
+    if len(theta) < 2:
+        return bounds
+    for n, i in enumerate(idx):
+        others = np.delete(np.arange(len(theta)), i)
+        gap = float(np.min(np.abs(theta[others] - theta[i]) - res_all[others]))
+        if gap > 0:
+            bounds[n] = min(bounds[n], bounds[n] ** 2 / gap)
+    return bounds
 
 
-def converged_stop(k: int, which: Which, tol: float, min_steps: int = 0) -> Any:
-    """Stopping rule: every wanted Ritz pair's residual is below ``tol * ||T||``."""
+def is_converged(
+    proc: _Process, k: int, which: Which, tol: float, *, vectors: bool = False
+) -> bool:
+    """Every wanted Ritz value's error bound (:func:`error_bounds`) is below ``tol * ||T||``.
+
+    With ``vectors`` the residual itself must be below it (the Ritz vectors are then accurate to
+    ``tol ||T|| / gap`` in angle, not only the values).
+    """
+    if vectors:
+        _, bounds, _ = ritz_pairs(proc, k, which, vectors=False)
+    else:
+        bounds = error_bounds(proc, k, which)
+    return bool(np.all(bounds <= tol * max(proc.anorm, 1e-300)))
+
+
+def converged_stop(
+    k: int, which: Which, tol: float, min_steps: int = 0, *, vectors: bool = False
+) -> Any:
+    """Stopping rule: every wanted Ritz value's error bound is below ``tol * ||T||``."""
 
     def stop(proc: _Process) -> bool:
         if proc.steps < max(k, min_steps) or proc.block_start >= proc.steps:
             return False
-        if not is_converged(proc, k, which, tol):
+        if not is_converged(proc, k, which, tol, vectors=vectors):
             return False
         # After a breakdown the earlier blocks are exact, but the block started from the restart
         # vector explores the rest of the space: only when its own extreme Ritz value has
@@ -289,10 +326,13 @@ def lanczos(
         k: number of wanted eigenvalues.
         which: ``"LA"`` largest algebraic (descending) or ``"SA"`` smallest algebraic (ascending).
         max_iter: maximum Lanczos steps; default ``min(D, max(4k, 120))``.
-        tol: stop when each wanted residual is below ``tol * ||T||`` (``||T||`` estimates the
-            spectral radius): the absolute error of every value is below ``tol * ||H||`` and,
-            for a value separated by ``gap``, below ``(tol ||H||)^2 / gap``; the Ritz vectors'
-            angles to the eigenvectors are below ``tol ||H|| / gap``.
+        tol: stop when each wanted value's error bound ``min(r, r^2 / gap)`` is below
+            ``tol * ||T||`` (``r`` its residual, ``gap`` the distance to the other Ritz values
+            less their residuals, ``||T||`` an estimate of the spectral radius; see
+            :func:`error_bounds`): the absolute error of every value is then below
+            ``tol * ||H||``. With ``return_eigenvectors`` the residual ``r`` itself must be
+            below ``tol * ||T||``, so that the Ritz vectors' angles to the eigenvectors are
+            below ``tol ||H|| / gap`` too (values alone converge with fewer products).
         seed: seeds the Rademacher start vector.
         v0: start vector instead of the random one.
         return_eigenvectors: return the Ritz vectors (rows, in the basis dtype).
@@ -319,7 +359,7 @@ def lanczos(
         v0.unsqueeze(0),
         [m],
         restart=[True],
-        stop=converged_stop(k, which, tol),
+        stop=converged_stop(k, which, tol, vectors=return_eigenvectors),
         seed=seed,
     )
     return finish_eigen_run(
@@ -350,7 +390,7 @@ def finish_eigen_run(
     theta, res_est, Y, HY = ritz_vectors(
         proc, k_eff, which, vectors=return_eigenvectors or explicit_residuals
     )
-    converged = is_converged(proc, k_eff, which, tol) and k_eff == k
+    converged = is_converged(proc, k_eff, which, tol, vectors=return_eigenvectors) and k_eff == k
     residuals = res_est
     if explicit_residuals and Y is not None and HY is not None:
         theta_t = torch.as_tensor(theta.copy(), dtype=Y.dtype, device=Y.device)

@@ -157,16 +157,17 @@ def hessian_spectrum(
         density: estimate the spectral density by stochastic Lanczos quadrature.
         trace: estimate the trace (deflated Hutchinson).
         seed: seeds every random vector; the result is deterministic for a seed.
-        tol: Lanczos stops when every wanted eigenvalue is within ``tol`` relative error by
-            its bound ``min(r, r^2/gap)`` (see :func:`~lightning_landscape.linalg.lanczos`);
-            the reported ``residuals`` stay the plain, always valid ``r``.
+        tol: Lanczos stops when every wanted eigenvalue is within ``tol * ||H||`` by its
+            bound ``min(r, r^2/gap)`` (see :func:`~lightning_landscape.linalg.lanczos`); the
+            reported ``residuals`` stay the plain, always valid ``r``.
         max_iter: Lanczos step limit; default ``min(D, max(4 top_k, 120))``.
         num_slq_probes: quadrature probes, the eigenvalue run included (1 + extra).
         slq_steps: Lanczos steps per quadrature probe (m). More steps resolve the density better.
         num_trace_probes: Hutchinson probes on the complement of the top Ritz vectors.
         groups: also compute the spectrum of each diagonal block ``H_gg``: ``"layer"`` or a
             mapping ``{group: [parameter names or prefixes]}``; the blocks reuse the same graph.
-        return_eigenvectors: keep the Ritz vectors (``(top_k, D)``, on the model's device).
+        return_eigenvectors: keep the Ritz vectors (``(top_k, D)``, on the model's device); the
+            run then converges their residuals too (``r <= tol ||H||``), not only the values.
         params: restrict to these parameters (the block ``H_gg``).
         retain_graph: see :class:`~lightning_landscape.linalg.HessianOperator`.
         reduce_fn: all-reduce (sum) across data-parallel processes, each holding a shard.
@@ -272,14 +273,16 @@ def _spectrum(
         V0,
         [m_main] + [steps] * (P - 1),
         restart=[True] + [False] * (P - 1),
-        stop=converged_stop(k, which, tol, min_steps=steps if density else 0),
+        stop=converged_stop(
+            k, which, tol, min_steps=steps if density else 0, vectors=return_eigenvectors
+        ),
         seed=seed,
     )
     main = procs[0]
     k = min(k, main.steps)
     theta, _, Y, HY = ritz_vectors(main, k, which)
     assert Y is not None and HY is not None
-    converged = is_converged(main, k, which, tol)
+    converged = is_converged(main, k, which, tol, vectors=return_eigenvectors)
     # Residuals from the products the run computed: H y = (HQ) s, no extra products.
     theta_t = torch.as_tensor(theta.copy(), dtype=Y.dtype, device=Y.device)
     residuals = torch.linalg.vector_norm(HY - theta_t[:, None] * Y, dim=1).cpu().numpy()

@@ -67,7 +67,7 @@ def test_quadratic_loss_through_hessian_spectrum() -> None:
     S = spiked_matrix(600, (3.0, 5.0, 7.0, 10.0), gamma=0.5, seed=11)
     assert S.n_outliers == 4
     model = Quadratic(S.A, theta=torch.full((600,), 0.1, dtype=torch.float64))
-    res = hessian_spectrum(model, quadratic_loss, [(torch.zeros(1),)])
+    res = hessian_spectrum(model, quadratic_loss, [(torch.zeros(1),)], tol=1e-10)
     assert res.n_outliers == 4
     assert res.bulk_edge == pytest.approx(S.mp_edge, rel=EDGE_RTOL)
     np.testing.assert_allclose(res.eigenvalues, S.eigenvalues[:10], rtol=1e-8)
