@@ -70,17 +70,23 @@ class _Process:
     """State of one Lanczos process: basis, coefficients, stopping rule."""
 
     def __init__(
-        self, v0: Tensor, max_steps: int, basis_dtype: torch.dtype, restart: bool, seed: int
+        self,
+        v0: Tensor,
+        max_steps: int,
+        basis_dtype: torch.dtype,
+        restart: bool,
+        seed: int,
+        device: torch.device | None = None,
     ) -> None:
         dim = v0.shape[0]
+        device = v0.device if device is None else device
         self.max_steps = max_steps
-        self.Q = torch.empty(max_steps + 1, dim, dtype=basis_dtype, device=v0.device)
+        self.Q = torch.empty(max_steps + 1, dim, dtype=basis_dtype, device=device)
         # The eigenvalue run keeps the products H q_j: then H y = (HQ) s for every Ritz vector
         # y = Q s, so residuals are measured on the products actually computed, at no extra cost.
-        self.W = (
-            torch.empty(max_steps, dim, dtype=basis_dtype, device=v0.device) if restart else None
-        )
-        self.Q[0] = v0.to(basis_dtype) / torch.linalg.vector_norm(v0.to(basis_dtype))
+        self.W = torch.empty(max_steps, dim, dtype=basis_dtype, device=device) if restart else None
+        v0 = v0.to(device=device, dtype=basis_dtype)
+        self.Q[0] = v0 / torch.linalg.vector_norm(v0)
         self.alphas: list[float] = []
         self.betas: list[float] = []
         self.done = False
@@ -96,7 +102,7 @@ class _Process:
     def step(self, w: Tensor) -> None:
         j = self.steps
         q = self.Q[j]
-        w = w.to(self.Q.dtype)
+        w = w.to(device=self.Q.device, dtype=self.Q.dtype)
         if self.W is not None:
             self.W[j] = w
         alpha = float(torch.dot(q, w))
@@ -137,6 +143,24 @@ class _Process:
             self.done = True
 
 
+#: Share of an accelerator's free memory the Lanczos bases may take before going to host memory.
+DEVICE_BASIS_SHARE = 0.5
+
+
+def basis_device_for(device: torch.device, nbytes: int) -> torch.device:
+    """Where ``nbytes`` of Lanczos bases go: ``device``, or the host if it is an accelerator
+    whose free memory is less than ``nbytes / DEVICE_BASIS_SHARE``.
+
+    Full reorthogonalisation keeps every basis vector (``m D`` numbers per process). In host
+    memory each step moves one block of vectors each way and reorthogonalises on the CPU: slower,
+    but a large model's measurement runs instead of failing for memory.
+    """
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes <= DEVICE_BASIS_SHARE * free else torch.device("cpu")
+
+
 def _select(theta: np.ndarray, k: int, which: Which) -> np.ndarray:
     """Indices of the wanted Ritz values in output order."""
     order = np.argsort(theta)
@@ -152,6 +176,7 @@ def run_lanczos(
     stop: Any = None,
     seed: int = 0,
     basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> list[_Process]:
     """Run ``len(V0)`` Lanczos processes in lockstep, one batched product per step.
 
@@ -163,14 +188,20 @@ def run_lanczos(
         stop: optional callable ``stop(process) -> bool`` checked after each step of process 0.
         seed: seeds restart vectors.
         basis_dtype: dtype of the stored basis (default: float64 when it fits in 1 GiB).
+        basis_device: where the bases live (default :func:`basis_device_for`: the operator's
+            device, or host memory when an accelerator has too little free memory).
     """
     dim = V0.shape[1]
+    vectors = sum((m + 1) * (2 if r else 1) for m, r in zip(max_steps, restart, strict=True))
     if basis_dtype is None:
-        vectors = sum((m + 1) * (2 if r else 1) for m, r in zip(max_steps, restart, strict=True))
         fits = dim * vectors * 8 <= 2**30
         basis_dtype = torch.float64 if fits else V0.dtype
+    nbytes = dim * vectors * torch.empty((), dtype=basis_dtype).element_size()
+    device = (
+        basis_device_for(V0.device, nbytes) if basis_device is None else torch.device(basis_device)
+    )
     procs = [
-        _Process(V0[i], max_steps[i], basis_dtype, restart[i], seed + 104729 * i)
+        _Process(V0[i], max_steps[i], basis_dtype, restart[i], seed + 104729 * i, device)
         for i in range(len(max_steps))
     ]
     for p in procs:
@@ -180,7 +211,7 @@ def run_lanczos(
         if not active:
             return procs
         block = torch.stack([p.Q[p.steps] for p in active])
-        W = operator.matmat(block.to(operator.dtype))
+        W = operator.matmat(block.to(device=V0.device, dtype=operator.dtype))
         if not torch.isfinite(W).all():
             raise FloatingPointError("non-finite operator product inside Lanczos")
         for p, w in zip(active, W, strict=False):
@@ -344,7 +375,8 @@ def lanczos(
         :class:`LanczosResult`.
 
     Cost: at most ``max_iter`` products; memory ``2 (max_iter + 1) D`` numbers for the basis
-    and its products (float64 when that fits in 1 GiB).
+    and its products (float64 when that fits in 1 GiB), on the operator's device, or in host
+    memory when an accelerator has less than twice that free (:func:`basis_device_for`).
     """
     dim = int(operator.dim)
     _validate(k, which, tol, dim, max_iter)

@@ -187,7 +187,9 @@ def hessian_spectrum(
     (eigenvalues), ``slq_steps``/``num_slq_probes`` (density: Wasserstein error falls like 1/m)
     and ``num_trace_probes`` (trace: standard error falls like 1/sqrt(s)).
     Memory: the retained graph, plus ``(2 max_iter + (num_slq_probes-1) * slq_steps) * D``
-    numbers for the Lanczos bases and the eigenvalue run's products (float64 under 1 GiB).
+    numbers for the Lanczos bases and the eigenvalue run's products (float64 under 1 GiB; in
+    host memory when a GPU has less than twice that free, so a large model's measurement runs
+    slower instead of failing).
 
     Raises:
         ValueError: bad options, naming the argument and the value.
@@ -290,7 +292,7 @@ def _spectrum(
     if trace:
         Z = rademacher(num_trace_probes, D, seed=seed + 1, dtype=Y.dtype, device=Y.device)
         Z = project_out(Z, Y)
-        HZ = op.matmat(Z.to(op.dtype)).to(Y.dtype)
+        HZ = op.matmat(Z.to(device=op.device, dtype=op.dtype)).to(device=Y.device, dtype=Y.dtype)
         if not torch.isfinite(HZ).all():
             raise FloatingPointError("non-finite Hessian-vector product")
         est = deflated_trace(Y, HY, Z, HZ)
@@ -318,7 +320,7 @@ def _spectrum(
         lambda_min=lam_min,
         num_hvps=op.num_hvps - start,
         num_params=D,
-        eigenvectors=Y.to(op.dtype) if return_eigenvectors else None,
+        eigenvectors=Y.to(device=op.device, dtype=op.dtype) if return_eigenvectors else None,
         converged=converged,
         groups=None,
         seconds=time.perf_counter() - t0,
