@@ -287,12 +287,11 @@ def error_bounds(proc: _Process, k: int, which: Which) -> np.ndarray:
     bounds = res_all[idx].copy()
     if len(theta) < 2:
         return bounds
-    for n, i in enumerate(idx):
-        others = np.delete(np.arange(len(theta)), i)
-        gap = float(np.min(np.abs(theta[others] - theta[i]) - res_all[others]))
-        if gap > 0:
-            bounds[n] = min(bounds[n], bounds[n] ** 2 / gap)
-    return bounds
+    dist = np.abs(theta[idx, None] - theta[None, :]) - res_all[None, :]
+    dist[np.arange(len(idx)), idx] = np.inf
+    gap = dist.min(axis=1)
+    quadratic = np.divide(bounds**2, gap, out=np.full_like(bounds, np.inf), where=gap > 0)
+    return np.minimum(bounds, quadratic)
 
 
 def is_converged(
