@@ -31,12 +31,19 @@ def tensorboard_writer(trainer: Any) -> SummaryWriter | None:
         The writer on global rank 0; None on other ranks (rank 0 logs, and their logger holds
         only a no-op stand-in) or when no ``TensorBoardLogger`` is attached.
     """
+    import sys
+
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    kinds: tuple[type, ...] = (TensorBoardLogger,)
+    if "pytorch_lightning" in sys.modules:  # the standalone package's Trainer and loggers
+        from pytorch_lightning.loggers import TensorBoardLogger as StandaloneTensorBoardLogger
+
+        kinds += (StandaloneTensorBoardLogger,)
     if getattr(trainer, "global_rank", 0) != 0:
         return None
     for logger in getattr(trainer, "loggers", None) or ():
-        if isinstance(logger, TensorBoardLogger):
+        if isinstance(logger, kinds):
             return logger.experiment
     return None
 
