@@ -187,6 +187,16 @@ class LandscapeMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After the strategy's setup, which is where sync_batchnorm=True converts the layers.
+        if self.train_mode and any(
+            isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules()
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: train_mode=True is not supported with SyncBatchNorm "
+                "(its batch statistics would be synchronised across ranks inside every "
+                "measurement pass); use train_mode=False (eval mode, the default); got "
+                "train_mode=True"
+            )
         self._probe = self._load_or_capture_probe(trainer)
         if trainer.is_global_zero and self._coord is not None and not self._coord.layout_written:
             self._coord.layout_written = True

@@ -334,3 +334,20 @@ def test_half_precision_weights_are_refused(tmp_path):
     monitor = HessianSpectrumMonitor()
     with pytest.raises(ValueError, match="half-precision weights"):
         monitor.setup(trainer, DigitsModule(), "fit")
+
+
+def test_sync_batchnorm_in_train_mode_is_refused(tmp_path):
+    class WithSyncBN(DigitsModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(
+                nn.Linear(64, 16), nn.SyncBatchNorm(16), nn.Tanh(), nn.Linear(16, 10)
+            )
+
+    with pytest.raises(ValueError, match="train_mode=True is not supported with SyncBatchNorm"):
+        _trainer(
+            tmp_path, [HessianSpectrumMonitor(every_n_steps=1, train_mode=True)], max_steps=2
+        ).fit(WithSyncBN(), loader(32))
+    monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, density=False, trace=False)
+    _trainer(tmp_path / "eval", [monitor], max_steps=2).fit(WithSyncBN(), loader(32))
+    assert monitor.num_measurements == 3 and monitor.skipped == 0
