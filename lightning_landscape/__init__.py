@@ -9,16 +9,35 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .linalg import HessianSpectrum, hessian_spectrum
+from .linalg import (
+    ClassStructure,
+    GradientCovariance,
+    HessianSpectrum,
+    class_structure,
+    gradient_covariance,
+    hessian_spectrum,
+    per_sample_gradients,
+)
 
 if TYPE_CHECKING:
-    from .callbacks import HessianSpectrumMonitor
+    from .callbacks import GradientCovarianceMonitor, HessianSpectrumMonitor
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["HessianSpectrum", "HessianSpectrumMonitor", "__version__", "hessian_spectrum"]
+__all__ = [
+    "ClassStructure",
+    "GradientCovariance",
+    "GradientCovarianceMonitor",
+    "HessianSpectrum",
+    "HessianSpectrumMonitor",
+    "__version__",
+    "class_structure",
+    "gradient_covariance",
+    "hessian_spectrum",
+    "per_sample_gradients",
+]
 
-_LAZY = {"HessianSpectrumMonitor": ".callbacks"}
+_LAZY = {"HessianSpectrumMonitor": ".callbacks", "GradientCovarianceMonitor": ".callbacks"}
 
 
 def __getattr__(name: str) -> Any:

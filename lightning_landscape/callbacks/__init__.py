@@ -1,5 +1,6 @@
 """Thin Lightning callbacks: schedule, probe batches, rank handling, state. No mathematics."""
 
+from .gradient import GradientCovarianceMonitor
 from .hessian import HessianSpectrumMonitor
 
-__all__ = ["HessianSpectrumMonitor"]
+__all__ = ["GradientCovarianceMonitor", "HessianSpectrumMonitor"]

@@ -59,6 +59,11 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         seed: seeds the random probe vectors (the same at every measurement).
         log_histogram: write the spectrum to TensorBoard's histogram dashboard.
         log_figure: write a figure of the density with the outliers marked.
+        keep_eigenvectors: keep the top-k Ritz vectors of the last measurement on the callback
+            (``last_eigenvectors``, ``(top_k, D)`` on the model's device, and
+            ``last_eigenvalues``; None after a skipped measurement) for other monitors to
+            share; their residuals are then converged too, which costs more products. A
+            :class:`GradientCovarianceMonitor` in the same trainer switches it on.
         clock: time source for the budget (tests).
         **spectrum_kwargs: further options of :func:`~lightning_landscape.hessian_spectrum`
             (``tol``, ``max_iter``, ``num_slq_probes``, ``slq_steps``, ``num_trace_probes``,
@@ -103,6 +108,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         seed: int = 0,
         log_histogram: bool = True,
         log_figure: bool = True,
+        keep_eigenvectors: bool = False,
         clock: Callable[[], float] | None = None,
         **spectrum_kwargs: Any,
     ) -> None:
@@ -144,6 +150,11 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         self.log_histogram = log_histogram
         self.log_figure = log_figure
         self.spectrum_kwargs = spectrum_kwargs
+        if not isinstance(keep_eigenvectors, bool):
+            raise ValueError(f"keep_eigenvectors must be a bool; got {keep_eigenvectors!r}")
+        self.keep_eigenvectors = keep_eigenvectors
+        self.last_eigenvectors: torch.Tensor | None = None
+        self.last_eigenvalues: np.ndarray | None = None
         self.axis: SpectrumAxis | None = None
         self._group_names: list[str] = []
 
@@ -180,7 +191,8 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     def _compute(
         self, pl_module: LightningModule, batches: list[Any], loss_fn: Any, reduce_fn: Any
     ) -> HessianSpectrum:
-        return hessian_spectrum(
+        self.last_eigenvectors = self.last_eigenvalues = None
+        result = hessian_spectrum(
             pl_module,
             loss_fn,
             batches,
@@ -190,8 +202,12 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             seed=self.seed,
             groups=self.groups,
             reduce_fn=reduce_fn,
+            return_eigenvectors=self.keep_eigenvectors,
             **self.spectrum_kwargs,
         )
+        self.last_eigenvectors = result.eigenvectors
+        self.last_eigenvalues = result.eigenvalues
+        return result
 
     def _log(self, trainer: Trainer, step: int, result: HessianSpectrum, seconds: float) -> None:
         values: dict[str, float] = {"num_hvps": float(result.num_hvps)}

@@ -7,6 +7,7 @@ import time.
 
 from lightning_landscape.dashboard.axis import SpectrumAxis, inverse_signed_log, signed_log
 from lightning_landscape.dashboard.figures import spectrum_figure, write_figure
+from lightning_landscape.dashboard.gradient import class_structure_figure, gradient_layout
 from lightning_landscape.dashboard.histogram import (
     spectrum_axis_markdown,
     spectrum_histogram,
@@ -24,6 +25,8 @@ from lightning_landscape.dashboard.writer import tensorboard_writer, warn_once
 __all__ = [
     "Layout",
     "SpectrumAxis",
+    "class_structure_figure",
+    "gradient_layout",
     "hessian_layout",
     "inverse_signed_log",
     "merge_layouts",

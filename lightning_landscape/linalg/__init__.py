@@ -1,5 +1,19 @@
-"""Numerical core: operators, Lanczos, quadrature, trace, outlier split. No Lightning imports."""
+"""Numerical core: operators, Lanczos, quadrature, trace, outlier split, per-sample gradients and
+their covariance, class structure. No Lightning imports."""
 
+from .class_structure import (
+    ClassStructure,
+    GaussNewtonOperator,
+    class_structure,
+    gradient_overlap,
+    principal_angles,
+)
+from .covariance import (
+    CovarianceOperator,
+    GradientCovariance,
+    gradient_covariance,
+    per_sample_gradients,
+)
 from .lanczos import LanczosResult, lanczos
 from .operators import HessianOperator, HVPFailedError, MatrixOperator
 from .outliers import OutlierSplit, split_outliers
@@ -8,6 +22,10 @@ from .spectrum import HessianSpectrum, hessian_spectrum, parameter_groups
 from .trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 
 __all__ = [
+    "ClassStructure",
+    "CovarianceOperator",
+    "GaussNewtonOperator",
+    "GradientCovariance",
     "HVPFailedError",
     "HessianOperator",
     "HessianSpectrum",
@@ -16,11 +34,16 @@ __all__ = [
     "OutlierSplit",
     "QuadratureResult",
     "TraceEstimate",
+    "class_structure",
+    "gradient_covariance",
+    "gradient_overlap",
     "hessian_spectrum",
     "hutchinson_trace",
     "hutchpp_trace",
     "lanczos",
     "parameter_groups",
+    "per_sample_gradients",
+    "principal_angles",
     "slq",
     "spectral_density",
     "split_outliers",

@@ -1,0 +1,805 @@
+r"""Covariance of per-sample gradients: spectrum, trace and gradient noise scale.
+
+With per-sample gradients :math:`g_i = \nabla_\theta \ell_i` over the :math:`N` probe samples and
+their mean :math:`\bar g`, the gradient covariance is
+
+.. math::
+    \Sigma = \frac1N \sum_{i=1}^N (g_i - \bar g)(g_i - \bar g)^\top
+
+(the ``1/N`` convention: the covariance of the probe samples themselves; the unbiased estimate of
+the population covariance is :math:`\frac{N}{N-1}\Sigma`). McCandlish et al. (2018, "An Empirical
+Model of Large-Batch Training", arXiv 1812.06162) call :math:`B_{\rm simple} = \operatorname{tr}
+\Sigma / \|\bar g\|^2` the simple gradient noise scale: the batch size at which the gradient noise
+and the signal are of the same size.
+
+Two routes to the top eigenvalues:
+
+* **Gram** (small :math:`N D`): keep the centred per-sample gradients :math:`G_c`
+  (:math:`N \times D`) and diagonalise the :math:`N \times N` Gram matrix
+  :math:`G_c G_c^\top / N`, which has the same non-zero eigenvalues as :math:`\Sigma`. Exact up
+  to rounding.
+* **Operator** (large :math:`N D`, or data parallel): never store the :math:`N \times D` matrix;
+  :math:`\Sigma v = \frac1N G^\top (G v - \mathbf 1 \bar g^\top v)` is one batched
+  Jacobian-vector product of the per-sample losses (:math:`Gv`, by the double-backward trick
+  through the retained graph) and one vector-Jacobian product (:math:`G^\top u`), and
+  :func:`~lightning_landscape.linalg.lanczos` finds the top eigenvalues.
+
+Per-sample gradients come from ``torch.func``: ``vmap`` over single-sample calls of ``loss_fn``
+(``grad`` inside), in chunks so memory stays at ``chunk_size * D`` numbers. Where single-sample
+calls are ill-defined or ``vmap`` fails (batch norm in train mode, data-dependent control flow),
+the per-sample losses are taken inside the full batch from ``outputs_fn(model, batch) -> (logits,
+targets)`` and a per-sample loss (cross-entropy by default); the rows of their Jacobian are the
+per-sample gradients. A warning says which path ran and the result records it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .lanczos import lanczos
+from .operators import (
+    HVPFailedError,
+    LossFn,
+    ReduceFn,
+    _is_oom,
+    _LinearOperator,
+    _resolve_params,
+    _working_copy,
+    curvature_context,
+    default_batch_size,
+)
+
+__all__ = [
+    "CovarianceOperator",
+    "GradientCovariance",
+    "gradient_covariance",
+    "per_sample_gradients",
+]
+
+OutputsFn = Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
+PerSampleLossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Default limit of the Gram route: N * D numbers kept (256 MiB in float64).
+GRAM_MAX_ELEMENTS = 2**25
+#: Default budget of one chunk of per-sample gradients, in numbers (chunk_size * D).
+CHUNK_ELEMENTS = 2**23
+
+
+@dataclass(frozen=True, eq=False)
+class GradientCovariance:
+    """Spectrum and scale of the per-sample gradient covariance over the probe samples.
+
+    Attributes:
+        eigenvalues: top ``top_k`` eigenvalues of :math:`\\Sigma` (``1/N`` convention),
+            descending. :math:`\\Sigma` has rank at most ``N - 1``: beyond it they are 0.
+        residuals: ``||Σy - θy||`` of each Ritz pair on the operator route; zeros on the Gram
+            route (exact up to rounding).
+        trace: :math:`\\operatorname{tr}\\Sigma = \\frac1N\\sum_i\\|g_i - \\bar g\\|^2`, exact.
+        mean_gradient_norm: :math:`\\|\\bar g\\|`, the norm of the gradient of the mean loss.
+        noise_scale: :math:`B_{\\rm simple} = \\operatorname{tr}\\Sigma / \\|\\bar g\\|^2`.
+            :math:`\\|\\bar g\\|^2` overestimates the squared norm of the true gradient by
+            :math:`\\operatorname{tr}\\Sigma_{\\rm pop}/N`, so this is biased low.
+        noise_scale_unbiased: the same with unbiased pieces,
+            :math:`\\frac{N}{N-1}\\operatorname{tr}\\Sigma \\,/\\, (\\|\\bar g\\|^2 -
+            \\operatorname{tr}\\Sigma/(N-1))`; NaN when the noise swamps the mean (the
+            denominator is not positive) or ``N = 1``.
+        num_samples: ``N``, over all batches (and all processes).
+        num_params: ``D``.
+        method: ``"gram"`` or ``"lanczos"``.
+        per_sample: ``"vmap"`` (single-sample calls of ``loss_fn``) or ``"outputs"`` (per-sample
+            losses inside the full batch from ``outputs_fn``).
+        loss: the mean loss over the probe samples.
+        eigenvectors: ``(top_k, D)`` unit eigenvectors as rows on the model's device, if
+            requested (rows beyond the rank of :math:`\\Sigma` are 0 on the Gram route).
+        gradient: :math:`\\bar g` as a flat tensor on the model's device, if requested.
+        num_products: covariance-vector products spent (operator route; 0 for Gram).
+        converged: whether the eigenvalues met the tolerance (always True for Gram).
+        seconds: wall time.
+    """
+
+    eigenvalues: np.ndarray
+    residuals: np.ndarray
+    trace: float
+    mean_gradient_norm: float
+    noise_scale: float
+    noise_scale_unbiased: float
+    num_samples: int
+    num_params: int
+    method: str
+    per_sample: str
+    loss: float
+    eigenvectors: Tensor | None
+    gradient: Tensor | None
+    num_products: int
+    converged: bool
+    seconds: float
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+def _split_batch(batch: Any, n: int) -> tuple[list[Any], Any, list[int]]:
+    """Leaves, tree spec and the indices of the per-sample leaves (tensors of length ``n``)."""
+    leaves, spec = pytree.tree_flatten(batch)
+    idx = [
+        j
+        for j, leaf in enumerate(leaves)
+        if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == n
+    ]
+    if not idx:
+        raise ValueError(
+            f"batches: no tensor of length {n} (the batch size) found in the batch, so it cannot "
+            "be split into samples; pass batch_size_fn= if the size is wrong"
+        )
+    return leaves, spec, idx
+
+
+def _default_per_sample_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    if targets.is_floating_point():
+        raise ValueError(
+            "per_sample_loss_fn: the default is cross-entropy with integer class targets; got "
+            f"targets of dtype {targets.dtype}. Pass per_sample_loss_fn=(logits, targets) -> (n,)"
+        )
+    return nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that ``functional_call`` can swap parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def _flat(tensors: Sequence[Tensor | None], params: Sequence[Tensor], lead: int) -> Tensor:
+    """Concatenate per-parameter tensors with ``lead`` leading rows into ``(lead, D)``."""
+    p0 = params[0]
+    return torch.cat(
+        [
+            torch.zeros(lead, p.numel(), dtype=p0.dtype, device=p0.device)
+            if t is None
+            else t.reshape(lead, -1).to(p0.dtype)
+            for p, t in zip(params, tensors, strict=True)
+        ],
+        dim=1,
+    )
+
+
+def _batched_grad(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor],
+    state: dict[str, bool],
+) -> tuple[Tensor | None, ...]:
+    """``B`` vector-Jacobian products at once (rows of ``grad_outputs``), graph retained.
+
+    One vmapped backward when the operators support it, else a loop (``state`` remembers).
+    """
+    B = grad_outputs[0].shape[0]
+    if B > 1 and state.get("batched", True):
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                return torch.autograd.grad(
+                    list(outputs),
+                    list(inputs),
+                    grad_outputs=list(grad_outputs),
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+        except RuntimeError as err:
+            if "out of memory" in str(err):
+                raise
+            state["batched"] = False
+    rows = [
+        torch.autograd.grad(
+            list(outputs),
+            list(inputs),
+            grad_outputs=[go[b] for go in grad_outputs],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for b in range(B)
+    ]
+    return tuple(
+        None if rows[0][i] is None else torch.stack([r[i] for r in rows])
+        for i in range(len(inputs))
+    )
+
+
+# -- per-sample losses and gradients ---------------------------------------------------------
+
+
+class _PerSample:
+    """Per-sample losses and gradients of one model over its batches, by either path."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        names: list[str],
+        params: list[nn.Parameter],
+        outputs_fn: OutputsFn | None,
+        per_sample_loss_fn: PerSampleLossFn | None,
+        path: str,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.names = names
+        self.params = params
+        self.outputs_fn = outputs_fn
+        self.per_sample_loss_fn = per_sample_loss_fn or _default_per_sample_loss
+        self.path = path  # "auto" until decided, then "vmap" or "outputs"
+        self.wrapper = _LossModule(model, loss_fn) if loss_fn is not None else None
+        self.grad_state: dict[str, bool] = {}
+        self._decided = False
+        self._first: tuple[int, tuple[Tensor, Tensor]] | None = None
+
+    # vmap path ---------------------------------------------------------------------------
+    def _single(self, leaves: list[Any], spec: Any, idx: list[int]) -> Callable[..., Tensor]:
+        wrapper = self.wrapper
+        assert wrapper is not None
+
+        def f(pdict: dict[str, Tensor], *samples: Tensor) -> Tensor:
+            items = list(leaves)
+            for j, s in zip(idx, samples, strict=True):
+                items[j] = s.unsqueeze(0)
+            batch = pytree.tree_unflatten(items, spec)
+            loss = torch.func.functional_call(wrapper, pdict, (batch,))
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(
+                    f"loss_fn must return a scalar tensor; got {type(loss).__name__} "
+                    f"with shape {getattr(loss, 'shape', None)}"
+                )
+            return loss.reshape(())
+
+        return f
+
+    def _vmap_grads(self, batch: Any, n: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        leaves, spec, idx = _split_batch(batch, n)
+        f = self._single(leaves, spec, idx)
+        pdict = {f"model.{k}": p.detach() for k, p in zip(self.names, self.params, strict=True)}
+        samples = [leaves[j][start:stop] for j in idx]
+        in_dims = (None, *([0] * len(samples)))
+        grads, losses = torch.func.vmap(
+            torch.func.grad_and_value(f), in_dims=in_dims, randomness="different"
+        )(pdict, *samples)
+        rows = _flat([grads[f"model.{k}"] for k in self.names], self.params, stop - start)
+        return rows.detach(), losses.detach()
+
+    def _vmap_losses(self, batch: Any, n: int) -> Tensor:
+        """Per-sample losses with the autograd graph to the real parameters."""
+        leaves, spec, idx = _split_batch(batch, n)
+        f = self._single(leaves, spec, idx)
+        pdict = {f"model.{k}": p for k, p in zip(self.names, self.params, strict=True)}
+        in_dims = (None, *([0] * len(idx)))
+        return torch.func.vmap(f, in_dims=in_dims, randomness="different")(
+            pdict, *[leaves[j] for j in idx]
+        )
+
+    # outputs path ------------------------------------------------------------------------
+    def _outputs_losses(self, batch: Any, n: int) -> Tensor:
+        if self.outputs_fn is None:
+            raise ValueError("outputs_fn is required for the per-sample-loss path")
+        logits, targets = self.outputs_fn(self.model, batch)
+        losses = self.per_sample_loss_fn(logits, targets)
+        if not isinstance(losses, Tensor) or losses.shape != (n,):
+            raise ValueError(
+                f"per_sample_loss_fn must return a vector of the {n} per-sample losses; got "
+                f"shape {getattr(losses, 'shape', None)}"
+            )
+        return losses
+
+    def _jacobian_rows(self, losses: Tensor, start: int, stop: int) -> Tensor:
+        n = losses.shape[0]
+        eye = torch.zeros(stop - start, n, dtype=losses.dtype, device=losses.device)
+        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
+        res = _batched_grad([losses], self.params, [eye], self.grad_state)
+        return _flat(res, self.params, stop - start).detach()
+
+    # decide ------------------------------------------------------------------------------
+    def decide(self, batch: Any, n: int, chunk: int) -> None:
+        """Try the ``vmap`` path on the first chunk; fall back to ``outputs_fn`` with a notice.
+
+        The first chunk's result is kept for :meth:`gradient_chunks`, so trying costs nothing.
+        """
+        if self.path == "outputs" or self._decided:
+            return
+        self._decided = True
+        if self.wrapper is None:
+            self.path = "outputs"
+            return
+        try:
+            self._first = (id(batch), self._vmap_grads(batch, n, 0, min(n, chunk)))
+            self.path = "vmap"
+        except (ValueError, torch.OutOfMemoryError):
+            raise
+        except Exception as err:  # vmap has no rule, or single-sample calls are ill-defined
+            if self.outputs_fn is None or self.path == "vmap":
+                raise ValueError(
+                    "per-sample gradients by torch.func.vmap over single-sample calls of "
+                    f"loss_fn failed ({type(err).__name__}: {err}); use per_sample='auto' or "
+                    "'outputs' with outputs_fn=(model, batch) -> (logits, targets) to take "
+                    "per-sample losses of the full batch instead"
+                ) from err
+            self.path = "outputs"
+            warnings.warn(
+                "gradient_covariance: torch.func.vmap over single-sample calls failed "
+                f"({type(err).__name__}: {str(err)[:200]}); per-sample gradients are taken "
+                "from the per-sample losses of the full batch (outputs_fn), one Jacobian row "
+                "per sample (slower: each row is a backward through the whole batch).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def losses(self, batch: Any, n: int) -> Tensor:
+        if self.path == "vmap":
+            return self._vmap_losses(batch, n)
+        return self._outputs_losses(batch, n)
+
+    def gradient_chunks(
+        self, batch: Any, n: int, chunk: int, losses: Tensor | None = None
+    ) -> Iterable[tuple[Tensor, Tensor]]:
+        """``(rows, losses)`` per chunk of samples: per-sample gradients ``(c, D)``."""
+        if self.path == "outputs" and losses is None:
+            losses = self._outputs_losses(batch, n)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            first, self._first = self._first, None
+            if start == 0 and first is not None and first[0] == id(batch):
+                yield first[1]
+            elif self.path == "vmap":
+                yield self._vmap_grads(batch, n, start, stop)
+            else:
+                assert losses is not None
+                yield self._jacobian_rows(losses, start, stop), losses[start:stop].detach()
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batch: Any,
+    *,
+    params: Sequence[nn.Parameter] | None = None,
+    chunk_size: int | None = None,
+    per_sample: Literal["auto", "vmap", "outputs"] = "auto",
+    outputs_fn: OutputsFn | None = None,
+    per_sample_loss_fn: PerSampleLossFn | None = None,
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> Tensor:
+    """Per-sample gradients of one batch as an ``(n, D)`` matrix (rows in parameter order).
+
+    Args:
+        model: the network (used as it is: mode, dtype, device).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss; called on single samples
+            (``vmap`` path).
+        batch: one batch; tensors whose first dimension is the batch size are split.
+        params: restrict to these parameters (default: all with ``requires_grad``).
+        chunk_size: samples per ``vmap`` call (memory ``chunk_size * D`` plus activations).
+        per_sample: ``"vmap"``, ``"outputs"`` or ``"auto"`` (vmap, else outputs with a notice).
+        outputs_fn: ``(model, batch) -> (logits, targets)`` for the ``"outputs"`` path.
+        per_sample_loss_fn: ``(logits, targets) -> (n,)``; default cross-entropy.
+        batch_size_fn: samples in the batch; default length of its first tensor.
+
+    Returns:
+        ``(n, D)`` tensor; memory ``n * D`` numbers (use :func:`gradient_covariance` for
+        statistics that never store it).
+    """
+    _check_per_sample(per_sample)
+    names, plist = _resolve_params(model, params)
+    if not plist:
+        raise ValueError("params: no trainable parameters (none has requires_grad=True)")
+    n = int((batch_size_fn or default_batch_size)(batch))
+    ps = _PerSample(model, loss_fn, names, plist, outputs_fn, per_sample_loss_fn, per_sample)
+    D = sum(p.numel() for p in plist)
+    chunk = _chunk(chunk_size, D)
+    with curvature_context(plist[0].device):
+        ps.decide(batch, n, chunk)
+        out = torch.empty(n, D, dtype=plist[0].dtype, device=plist[0].device)
+        i = 0
+        for rows, _ in ps.gradient_chunks(batch, n, chunk):
+            out[i : i + len(rows)] = rows
+            i += len(rows)
+        return out
+
+
+def _check_per_sample(per_sample: Any) -> None:
+    if per_sample not in ("auto", "vmap", "outputs"):
+        raise ValueError(f"per_sample must be 'auto', 'vmap' or 'outputs'; got {per_sample!r}")
+
+
+def _chunk(chunk_size: int | None, D: int) -> int:
+    if chunk_size is None:
+        return max(1, CHUNK_ELEMENTS // max(D, 1))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}")
+    return chunk_size
+
+
+# -- the covariance operator -----------------------------------------------------------------
+
+
+class CovarianceOperator(_LinearOperator):
+    r"""The gradient covariance :math:`\Sigma` as a linear operator, without ``N x D`` storage.
+
+    .. math::
+        \Sigma V^\top = \frac1N G^\top \bigl(G V^\top - \mathbf 1\,\bar g^\top V^\top\bigr)
+
+    per probe batch: :math:`G V^\top` is a batched Jacobian-vector product of the per-sample
+    losses, by the double-backward trick :math:`Gv = \partial_u (\partial_\theta u^\top\ell)^\top
+    v` through a retained graph, and :math:`G^\top U` one batched vector-Jacobian product. Both
+    graphs of every probe batch are kept (about twice the memory of one training step on the probe
+    samples); each product costs about two backward passes per batch. Under data parallelism the
+    products are sum-all-reduced by ``reduce_fn``.
+
+    Built by :func:`gradient_covariance`; ``gradient`` (:math:`\bar g`, all processes) must be
+    given.
+    """
+
+    def __init__(
+        self,
+        per_sample: _PerSample,
+        batches: list[Any],
+        sizes: list[int],
+        num_samples: int,
+        gradient: Tensor,
+        reduce_fn: ReduceFn | None,
+    ) -> None:
+        self._ps = per_sample
+        self.params = per_sample.params
+        self.dim = sum(p.numel() for p in self.params)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.num_hvps = 0
+        self.num_samples = num_samples
+        self._gbar = gradient
+        self._reduce = reduce_fn
+        self._graphs: list[tuple[Tensor, Tensor, list[Tensor], list[int]]] = []
+        for batch, n in zip(batches, sizes, strict=True):
+            losses = per_sample.losses(batch, n)
+            u0 = torch.zeros(n, dtype=losses.dtype, device=losses.device, requires_grad=True)
+            h = torch.autograd.grad(
+                losses, self.params, grad_outputs=u0, create_graph=True, allow_unused=True
+            )
+            keep = [i for i, t in enumerate(h) if t is not None and t.requires_grad]
+            self._graphs.append((losses, u0, [h[i] for i in keep], keep))
+
+    def losses(self) -> list[Tensor]:
+        return [g[0] for g in self._graphs]
+
+    def release(self) -> None:
+        self._graphs = []
+
+    def _local_matmat(self, V: Tensor) -> Tensor:
+        B = V.shape[0]
+        out = torch.zeros_like(V)
+        vg = V @ self._gbar.to(V.dtype)
+        offsets = np.cumsum([0] + [p.numel() for p in self.params])
+        with curvature_context(self.device):
+            for losses, u0, h, keep in self._graphs:
+                if not h:  # the per-sample losses do not depend on the parameters
+                    continue
+                pieces = [
+                    V[:, offsets[i] : offsets[i + 1]].reshape(B, *self.params[i].shape)
+                    for i in keep
+                ]
+                (Gv,) = _batched_grad(h, [u0], pieces, self._ps.grad_state)
+                assert Gv is not None
+                U = Gv - vg[:, None].to(Gv.dtype)
+                res = _batched_grad([losses], self.params, [U], self._ps.grad_state)
+                out += _flat(res, self.params, B).to(V.dtype)
+        return out / self.num_samples
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        if self._reduce is None:
+            return self._local_matmat(V)
+        failed = 0.0
+        try:
+            local = self._local_matmat(V)
+        except RuntimeError as err:
+            if not _is_oom(err):
+                raise
+            local, failed = torch.zeros_like(V), 1.0
+        # One collective carries the products and the failure flag of every rank.
+        packed = self._reduce(torch.cat([local.reshape(-1), local.new_tensor([failed])]))
+        if packed[-1].item() > 0:
+            raise HVPFailedError("covariance-vector product ran out of memory on some rank")
+        return packed[:-1].reshape(V.shape)
+
+
+# -- the estimator ---------------------------------------------------------------------------
+
+
+def gradient_covariance(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batches: Iterable[Any],
+    *,
+    top_k: int = 10,
+    seed: int = 0,
+    method: Literal["auto", "gram", "lanczos"] = "auto",
+    per_sample: Literal["auto", "vmap", "outputs"] = "auto",
+    outputs_fn: OutputsFn | None = None,
+    per_sample_loss_fn: PerSampleLossFn | None = None,
+    chunk_size: int | None = None,
+    gram_max_elements: int = GRAM_MAX_ELEMENTS,
+    tol: float = 1e-8,
+    max_iter: int | None = None,
+    return_eigenvectors: bool = False,
+    params: Sequence[nn.Parameter] | None = None,
+    reduce_fn: ReduceFn | None = None,
+    batch_size_fn: Callable[[Any], int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> GradientCovariance:
+    """Top eigenvalues, trace and noise scale of the per-sample gradient covariance.
+
+    Multiple batches are the union of their samples (``N`` = all samples, every sample weighted
+    equally). The model is used as it is: put it in eval mode first for a deterministic result.
+
+    Args:
+        model: the network.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss; called on single samples by the
+            ``vmap`` path. None: only the ``outputs`` path.
+        batches: probe batches (materialised once).
+        top_k: number of eigenvalues (at most ``D``).
+        seed: seeds the Lanczos start vector (operator route).
+        method: ``"gram"`` (keep the ``N x D`` per-sample gradients, diagonalise the ``N x N``
+            Gram matrix), ``"lanczos"`` (operator route, ``O(D)`` extra memory per vector), or
+            ``"auto"``: Gram when ``N * D <= gram_max_elements`` and not data parallel.
+        per_sample: ``"vmap"`` (single-sample calls under ``torch.func.vmap``), ``"outputs"``
+            (per-sample losses inside the full batch from ``outputs_fn``) or ``"auto"``: vmap,
+            falling back to outputs with a warning when vmap fails.
+        outputs_fn: ``(model, batch) -> (logits, targets)``; default ``(model(batch[0]),
+            batch[1])`` for tuple/list batches.
+        per_sample_loss_fn: ``(logits, targets) -> (n,)`` per-sample losses whose mean is
+            ``loss_fn``; default cross-entropy with integer targets.
+        chunk_size: samples per vmapped gradient call; default ``2**23 // D``.
+        gram_max_elements: the Gram route's limit on ``N * D`` under ``method="auto"``.
+        tol: Lanczos tolerance (operator route), relative to ``||Σ||``.
+        max_iter: Lanczos step limit; default ``min(D, max(4 top_k, 120))``.
+        return_eigenvectors: also return the eigenvectors ``(top_k, D)`` and :math:`\\bar g`.
+        params: restrict to these parameters.
+        reduce_fn: sum-all-reduce across data-parallel processes, each holding a shard of the
+            samples (forces the operator route; the result equals one process on the union).
+        batch_size_fn: samples per batch; default the length of the first tensor.
+        dtype: compute in this dtype on a temporary copy of the model (half is upcast).
+
+    Returns:
+        :class:`GradientCovariance`.
+
+    Cost: one pass of per-sample gradients (``vmap``: about 2-4 gradient evaluations over the
+    probe set; ``outputs``: one backward through its batch per sample). Gram: memory ``N * D``,
+    plus an ``N x N`` eigendecomposition. Operator: a retained double-backward graph (about
+    twice a training step's activations on the probe set), plus the Lanczos run of at most
+    ``max_iter`` products (each about 2-3 gradient evaluations) and ``2 (max_iter + 1) D``
+    numbers for its basis; the rank of Σ is at most ``N - 1``, so Lanczos stops after at most
+    ``N`` steps.
+
+    Raises:
+        ValueError: bad options, naming the argument and the value.
+        FloatingPointError: the loss or a per-sample gradient is not finite.
+    """
+    t0 = time.perf_counter()
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
+    if method not in ("auto", "gram", "lanczos"):
+        raise ValueError(f"method must be 'auto', 'gram' or 'lanczos'; got {method!r}")
+    _check_per_sample(per_sample)
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable as loss_fn(model, batch); got {loss_fn!r}")
+    if loss_fn is None and per_sample == "vmap":
+        raise ValueError("loss_fn is required with per_sample='vmap'; got loss_fn=None")
+    if not isinstance(gram_max_elements, int) or gram_max_elements < 0:
+        raise ValueError(
+            f"gram_max_elements must be a non-negative integer; got {gram_max_elements!r}"
+        )
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype or None; got {dtype!r}")
+    if method == "gram" and reduce_fn is not None:
+        raise ValueError("method='gram' is single-process only; got a reduce_fn (use 'lanczos')")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches must hold at least one batch; got an empty iterable")
+    if outputs_fn is None and per_sample != "vmap":
+        outputs_fn = _default_outputs
+    names, _ = _resolve_params(model, params)
+    model, batches = _working_copy(model, batches, dtype)
+    by_name = dict(model.named_parameters())
+    plist = [by_name[n] for n in names]
+    if not plist:
+        raise ValueError("params: no trainable parameters (none has requires_grad=True)")
+    D = sum(p.numel() for p in plist)
+    if top_k > D:
+        raise ValueError(f"top_k must be at most the dimension D={D}; got top_k={top_k}")
+    device, pdtype = plist[0].device, plist[0].dtype
+    size_fn = batch_size_fn or default_batch_size
+    sizes = [int(size_fn(b)) for b in batches]
+    if any(s <= 0 for s in sizes):
+        raise ValueError(f"batch_size_fn: every batch must hold > 0 samples; got {sizes}")
+    reduce = reduce_fn or (lambda t: t)
+    N = int(reduce(torch.tensor([float(sum(sizes))], device=device)).item())
+    chunk = _chunk(chunk_size, D)
+    if method == "auto":
+        method = "gram" if reduce_fn is None and N * D <= gram_max_elements else "lanczos"
+    ps = _PerSample(model, loss_fn, names, plist, outputs_fn, per_sample_loss_fn, per_sample)
+
+    with curvature_context(device):
+        ps.decide(batches[0], sizes[0], chunk)
+        if method == "gram":
+            G = torch.empty(N, D, dtype=pdtype, device=device)
+            losses = torch.empty(N, dtype=torch.float64, device=device)
+            i = 0
+            for batch, n in zip(batches, sizes, strict=True):
+                for r, ell in ps.gradient_chunks(batch, n, chunk):
+                    G[i : i + len(r)] = r
+                    losses[i : i + len(r)] = ell.double()
+                    i += len(r)
+            loss = float(losses.mean())
+            _check_finite(loss)
+            gbar, K = _centre_and_gram(G)
+            eigvals, eigvecs = _gram_eigen(K, G, top_k, return_eigenvectors)
+            trace = float(K.diagonal().sum())
+            residuals = np.zeros(top_k)
+            num_products, converged = 0, True
+        else:
+            op, gbar, loss, trace = _operator_pass(ps, batches, sizes, N, D, chunk, reduce_fn)
+            try:
+                res = lanczos(
+                    op,
+                    k=top_k,
+                    tol=tol,
+                    max_iter=max_iter,
+                    seed=seed,
+                    return_eigenvectors=return_eigenvectors,
+                )
+            finally:
+                op.release()
+            eigvals = np.asarray(res.eigenvalues, dtype=np.float64)
+            eigvecs = res.eigenvectors.to(pdtype) if res.eigenvectors is not None else None
+            residuals = np.asarray(res.residuals, dtype=np.float64)
+            num_products, converged = res.num_matvecs, res.converged
+    gnorm2 = float(gbar.double().pow(2).sum())
+    noise = trace / gnorm2 if gnorm2 > 0 else math.inf
+    unbiased = math.nan
+    if N > 1:
+        signal = gnorm2 - trace / (N - 1)
+        if signal > 0:
+            unbiased = N / (N - 1) * trace / signal
+    return GradientCovariance(
+        eigenvalues=eigvals,
+        residuals=residuals,
+        trace=trace,
+        mean_gradient_norm=math.sqrt(gnorm2),
+        noise_scale=noise,
+        noise_scale_unbiased=unbiased,
+        num_samples=N,
+        num_params=D,
+        method=method,
+        per_sample=ps.path,
+        loss=loss,
+        eigenvectors=eigvecs if return_eigenvectors else None,
+        gradient=gbar.detach().to(pdtype) if return_eigenvectors else None,
+        num_products=num_products,
+        converged=converged,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _default_outputs(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise ValueError(
+            "outputs_fn: the default (model(batch[0]), batch[1]) needs (inputs, targets) "
+            f"batches; got {type(batch).__name__}. Pass outputs_fn=(model, batch) -> "
+            "(logits, targets)"
+        )
+    return model(batch[0]), batch[1]
+
+
+def _check_finite(loss: float, G: Tensor | None = None) -> None:
+    if not math.isfinite(loss) or (G is not None and not bool(torch.isfinite(G).all())):
+        raise FloatingPointError(
+            f"the loss or a per-sample gradient over the probe batches is not finite (loss {loss})"
+        )
+
+
+def _centre_and_gram(G: Tensor) -> tuple[Tensor, Tensor]:
+    """Centre the rows of ``G`` in place; return the mean and ``Gc Gc^T / N`` (float64).
+
+    Column blocks are upcast one at a time, so the extra memory is one ``N x block`` float64
+    block besides the ``N x N`` result.
+    """
+    N, D = G.shape
+    block = max(1, CHUNK_ELEMENTS // max(N, 1))
+    gbar = torch.empty(D, dtype=torch.float64, device=G.device)
+    K = torch.zeros(N, N, dtype=torch.float64, device=G.device)
+    for s in range(0, D, block):
+        cols = G[:, s : s + block].double()
+        if not bool(torch.isfinite(cols).all()):
+            raise FloatingPointError("a per-sample gradient over the probe batches is not finite")
+        mean = cols.mean(dim=0)
+        cols -= mean
+        gbar[s : s + block] = mean
+        G[:, s : s + block] = cols.to(G.dtype)
+        K += cols @ cols.T
+    return gbar, K / N
+
+
+def _gram_eigen(
+    K: Tensor, Gc: Tensor, top_k: int, vectors: bool
+) -> tuple[np.ndarray, Tensor | None]:
+    """Top eigenpairs of ``Gc^T Gc / N`` from the ``N x N`` Gram matrix ``K = Gc Gc^T / N``."""
+    N = K.shape[0]
+    lam, U = torch.linalg.eigh(K)
+    lam, U = lam.flip(0), U.flip(1)
+    k = min(top_k, N)
+    out = np.zeros(top_k)
+    out[:k] = np.clip(lam[:k].cpu().numpy(), 0.0, None)  # PSD: rounding below 0 is 0
+    if not vectors:
+        return out, None
+    V = torch.zeros(top_k, Gc.shape[1], dtype=Gc.dtype, device=Gc.device)
+    tiny = float(lam[0]) * N * torch.finfo(Gc.dtype).eps
+    for i in range(k):
+        if float(lam[i]) > tiny:
+            v = (U[:, i].to(Gc.dtype) @ Gc) / math.sqrt(N * float(lam[i]))
+            V[i] = v / torch.linalg.vector_norm(v)
+    return out, V
+
+
+def _operator_pass(
+    ps: _PerSample,
+    batches: list[Any],
+    sizes: list[int],
+    N: int,
+    D: int,
+    chunk: int,
+    reduce_fn: ReduceFn | None,
+) -> tuple[CovarianceOperator, Tensor, float, float]:
+    """Build the operator, the mean gradient and the exact trace (two passes, no N x D kept)."""
+    device, pdtype = ps.params[0].device, ps.params[0].dtype
+    reduce = reduce_fn or (lambda t: t)
+    zero = torch.zeros((), device=device)
+    op = CovarianceOperator(ps, batches, sizes, N, zero, reduce_fn)
+    # Mean gradient and mean loss from the retained graphs (one backward per batch).
+    gsum = torch.zeros(D, dtype=torch.float64, device=device)
+    lsum = torch.zeros((), dtype=torch.float64, device=device)
+    for losses in op.losses():
+        gs = torch.autograd.grad(losses.sum(), ps.params, retain_graph=True, allow_unused=True)
+        gsum += _flat(gs, ps.params, 1)[0].double()
+        lsum += losses.detach().double().sum()
+    packed = reduce(torch.cat([gsum, lsum.reshape(1)]))
+    loss = float(packed[-1]) / N
+    gbar64 = packed[:-1] / N
+    gbar = gbar64.to(pdtype)
+    if not math.isfinite(loss) or not bool(torch.isfinite(gbar64).all()):
+        op.release()
+        _check_finite(math.nan)
+    op._gbar = gbar
+    # Exact trace: sum of squared centred per-sample gradient norms, chunk by chunk.
+    local = torch.zeros((), dtype=torch.float64, device=device)
+    for batch, n, losses in zip(batches, sizes, op.losses(), strict=True):
+        given = losses if ps.path == "outputs" else None
+        for rows, _ in ps.gradient_chunks(batch, n, chunk, losses=given):
+            local += (rows - gbar).double().pow(2).sum()
+    flag = torch.zeros((), dtype=torch.float64, device=device)
+    if not bool(torch.isfinite(local)):
+        flag += 1
+    total = reduce(torch.stack([local, flag]))
+    if float(total[1]) > 0 or not math.isfinite(float(total[0])):
+        op.release()
+        _check_finite(math.nan)
+    return op, gbar64, loss, float(total[0]) / N
