@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .embeddings import InPCA, bhattacharyya_distances, inpca
 from .linalg import (
     ClassStructure,
     GradientCovariance,
@@ -20,7 +21,7 @@ from .linalg import (
 )
 
 if TYPE_CHECKING:
-    from .callbacks import GradientCovarianceMonitor, HessianSpectrumMonitor
+    from .callbacks import GradientCovarianceMonitor, HessianSpectrumMonitor, InPCAMonitor
 
 __version__ = "0.1.0.dev0"
 
@@ -30,14 +31,22 @@ __all__ = [
     "GradientCovarianceMonitor",
     "HessianSpectrum",
     "HessianSpectrumMonitor",
+    "InPCA",
+    "InPCAMonitor",
     "__version__",
+    "bhattacharyya_distances",
     "class_structure",
     "gradient_covariance",
     "hessian_spectrum",
+    "inpca",
     "per_sample_gradients",
 ]
 
-_LAZY = {"HessianSpectrumMonitor": ".callbacks", "GradientCovarianceMonitor": ".callbacks"}
+_LAZY = {
+    "HessianSpectrumMonitor": ".callbacks",
+    "GradientCovarianceMonitor": ".callbacks",
+    "InPCAMonitor": ".callbacks",
+}
 
 
 def __getattr__(name: str) -> Any:

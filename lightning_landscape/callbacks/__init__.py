@@ -2,5 +2,6 @@
 
 from .gradient import GradientCovarianceMonitor
 from .hessian import HessianSpectrumMonitor
+from .inpca import InPCAMonitor
 
-__all__ = ["GradientCovarianceMonitor", "HessianSpectrumMonitor"]
+__all__ = ["GradientCovarianceMonitor", "HessianSpectrumMonitor", "InPCAMonitor"]

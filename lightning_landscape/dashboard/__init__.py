@@ -13,6 +13,7 @@ from lightning_landscape.dashboard.histogram import (
     spectrum_histogram,
     write_spectrum_histogram,
 )
+from lightning_landscape.dashboard.inpca import inpca_layout, trajectory_figure, write_joint_inpca
 from lightning_landscape.dashboard.layout import (
     Layout,
     hessian_layout,
@@ -28,6 +29,7 @@ __all__ = [
     "class_structure_figure",
     "gradient_layout",
     "hessian_layout",
+    "inpca_layout",
     "inverse_signed_log",
     "merge_layouts",
     "signed_log",
@@ -35,9 +37,11 @@ __all__ = [
     "spectrum_figure",
     "spectrum_histogram",
     "tensorboard_writer",
+    "trajectory_figure",
     "warn_once",
     "write_custom_scalars_layout",
     "write_figure",
+    "write_joint_inpca",
     "write_spectrum_histogram",
     "write_text",
 ]

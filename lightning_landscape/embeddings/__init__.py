@@ -3,4 +3,44 @@
 numpy/scipy/pynndescent only: no Lightning, no TensorBoard.
 """
 
-__all__: list[str] = []
+from .inpca import (
+    InPCA,
+    bhattacharyya_distances,
+    cross_bhattacharyya_distances,
+    inpca,
+    mode_connectivity,
+    progress_coordinate,
+)
+from .joint import JointInPCA, joint_inpca, resolve_runs
+from .predictions import (
+    FORMAT,
+    FORMAT_VERSION,
+    LoadedRuns,
+    PredictionRecord,
+    PredictionStore,
+    ProbeMismatchError,
+    find_stores,
+    load_runs,
+    sample_ids,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "InPCA",
+    "JointInPCA",
+    "LoadedRuns",
+    "PredictionRecord",
+    "PredictionStore",
+    "ProbeMismatchError",
+    "bhattacharyya_distances",
+    "cross_bhattacharyya_distances",
+    "find_stores",
+    "inpca",
+    "joint_inpca",
+    "load_runs",
+    "mode_connectivity",
+    "progress_coordinate",
+    "resolve_runs",
+    "sample_ids",
+]
