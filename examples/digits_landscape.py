@@ -4,8 +4,17 @@
     tensorboard --logdir runs/digits --samples_per_plugin images=100
 
 Real data shipped with scikit-learn (1,797 8x8 images, 10 classes), a plain LightningModule that
-knows nothing about the monitors, and a fixed schedule so that runs are comparable. Finishes in
-about a minute on 2 CPU cores.
+knows nothing about the monitors, and a fixed schedule so that runs are comparable:
+
+* HessianSpectrumMonitor: top eigenvalues, density (histogram and figure), trace, per layer;
+* GradientCovarianceMonitor: per-sample gradient covariance, noise scale, and how much of the
+  gradient lies in the top Hessian subspace (it shares the Hessian monitor's eigenvectors);
+* DiffusionMapMonitor: the parameters every 10 steps, embedded by diffusion maps at each epoch
+  end (spectrum, intrinsic dimension, projector coordinates);
+* InPCAMonitor: the prediction trajectory embedded by InPCA, and the trajectory geometry
+  (distance from initialisation, cosine of successive updates, loss barriers).
+
+Finishes in about a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -19,7 +28,12 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_landscape import HessianSpectrumMonitor
+from lightning_landscape import (
+    DiffusionMapMonitor,
+    GradientCovarianceMonitor,
+    HessianSpectrumMonitor,
+    InPCAMonitor,
+)
 
 
 class DigitsMLP(L.LightningModule):
@@ -77,21 +91,28 @@ def main(argv: list[str] | None = None) -> None:
 
     L.seed_everything(args.seed, workers=True)
     train_loader, val_loader = digits_loaders(seed=args.seed)
-    monitor = HessianSpectrumMonitor(every_n_steps=args.every_n_steps, groups="layer")
+    # The Hessian monitor comes first: the gradient monitor reuses its eigenvectors.
+    hessian = HessianSpectrumMonitor(every_n_steps=args.every_n_steps, groups="layer")
+    gradient = GradientCovarianceMonitor(every_n_steps=args.every_n_steps)
+    trajectory = DiffusionMapMonitor(every_n_steps=10)
+    predictions = InPCAMonitor(every_n_steps=max(1, args.every_n_steps // 2))
+    monitors = [hessian, gradient, trajectory, predictions]
     trainer = L.Trainer(
         max_epochs=args.epochs,
         max_steps=args.max_steps,
         accelerator="cpu",
         logger=TensorBoardLogger(args.logdir, name="", version=None),
-        callbacks=[monitor],
+        callbacks=list(monitors),  # Lightning appends its own callbacks to the list
         enable_checkpointing=False,
         default_root_dir=args.logdir,
         log_every_n_steps=10,
     )
     trainer.fit(DigitsMLP(), train_loader, val_loader)
     print(
-        f"{monitor.num_measurements} Hessian measurements, {monitor.skipped} skipped; "
-        f"logs in {trainer.logger.log_dir}\n"
+        f"{hessian.num_measurements} Hessian, {gradient.num_measurements} gradient, "
+        f"{trajectory.num_measurements} trajectory, {predictions.num_measurements} InPCA "
+        "measurements, "
+        f"{sum(m.skipped for m in monitors)} skipped; logs in {trainer.logger.log_dir}\n"
         f"open them with: tensorboard --logdir {args.logdir} --samples_per_plugin images=100"
     )
 

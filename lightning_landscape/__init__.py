@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .embeddings import InPCA, bhattacharyya_distances, inpca
+from .embeddings import DiffusionMap, InPCA, bhattacharyya_distances, diffusion_map, inpca
 from .linalg import (
     ClassStructure,
     GradientCovariance,
@@ -21,12 +21,19 @@ from .linalg import (
 )
 
 if TYPE_CHECKING:
-    from .callbacks import GradientCovarianceMonitor, HessianSpectrumMonitor, InPCAMonitor
+    from .callbacks import (
+        DiffusionMapMonitor,
+        GradientCovarianceMonitor,
+        HessianSpectrumMonitor,
+        InPCAMonitor,
+    )
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ClassStructure",
+    "DiffusionMap",
+    "DiffusionMapMonitor",
     "GradientCovariance",
     "GradientCovarianceMonitor",
     "HessianSpectrum",
@@ -36,6 +43,7 @@ __all__ = [
     "__version__",
     "bhattacharyya_distances",
     "class_structure",
+    "diffusion_map",
     "gradient_covariance",
     "hessian_spectrum",
     "inpca",
@@ -43,6 +51,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "DiffusionMapMonitor": ".callbacks",
     "HessianSpectrumMonitor": ".callbacks",
     "GradientCovarianceMonitor": ".callbacks",
     "InPCAMonitor": ".callbacks",

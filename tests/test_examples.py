@@ -18,11 +18,38 @@ def _load(name: str):
 
 def test_digits_example_writes_the_landscape(tmp_path, capsys):
     example = _load("digits_landscape")
-    example.main(["--logdir", str(tmp_path), "--max-steps", "30", "--every-n-steps", "15"])
-    assert "3 Hessian measurements, 0 skipped" in capsys.readouterr().out
+    # 80 steps: the trajectory (every 10 steps) has enough points to embed at the end.
+    example.main(["--logdir", str(tmp_path), "--max-steps", "80", "--every-n-steps", "40"])
+    out = capsys.readouterr().out
+    assert "3 Hessian, 3 gradient, 9 trajectory, 5 InPCA measurements, 0 skipped" in out
     acc = load_events(str(tmp_path))
-    assert "landscape/hessian/eigenvalue_10" in acc.Tags()["scalars"]
-    assert "landscape/hessian/spectrum_signed_log" in acc.Tags()["tensors"]
+    tags = acc.Tags()
+    for tag in (
+        "landscape/hessian/eigenvalue_10",
+        "landscape/gradient/noise_scale",
+        "landscape/gradient/hessian_overlap",
+        "landscape/diffusion/eigenvalue_01",
+        "landscape/inpca/explained_stress_top1",
+        "landscape/geometry/distance_from_init",
+    ):
+        assert tag in tags["scalars"], tag
+    assert "landscape/hessian/spectrum_signed_log" in tags["tensors"]
+
+
+def test_gradient_example_prints_the_concentration_table(tmp_path, capsys):
+    example = _load("digits_gradient")
+    rows = example.main(["--logdir", str(tmp_path), "--max-steps", "20", "--every-n-steps", "10"])
+    assert sorted(rows) == [0, 10, 20]
+    assert all(0.0 <= row["overlap"] <= 1.0 for row in rows.values())
+    assert "3 Hessian and 3 gradient measurements, 0 skipped" in capsys.readouterr().out
+
+
+def test_inpca_example_embeds_runs_jointly(tmp_path, capsys):
+    example = _load("digits_inpca")
+    example.main(["--logdir", str(tmp_path), "--max-steps", "30", "--runs", "2"])
+    out = capsys.readouterr().out
+    assert "joint InPCA of 2 runs" in out
+    assert "explained stress, top 3 dims" in out
 
 
 def test_core_imports_neither_lightning_nor_tensorboard():
@@ -30,7 +57,8 @@ def test_core_imports_neither_lightning_nor_tensorboard():
     import sys
 
     code = (
-        "import sys, lightning_landscape.linalg; "
+        "import sys, lightning_landscape.linalg, lightning_landscape.embeddings, "
+        "lightning_landscape.sampling; "
         "bad = [m for m in ('lightning', 'tensorboard', 'lightning_landscape.callbacks') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )

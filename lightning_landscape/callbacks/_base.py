@@ -247,6 +247,16 @@ class LandscapeMonitor(Callback):
                         "training); the run was too short for this measurement.",
                     )
         self._probe = None
+        self._end_barrier(trainer)
+
+    def _end_barrier(self, trainer: Trainer) -> None:
+        """Hold every rank until rank 0 has finished logging the end of fit.
+
+        Rank 0 writes figures and histograms after the last measurement; a rank that tears down
+        its process group meanwhile can abort under ddp_spawn + gloo. Every rank reaches this
+        call (single device: a no-op).
+        """
+        trainer.strategy.barrier(f"{type(self).__name__}.on_train_end")
 
     # -- schedule ----------------------------------------------------------------------------
     def _due(self, trainer: Trainer, pl_module: LightningModule, step: int) -> bool:

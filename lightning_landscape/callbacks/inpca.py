@@ -254,6 +254,7 @@ class InPCAMonitor(LandscapeMonitor):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self._write_embedding(trainer, trainer.global_step)
+        self._end_barrier(trainer)
 
     # -- measurement ---------------------------------------------------------------------------
     def _compute(

@@ -6,6 +6,8 @@ import time.
 """
 
 from lightning_landscape.dashboard.axis import SpectrumAxis, inverse_signed_log, signed_log
+from lightning_landscape.dashboard.diffusion import diffusion_layout
+from lightning_landscape.dashboard.diffusion import trajectory_figure as diffusion_figure
 from lightning_landscape.dashboard.figures import spectrum_figure, write_figure
 from lightning_landscape.dashboard.gradient import class_structure_figure, gradient_layout
 from lightning_landscape.dashboard.histogram import (
@@ -13,7 +15,8 @@ from lightning_landscape.dashboard.histogram import (
     spectrum_histogram,
     write_spectrum_histogram,
 )
-from lightning_landscape.dashboard.inpca import inpca_layout, trajectory_figure, write_joint_inpca
+from lightning_landscape.dashboard.inpca import inpca_layout, write_joint_inpca
+from lightning_landscape.dashboard.inpca import trajectory_figure as inpca_figure
 from lightning_landscape.dashboard.layout import (
     Layout,
     hessian_layout,
@@ -27,8 +30,11 @@ __all__ = [
     "Layout",
     "SpectrumAxis",
     "class_structure_figure",
+    "diffusion_figure",
+    "diffusion_layout",
     "gradient_layout",
     "hessian_layout",
+    "inpca_figure",
     "inpca_layout",
     "inverse_signed_log",
     "merge_layouts",
@@ -37,7 +43,6 @@ __all__ = [
     "spectrum_figure",
     "spectrum_histogram",
     "tensorboard_writer",
-    "trajectory_figure",
     "warn_once",
     "write_custom_scalars_layout",
     "write_figure",

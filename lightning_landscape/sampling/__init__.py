@@ -3,4 +3,7 @@
 No Lightning, no TensorBoard.
 """
 
-__all__: list[str] = []
+from .sketch import ParameterSketch, sketch_distortion_bound
+from .store import Trajectory, TrajectoryStore
+
+__all__ = ["ParameterSketch", "Trajectory", "TrajectoryStore", "sketch_distortion_bound"]

@@ -86,7 +86,10 @@ def _reference_stress(logps: list[np.ndarray], k: int) -> np.ndarray:
     lam = np.linalg.eigvalsh(W)
     lam = lam[np.argsort(-np.abs(lam))]
     fro2 = np.sum(W * W)
-    return np.array([1 - math.sqrt(1 - np.sum(lam[:i] ** 2) / fro2) for i in range(1, k + 1)])
+    # max(0, .): with all dimensions the sum reaches ||W||^2 up to rounding, either side
+    return np.array(
+        [1 - math.sqrt(max(0.0, 1 - np.sum(lam[:i] ** 2) / fro2)) for i in range(1, k + 1)]
+    )
 
 
 def _reference_progress(logp, logp0, y) -> float:

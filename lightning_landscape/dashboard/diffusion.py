@@ -1,0 +1,116 @@
+"""Figures and custom-scalars layout of the diffusion-map monitor.
+
+Built on ``matplotlib.figure.Figure`` with the Agg canvas (never pyplot); matplotlib is imported
+when a figure is made.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .layout import Layout
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["diffusion_layout", "trajectory_figure"]
+
+
+def diffusion_layout(prefix: str = "landscape/diffusion") -> Layout:
+    """Charts for the diffusion monitor's scalars.
+
+    Matches ``<prefix>/eigenvalue_01``…, ``intrinsic_dim``, ``epsilon``, ``num_samples``,
+    ``num_components``, ``seconds`` and ``skipped``.
+
+    Raises:
+        ValueError: If ``prefix`` is empty.
+    """
+    if not isinstance(prefix, str) or not prefix.strip("/"):
+        raise ValueError(f"prefix must be a non-empty tag prefix, got {prefix!r}")
+    prefix = prefix.rstrip("/")
+    p = re.escape(prefix)
+    charts = {
+        "diffusion eigenvalues (Markov operator, trivial 1 excluded)": [rf"{p}/eigenvalue_\d+$"],
+        "intrinsic dimension (Berry-Giannakis-Harlim)": [rf"{p}/intrinsic_dim$"],
+        "kernel bandwidth ε": [rf"{p}/epsilon$"],
+        "samples embedded / graph components": [rf"{p}/num_samples$", rf"{p}/num_components$"],
+        "cost: seconds per measurement": [rf"{p}/seconds$"],
+        "skipped measurements": [rf"{p}/skipped$"],
+    }
+    return {prefix.replace("/", ": "): charts}
+
+
+def trajectory_figure(
+    coordinates: ArrayLike,
+    steps: ArrayLike,
+    eigenvalues: ArrayLike,
+    *,
+    title: str | None = None,
+) -> Figure:
+    """Two panels: the first two diffusion coordinates coloured by step, and the spectrum.
+
+    Left: ψ₁ against ψ₂ (ψ₁ against step when there is one coordinate), points joined in step
+    order and coloured by step (colour bar). Right: the decay rates −log λₖ of the eigenvalues
+    relative to the first, on a log scale, beside the ratios k² of a one-dimensional curve (a flat
+    start means repeated eigenvalues: more than one dimension).
+
+    Args:
+        coordinates: (n, k) diffusion coordinates, k >= 1; rows with NaN are left out.
+        steps: (n,) step of each row.
+        eigenvalues: (k,) eigenvalues, descending.
+        title: optional figure title.
+
+    Raises:
+        ValueError: On mismatched shapes or no finite row.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    C = np.asarray(coordinates, dtype=np.float64)
+    s = np.asarray(steps, dtype=np.float64).ravel()
+    lam = np.asarray(eigenvalues, dtype=np.float64).ravel()
+    if C.ndim != 2 or C.shape[0] != s.size or C.shape[1] < 1 or lam.size != C.shape[1]:
+        raise ValueError(
+            "coordinates must be (n, k) with n = len(steps) and k = len(eigenvalues) >= 1; got "
+            f"coordinates {C.shape}, steps {s.shape}, eigenvalues {lam.shape}"
+        )
+    ok = np.all(np.isfinite(C), axis=1)
+    if not ok.any():
+        raise ValueError("coordinates must have at least one finite row")
+    C, s = C[ok], s[ok]
+    order = np.argsort(s, kind="stable")
+    C, s = C[order], s[order]
+
+    fig = Figure(figsize=(10.0, 4.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, width_ratios=[1.3, 1.0])
+    x, y = (C[:, 0], C[:, 1]) if C.shape[1] >= 2 else (s, C[:, 0])
+    left.plot(x, y, color="0.75", linewidth=0.6, zorder=1)
+    points = left.scatter(x, y, c=s, cmap="viridis", s=10, zorder=2)
+    fig.colorbar(points, ax=left, label="optimizer step")
+    left.set_xlabel("diffusion coordinate 1" if C.shape[1] >= 2 else "step")
+    left.set_ylabel("diffusion coordinate 2" if C.shape[1] >= 2 else "diffusion coordinate 1")
+    left.set_title("trajectory in diffusion coordinates")
+    left.grid(True, alpha=0.3)
+
+    valid = (lam > 0) & (lam < 1)
+    index = np.arange(1, lam.size + 1)
+    if valid.any():
+        rates = -np.log(lam[valid])
+        right.semilogy(index[valid], rates / rates[0], "o-", color="tab:blue", label="measured")
+        # A one-dimensional curve (segment) has ratios k²: the reference for "SGD moves on a
+        # curve"; a flatter spectrum means more dimensions.
+        right.semilogy(index, index**2.0, ":", color="0.4", label="k² (a curve)")
+        right.legend(loc="upper left", fontsize="small")
+        right.set_ylabel("−log λₖ / −log λ₁ (log scale)")
+    right.set_xticks(index)
+    right.set_xlabel("k")
+    right.set_title("diffusion spectrum (decay rates)")
+    right.grid(True, which="both", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig

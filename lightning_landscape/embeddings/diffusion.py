@@ -1,0 +1,585 @@
+r"""Diffusion maps (Coifman & Lafon 2006) of point clouds such as SGD trajectories.
+
+Applied to the parameter vectors sampled along training (Fjellström & Nyström 2022, "Deep
+learning, stochastic gradient descent and diffusion maps"), the diffusion map reveals the
+low-dimensional manifold on which SGD moves.
+
+Construction, for points :math:`x_1, \dots, x_n`:
+
+1. the symmetric k-nearest-neighbour graph (``i ~ j`` if either is among the other's
+   ``n_neighbors`` nearest, self included), exact up to ``exact_max_n`` points or in up to 16
+   dimensions, pynndescent otherwise;
+2. the Gaussian kernel :math:`W_{ij} = \exp(-\|x_i - x_j\|^2 / \varepsilon)` on its edges, with
+   :math:`\varepsilon` chosen automatically by the method of Berry, Giannakis & Harlim (2015):
+   :math:`\varepsilon` maximises :math:`d \log T / d \log \varepsilon` for
+   :math:`T(\varepsilon) = \sum_{ij} W_{ij}(\varepsilon)` (or ``epsilon="median"``: the median
+   squared neighbour distance; or ``epsilon="local"``: the self-tuning kernel
+   :math:`\exp(-\|x_i - x_j\|^2 / \sigma_i \sigma_j)` of Zelnik-Manor & Perona (2004), for
+   densities that vary by orders of magnitude, as along a training trajectory);
+3. the :math:`\alpha`-normalisation :math:`W^{(\alpha)} = Q^{-\alpha} W Q^{-\alpha}` with
+   :math:`Q = \operatorname{diag}(W \mathbf 1)`; :math:`\alpha = 1` removes the sampling density, so
+   the Markov operator approximates the heat kernel of the Laplace–Beltrami operator whatever the
+   density (:math:`\alpha = 1/2`: Fokker–Planck, :math:`\alpha = 0`: graph Laplacian);
+4. the Markov matrix :math:`P = D^{-1} W^{(\alpha)}`, :math:`D = \operatorname{diag}(W^{(\alpha)}
+   \mathbf 1)`, diagonalised through its symmetric conjugate :math:`S = D^{-1/2} W^{(\alpha)}
+   D^{-1/2}` (dense ``eigh`` up to :data:`DENSE_MAX_N` points, ARPACK ``eigsh`` above; a
+   single-vector Krylov method finds one vector per eigenspace, so ``eigsh`` is followed by a
+   search on the deflated operator that recovers the partners of repeated eigenvalues);
+5. right eigenvectors :math:`\psi_k = D^{-1/2} \phi_k`, normalised so that
+   :math:`\sum_i \pi_i \psi_k(i)^2 = 1` with the stationary law :math:`\pi = D\mathbf 1 / \sum D`
+   (so the trivial :math:`\psi_0 \equiv 1`), and diffusion coordinates at diffusion time ``t``:
+   :math:`\Psi_t(x_i) = (\lambda_1^t \psi_1(i), \dots, \lambda_k^t \psi_k(i))` (diffusion
+   time ``t = 1`` by default: distances between coordinates are diffusion distances after one
+   step of the chain; ``t = 0`` gives the eigenvectors themselves). The trivial
+   eigenvalue 1 is excluded. Signs are deterministic: the entry of largest magnitude of each
+   :math:`\psi_k` is positive.
+
+For a manifold sampled densely enough, :math:`-\log \lambda_k \approx \varepsilon \mu_k / 4`
+with :math:`\mu_k` the Laplace–Beltrami eigenvalues (unit circle: 1, 1, 4, 4, 9, 9, …).
+
+**Intrinsic dimension.** The estimate is that of Berry–Giannakis–Harlim: in the regime where the
+kernel sum :math:`T(\varepsilon) \propto \varepsilon^{d/2}`, ``intrinsic_dim = 2 max d log T / d log
+ε`` over a grid of bandwidths, whatever bandwidth the kernel then uses (a fractional value is
+expected for noisy or curved data, and the kNN truncation biases it low: about 0.95 on a circle,
+1.6 on a swiss roll with 32 neighbours).
+
+**Disconnected graphs.** If the kNN graph has several connected components, the eigenvalue 1 is
+repeated and the eigenvectors mix components. ``disconnected="largest"`` (default) embeds the
+largest component and gives NaN coordinates to the other points (``in_support`` marks the
+embedded ones, ``num_components`` counts the components); ``"raise"`` raises
+:class:`DisconnectedGraphError`.
+
+**Nyström extension.** :meth:`DiffusionMap.extend` places new points by
+:math:`\psi_k(y) = \lambda_k^{-1} \sum_j p(y, x_j) \psi_k(x_j)` with the same kernel,
+:math:`\varepsilon` and :math:`\alpha`; it is accurate inside the sampled support only (far from it
+the kernel weights are all but zero and the result says nothing), so recompute the map from time
+to time.
+
+**Alignment.** Eigenvectors of repeated eigenvalues (a circle has pairs) are defined only up to a
+rotation in their eigenspace, so "the k-th coordinate" is not stable between two computations.
+:func:`align_to` rotates a new embedding onto a previous one on their common points (orthogonal
+Procrustes, optionally only within groups of near-equal eigenvalues).
+
+**Window / burn-in.** This function embeds the points it is given; the early transient of a
+trajectory (which makes any trajectory look one-dimensional) and a sliding window are selected
+by :class:`~lightning_landscape.callbacks.diffusion.DiffusionMapMonitor` (``burn_in_steps``,
+``window_steps``) before calling it.
+
+Costs, for n points in d dimensions and k = ``n_neighbors``: exact neighbours by a k-d tree for
+d ≤ 16, else O(n² d) flops in row blocks of 64 MiB; pynndescent above ``exact_max_n``; the graph
+O(n k) memory; the eigensolver O(n k) per iteration (``eigh``: O(n³) for n ≤
+:data:`DENSE_MAX_N`). Measured: 8,000 points in 3-D in about 0.3 s, 60,000 points in 64-D in
+about 1 minute on 2 cores including pynndescent's compilation (``benchmarks/diffusion.py``). The
+result keeps the n × d data for the extension.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+from scipy.sparse.csgraph import connected_components
+from scipy.special import logsumexp
+
+from ._neighbors import EXACT_MAX_N, exact_knn, knn
+
+__all__ = [
+    "Alignment",
+    "DiffusionMap",
+    "DisconnectedGraphError",
+    "align_to",
+    "diffusion_map",
+    "nystrom_extend",
+]
+
+#: Up to this many points (in the embedded component) the eigenproblem is solved densely.
+DENSE_MAX_N = 1500
+
+# Bandwidth grid of the BGH search, in log2 steps around the median squared neighbour distance.
+_BGH_STEP = 0.125
+_BGH_RANGE = 30.0
+_BGH_QUANTILES = 4096
+
+
+class DisconnectedGraphError(ValueError):
+    """The kNN graph has several connected components (with ``disconnected="raise"``)."""
+
+
+@dataclass(frozen=True, eq=False)
+class DiffusionMap:
+    """Result of :func:`diffusion_map`.
+
+    Attributes:
+        eigenvalues: (k,) non-trivial eigenvalues of the Markov operator, descending (the trivial
+            eigenvalue 1 excluded).
+        coordinates: (n, k) diffusion coordinates :math:`\\lambda^t \\psi`; NaN rows for points
+            outside the embedded component.
+        eigenvectors: (n, k) right eigenvectors :math:`\\psi` (``coordinates`` at ``t = 0``).
+        epsilon: kernel bandwidth :math:`\\varepsilon` of
+            :math:`\\exp(-\\|x - y\\|^2/\\varepsilon)`.
+        intrinsic_dim: Berry–Giannakis–Harlim estimate of the intrinsic dimension.
+        alpha: the density normalisation used.
+        t: the diffusion time of ``coordinates``.
+        n_neighbors: neighbours per point in the kNN graph.
+        num_components: connected components of the kNN graph.
+        in_support: (n,) bool, the points that were embedded (the largest component).
+        data: (n_support, d) the embedded points, kept for :meth:`extend`.
+        kernel_sums: (n_support,) row sums :math:`Q` of the kernel, kept for :meth:`extend`.
+        scales: (n_support,) per-point bandwidth factors :math:`s_i` of the kernel
+            :math:`\\exp(-d_{ij}^2/(\\varepsilon s_i s_j))`: ones, except with
+            ``epsilon="local"``.
+        local: whether the bandwidth is local (``epsilon="local"``).
+    """
+
+    eigenvalues: np.ndarray
+    coordinates: np.ndarray
+    eigenvectors: np.ndarray
+    epsilon: float
+    intrinsic_dim: float
+    alpha: float
+    t: float
+    n_neighbors: int
+    num_components: int
+    in_support: np.ndarray
+    data: np.ndarray
+    kernel_sums: np.ndarray
+    scales: np.ndarray
+    local: bool
+
+    def extend(self, X_new: Any) -> np.ndarray:
+        """Nyström extension: diffusion coordinates of new points (m × k), at time ``t``.
+
+        Cost O(m n d) for the neighbour search among the n embedded points. Accurate only for
+        points inside the sampled support; see the module docstring.
+
+        Args:
+            X_new: (m, d) new points (numpy array or tensor), same d as the data.
+
+        Raises:
+            ValueError: If ``X_new`` is not a finite (m, d) array.
+        """
+        return nystrom_extend(self, X_new)
+
+
+@dataclass(frozen=True, eq=False)
+class Alignment:
+    """Result of :func:`align_to`.
+
+    Attributes:
+        coordinates: (n, k) the coordinates after the rotation.
+        rotation: (k, k) orthogonal matrix, ``coordinates = input @ rotation``; block diagonal
+            over the eigenvalue groups when eigenvalues were given.
+        rmsd: root-mean-square distance to the reference on the common rows after alignment.
+    """
+
+    coordinates: np.ndarray
+    rotation: np.ndarray
+    rmsd: float
+
+
+def _as_points(name: str, X: Any) -> np.ndarray:
+    if hasattr(X, "detach"):
+        X = X.detach().cpu().numpy()
+    try:
+        arr = np.asarray(X, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a 2-D array of numbers; got {type(X).__name__}") from None
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (n points × d dims); got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite; got {int((~np.isfinite(arr)).sum())} NaN/inf")
+    return arr
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def diffusion_map(
+    X: Any,
+    *,
+    n_components: int = 10,
+    n_neighbors: int = 32,
+    alpha: float = 1.0,
+    epsilon: float | Literal["auto", "median", "local"] = "auto",
+    t: float = 1.0,
+    seed: int = 0,
+    neighbors: Literal["auto", "exact", "pynndescent"] = "auto",
+    exact_max_n: int = EXACT_MAX_N,
+    disconnected: Literal["largest", "raise"] = "largest",
+    tol: float = 1e-10,
+) -> DiffusionMap:
+    """Diffusion map of the rows of ``X`` (see the module docstring for the construction).
+
+    Args:
+        X: (n, d) points, numpy array or tensor; n >= n_components + 2.
+        n_components: non-trivial eigenpairs (coordinates) to return.
+        n_neighbors: neighbours per point (self included) in the kNN graph; clipped to n.
+        alpha: density normalisation in [0, 1]; 1 removes the sampling density.
+        epsilon: kernel bandwidth, ``"auto"`` (Berry–Giannakis–Harlim), or ``"median"``: the
+            median squared distance between neighbours (robust when the sampling density varies
+            by orders of magnitude, as along a training trajectory whose steps shrink: BGH then
+            fits the dense part and the sparse points decouple), or ``"local"``: the self-tuning
+            kernel of Zelnik-Manor & Perona (2004), :math:`\\exp(-d_{ij}^2 / \\sigma_i \\sigma_j)`
+            with :math:`\\sigma_i` the distance from point i to its ``n_neighbors // 2``-th
+            neighbour (``epsilon`` is then the median :math:`\\sigma^2`); it adapts to a
+            density that varies by orders of magnitude (the α-normalisation then no longer
+            gives exactly the Laplace–Beltrami operator).
+        t: diffusion time of the coordinates (``λ^t ψ``), >= 0.
+        seed: seeds pynndescent and the eigensolver's start vector.
+        neighbors: ``"exact"`` (a k-d tree in up to 16 dimensions, else a blockwise torch
+            scan, O(n² d)), ``"pynndescent"``, or ``"auto"``: exact up to ``exact_max_n``
+            points or in up to 16 dimensions, pynndescent otherwise. pynndescent compiles numba
+            code on its first call in a process (40–60 s); that call is announced with a
+            warning.
+        exact_max_n: threshold of ``neighbors="auto"``.
+        disconnected: ``"largest"`` embeds the largest connected component (NaN elsewhere),
+            ``"raise"`` raises :class:`DisconnectedGraphError`.
+        tol: relative tolerance of the sparse eigensolver.
+
+    Returns:
+        A :class:`DiffusionMap`.
+
+    Raises:
+        ValueError: On bad input (naming the argument, the rule and the value).
+        DisconnectedGraphError: With ``disconnected="raise"`` and a disconnected graph.
+        numpy.linalg.LinAlgError: If the eigensolver does not converge.
+    """
+    X = _as_points("X", X)
+    n = X.shape[0]
+    n_components = _check_int("n_components", n_components, 1)
+    n_neighbors = _check_int("n_neighbors", n_neighbors, 2)
+    exact_max_n = _check_int("exact_max_n", exact_max_n, 1)
+    seed = _check_int("seed", seed, 0)
+    if n < n_components + 2:
+        raise ValueError(
+            f"X must have at least n_components + 2 = {n_components + 2} rows; got {n}"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1]; got {alpha!r}")
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not t >= 0:
+        raise ValueError(f"t must be a number >= 0; got {t!r}")
+    if epsilon not in ("auto", "median", "local") and (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, numbers.Real)
+        or not np.isfinite(epsilon)
+        or epsilon <= 0
+    ):
+        raise ValueError(
+            f"epsilon must be 'auto', 'median', 'local' or a positive number; got {epsilon!r}"
+        )
+    if neighbors not in ("auto", "exact", "pynndescent"):
+        raise ValueError(f"neighbors must be 'auto', 'exact' or 'pynndescent'; got {neighbors!r}")
+    if disconnected not in ("largest", "raise"):
+        raise ValueError(f"disconnected must be 'largest' or 'raise'; got {disconnected!r}")
+    if not (isinstance(tol, numbers.Real) and tol >= 0):
+        raise ValueError(f"tol must be a number >= 0; got {tol!r}")
+    k = min(n_neighbors, n)
+
+    ind, d2 = knn(X, k, method=neighbors, exact_max_n=exact_max_n, seed=seed)
+    rows = np.repeat(np.arange(n), k)
+    others = ind.ravel() != rows
+    offdiag = d2.ravel()[others]
+
+    eps_grid_log2, log_t = _bgh_curve(offdiag, n)
+    eps, dim = _bgh_choice(eps_grid_log2, log_t)
+    if epsilon == "median":
+        positive = offdiag[offdiag > 0]
+        eps = float(np.median(positive)) if positive.size else 1.0
+    elif epsilon != "auto" and epsilon != "local":
+        eps = float(epsilon)
+    scales = np.ones(n)
+    if epsilon == "local":
+        # Self-tuning kernel: exp(-d² / (σ_i σ_j)) with σ_i the distance to the m-th neighbour,
+        # written as ε s_i s_j with ε = median σ² and s = σ / median σ.
+        sigma = np.sqrt(d2[:, _local_rank(k)])
+        med = float(np.median(sigma))
+        med = med if med > 0 else 1.0
+        scales = np.maximum(sigma / med, 1e-6)
+        eps = med * med
+
+    weights = np.exp(-d2 / (eps * scales[:, None] * scales[ind]))
+    W = sp.csr_matrix((weights.ravel(), (rows, ind.ravel())), shape=(n, n))
+    W.sum_duplicates()
+    # Union of the kNN relations: the kernel is symmetric, so the maximum fills the missing side.
+    W = W.maximum(W.T).tocsr()
+    W.setdiag(1.0)
+    ncomp, labels = connected_components(W, directed=False)
+    support = np.ones(n, dtype=bool)
+    if ncomp > 1:
+        if disconnected == "raise":
+            raise DisconnectedGraphError(
+                f"the {k}-nearest-neighbour graph of X has {ncomp} connected components; "
+                "increase n_neighbors or pass disconnected='largest'"
+            )
+        support = labels == np.argmax(np.bincount(labels))
+        W = W[support][:, support].tocsr()
+    m = int(support.sum())
+    if m < n_components + 2:
+        raise DisconnectedGraphError(
+            f"the largest connected component of the kNN graph has {m} points, fewer than "
+            f"n_components + 2 = {n_components + 2}; increase n_neighbors"
+        )
+
+    q = np.asarray(W.sum(axis=1)).ravel()
+    qa = q**-alpha
+    Wa = sp.diags(qa) @ W @ sp.diags(qa)
+    deg = np.asarray(Wa.sum(axis=1)).ravel()
+    dm = 1.0 / np.sqrt(deg)
+    S = (sp.diags(dm) @ Wa @ sp.diags(dm)).tocsr()
+    S = (S + S.T) * 0.5  # exact symmetry against rounding
+
+    vals, vecs = _top_eigenpairs(S, n_components + 1, seed=seed, tol=tol)
+    # Right eigenvectors of P, normalised in L²(π) so that ψ₀ ≡ 1.
+    psi = vecs * dm[:, None] * np.sqrt(deg.sum())
+    psi = psi[:, 1:]
+    lam = vals[1:]
+    big = np.argmax(np.abs(psi), axis=0)
+    psi = psi * np.sign(psi[big, np.arange(psi.shape[1])])[None, :]
+
+    full_psi = np.full((n, n_components), np.nan)
+    full_psi[support] = psi
+    coords = full_psi * _power(lam, t)[None, :]
+    return DiffusionMap(
+        eigenvalues=lam,
+        coordinates=coords,
+        eigenvectors=full_psi,
+        epsilon=float(eps),
+        intrinsic_dim=float(dim),
+        alpha=float(alpha),
+        t=float(t),
+        n_neighbors=k,
+        num_components=int(ncomp),
+        in_support=support,
+        data=X[support],
+        kernel_sums=q,
+        scales=scales[support],
+        local=epsilon == "local",
+    )
+
+
+def _local_rank(k: int) -> int:
+    """Rank (0 = self) of the neighbour whose distance sets the local bandwidth."""
+    return max(1, min(k - 1, k // 2))
+
+
+def _power(lam: np.ndarray, t: float) -> np.ndarray:
+    if t == 0:
+        return np.ones_like(lam)
+    if float(t).is_integer():
+        return lam ** int(t)
+    return np.sign(lam) * np.abs(lam) ** t
+
+
+def _top_eigenpairs(S: sp.csr_matrix, k: int, *, seed: int, tol: float) -> tuple[Any, Any]:
+    """Largest ``k`` eigenpairs of the symmetric ``S``, descending."""
+    n = S.shape[0]
+    if n <= DENSE_MAX_N or k >= n - 1:
+        vals, vecs = scipy.linalg.eigh(S.toarray(), subset_by_index=[n - k, n - 1])
+    else:
+        rng = np.random.default_rng(seed)
+        vals, vecs = _eigsh(S, k, rng, tol)
+        # A single-vector Krylov method sees one direction per eigenspace: a repeated eigenvalue
+        # (a circle has pairs) is found once. Search again on S with the found pairs deflated
+        # (moved to 0, below the wanted eigenvalues near 1) until nothing new comes above the
+        # k-th; each round costs one more eigsh.
+        for _ in range(k):
+            found = vecs * vals[None, :]
+
+            def deflated(x: np.ndarray, V: np.ndarray = vecs, F: np.ndarray = found) -> Any:
+                return S @ x - F @ (V.T @ x)
+
+            op = spla.LinearOperator(S.shape, matvec=deflated, matmat=deflated, dtype=S.dtype)
+            gap = max(1e3 * tol, 1e-12) * max(1.0, abs(vals.min()))
+            # A cheap look first: the top of the deflated operator, loosely converged (a Ritz
+            # value is a lower bound of the top eigenvalue, so what it shows is there).
+            top_val, _ = _eigsh(op, 1, rng, max(tol, 1e-6), ncv=20)
+            if top_val.max() <= vals.min() + gap:
+                break
+            more_vals, more_vecs = _eigsh(op, k, rng, tol)
+            new = more_vals > vals.min() + gap
+            if not new.any():
+                break
+            # Orthogonalise the newcomers against the found ones (rounding), then keep the top k.
+            add = more_vecs[:, new]
+            add -= vecs @ (vecs.T @ add)
+            add, _ = np.linalg.qr(add)
+            basis = np.hstack([vecs, add])
+            T = basis.T @ (S @ basis)
+            theta, Y = np.linalg.eigh(0.5 * (T + T.T))
+            top = np.argsort(-theta, kind="stable")[:k]
+            vals, vecs = theta[top], basis @ Y[:, top]
+    order = np.argsort(-vals, kind="stable")
+    return vals[order], vecs[:, order]
+
+
+def _eigsh(op: Any, k: int, rng: np.random.Generator, tol: float, ncv: int = 40) -> tuple[Any, Any]:
+    n = op.shape[0]
+    try:
+        return spla.eigsh(
+            op,
+            k=k,
+            which="LA",
+            v0=rng.standard_normal(n),
+            tol=tol,
+            ncv=min(n, max(2 * k + 1, ncv)),
+            maxiter=20 * n,
+        )
+    except spla.ArpackNoConvergence as err:
+        raise np.linalg.LinAlgError(
+            f"diffusion_map: the eigensolver did not converge ({err})"
+        ) from err
+
+
+def _bgh_curve(offdiag_d2: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``log2 ε`` grid and ``log T(ε)`` of the kernel sum over the graph (self-loops included)."""
+    positive = offdiag_d2[offdiag_d2 > 0]
+    scale = float(np.median(positive)) if positive.size else 1.0
+    grid = np.arange(-_BGH_RANGE, _BGH_RANGE + _BGH_STEP / 2, _BGH_STEP) + np.log2(scale)
+    # T(ε) depends on the distances only through their distribution: a fixed set of quantiles
+    # (each standing for an equal share of the pairs) gives the curve at O(grid × 4096) cost.
+    if positive.size > 4 * _BGH_QUANTILES:
+        sample = np.quantile(positive, (np.arange(_BGH_QUANTILES) + 0.5) / _BGH_QUANTILES)
+        weight = positive.size / _BGH_QUANTILES
+    else:
+        sample, weight = positive, 1.0
+    eps = 2.0**grid
+    log_t = logsumexp(-sample[None, :] / eps[:, None], axis=1) + np.log(weight)
+    return grid, np.logaddexp(np.log(n), log_t)
+
+
+def _bgh_choice(grid: np.ndarray, log_t: np.ndarray) -> tuple[float, float]:
+    slope = np.diff(log_t) / (np.diff(grid) * np.log(2.0))
+    i = int(np.argmax(slope))
+    eps = 2.0 ** (0.5 * (grid[i] + grid[i + 1]))
+    return float(eps), float(2.0 * slope[i])
+
+
+def nystrom_extend(result: DiffusionMap, X_new: Any) -> np.ndarray:
+    """Nyström extension of ``result`` to new points: (m, k) coordinates at time ``result.t``.
+
+    With the kernel of ``result`` restricted to the ``n_neighbors`` nearest embedded points,
+    :math:`p(y, x_j) \\propto \\exp(-\\|y - x_j\\|^2/\\varepsilon) / Q_j^\\alpha` (the factor of
+    ``y`` cancels in the normalisation) and :math:`\\psi_k(y) = \\lambda_k^{-1} \\sum_j p(y, x_j)
+    \\psi_k(x_j)`. Computed in log space, so no point gives NaN; points far outside the support
+    get a meaningless weighted mean of their nearest neighbours.
+
+    Args:
+        result: a :class:`DiffusionMap`.
+        X_new: (m, d) points.
+
+    Raises:
+        ValueError: If ``X_new`` is not a finite (m, d) array with ``d`` as in the data.
+    """
+    Y = _as_points("X_new", X_new)
+    d = result.data.shape[1]
+    if Y.shape[1] != d:
+        raise ValueError(f"X_new must have {d} columns like the data; got shape {Y.shape}")
+    if Y.shape[0] == 0:
+        return np.empty((0, result.eigenvalues.size))
+    k = min(result.n_neighbors, result.data.shape[0])
+    ind, d2 = exact_knn(result.data, k, queries=Y)
+    scale_y = np.ones(Y.shape[0])
+    if result.local:  # the query is not among its own neighbours: one rank lower
+        scale_y = np.maximum(np.sqrt(d2[:, _local_rank(k) - 1] / result.epsilon), 1e-6)
+    logits = -d2 / (result.epsilon * scale_y[:, None] * result.scales[ind])
+    logits -= result.alpha * np.log(result.kernel_sums[ind])
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    psi = result.eigenvectors[result.in_support]
+    ext = np.einsum("mk,mkc->mc", p, psi[ind]) / result.eigenvalues[None, :]
+    return ext * _power(result.eigenvalues, result.t)[None, :]
+
+
+def align_to(
+    coordinates: Any,
+    reference: Any,
+    *,
+    rows: Any = None,
+    eigenvalues: Any = None,
+    rtol: float = 0.1,
+) -> Alignment:
+    """Rotate ``coordinates`` onto ``reference`` (orthogonal Procrustes on the common rows).
+
+    Finds the orthogonal ``R`` minimising :math:`\\|C_{rows} R - B\\|_F` (SVD of
+    :math:`C_{rows}^T B`) and returns :math:`C R` for all rows. With ``eigenvalues`` (of the
+    columns of ``coordinates``), ``R`` only mixes columns whose eigenvalues are near-equal (the
+    decay rates ``1 - λ`` of neighbours in the sorted list differ by at most ``rtol`` relative):
+    a repeated eigenvalue may rotate, distinct ones only flip sign. Rows with NaN in either input
+    are left out of the fit.
+
+    Args:
+        coordinates: (n, k) new coordinates.
+        reference: (r, k) previous coordinates of the same points.
+        rows: (r,) indices of the rows of ``coordinates`` that ``reference`` describes, in order;
+            None means all (then r must equal n).
+        eigenvalues: (k,) eigenvalues of the columns, descending, or None for a free rotation.
+        rtol: relative gap of ``1 - λ`` under which eigenvalues are grouped.
+
+    Raises:
+        ValueError: On mismatched shapes, bad ``rows`` or ``rtol``.
+    """
+    C = np.asarray(coordinates, dtype=np.float64)
+    B = np.asarray(reference, dtype=np.float64)
+    if C.ndim != 2 or B.ndim != 2 or C.shape[1] != B.shape[1]:
+        raise ValueError(
+            "coordinates and reference must be 2-D with the same number of columns; got shapes "
+            f"{C.shape} and {B.shape}"
+        )
+    if rows is None:
+        if C.shape[0] != B.shape[0]:
+            raise ValueError(
+                f"rows is required when coordinates ({C.shape[0]} rows) and reference "
+                f"({B.shape[0]} rows) differ in length"
+            )
+        idx = np.arange(C.shape[0])
+    else:
+        idx = np.asarray(rows)
+        if idx.shape != (B.shape[0],) or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(
+                f"rows must be {B.shape[0]} integer indices (one per reference row); got "
+                f"shape {idx.shape}"
+            )
+        if idx.size and (idx.min() < -C.shape[0] or idx.max() >= C.shape[0]):
+            raise ValueError(f"rows must index the {C.shape[0]} rows of coordinates")
+    if not (isinstance(rtol, numbers.Real) and rtol >= 0):
+        raise ValueError(f"rtol must be a number >= 0; got {rtol!r}")
+    k = C.shape[1]
+    if eigenvalues is None:
+        groups = [np.arange(k)]
+    else:
+        lam = np.asarray(eigenvalues, dtype=np.float64).ravel()
+        if lam.size != k:
+            raise ValueError(f"eigenvalues must have {k} entries (one per column); got {lam.size}")
+        groups = _eigen_groups(lam, rtol)
+    A = C[idx]
+    ok = np.all(np.isfinite(A), axis=1) & np.all(np.isfinite(B), axis=1)
+    A, Bf = A[ok], B[ok]
+    R = np.eye(k)
+    for g in groups:
+        M = A[:, g].T @ Bf[:, g]
+        U, _, Vt = np.linalg.svd(M)
+        R[np.ix_(g, g)] = U @ Vt
+    out = C @ R
+    rmsd = float(np.sqrt(np.mean(np.sum((A @ R - Bf) ** 2, axis=1)))) if A.size else float("nan")
+    return Alignment(coordinates=out, rotation=R, rmsd=rmsd)
+
+
+def _eigen_groups(lam: np.ndarray, rtol: float) -> list[np.ndarray]:
+    rate = np.abs(1.0 - lam)
+    groups: list[list[int]] = [[0]]
+    for i in range(1, lam.size):
+        a, b = rate[i - 1], rate[i]
+        if abs(b - a) <= rtol * max(a, b):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [np.asarray(g) for g in groups]

@@ -1,0 +1,176 @@
+r"""Fixed-size sketches of parameter (or gradient) vectors: exact below a size, sparse JL above.
+
+A trajectory of n samples of a D-parameter model would need n·D numbers. Above
+``exact_max_params`` parameters each sample is compressed to ``dim`` numbers by a seeded sparse
+Johnson–Lindenstrauss transform in the block construction of Kane & Nelson (2014): the output is
+split into ``nnz`` blocks of ``dim / nnz`` buckets, and coordinate i of the input adds
+:math:`\sigma_r(i) x_i / \sqrt{\text{nnz}}` to bucket :math:`h_r(i)` of block r. The hashes are
+polynomials modulo the prime :math:`p = 2^{31} - 1` with coefficients drawn from ``seed``:
+:math:`h_r(i) = ((a i + b) \bmod p) \bmod (\text{dim}/\text{nnz})` (2-wise independent) and
+:math:`\sigma_r(i) = \pm 1` from the parity of a cubic (4-wise independent, as the variance bound
+below needs). ``nnz = 1`` is the count sketch (Charikar, Chen & Farach-Colton 2002). The
+D × dim matrix is never formed: the hashes of each chunk of :data:`CHUNK` coordinates are
+recomputed at every call on the parameters' own device by integer arithmetic, so the memory is
+O(dim + CHUNK) whatever D, nothing is transferred, every device gives the same map, and the cost
+is O(nnz · D) per sketch. Up to 2^31 - 1 parameters.
+
+**Distance distortion.** The map S is linear, so distances between sketches are sketches of
+differences. For any fixed vector x, :math:`E\|Sx\|^2 = \|x\|^2` and
+:math:`\operatorname{Var}\|Sx\|^2 = \tfrac{2}{\text{dim}}(\|x\|^4 - \sum_i x_i^4) \le
+\tfrac{2}{\text{dim}}\|x\|^4`, so the relative error of a squared distance has standard deviation
+at most :math:`\sqrt{2/\text{dim}}` (2.2% for the default dim = 4096; about half of that for the
+distance itself). Over all pairs of n samples the worst pair stays within ε with high probability
+when dim ≳ 4 ln n / (ε²/2 − ε³/3) (JL); with dim = 4096 that is ε ≈ 0.12 for n = 1000. Tests check
+that the empirical relative errors over many pairs have the documented standard deviation and lie
+within 5 of it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ParameterSketch", "sketch_distortion_bound"]
+
+#: Entries per hash chunk: the memory of the hashes at any moment.
+CHUNK = 1 << 20
+
+#: Mersenne prime 2^31 - 1 of the polynomial hashes (coordinates are reduced modulo it).
+_PRIME = (1 << 31) - 1
+
+
+def sketch_distortion_bound(dim: int) -> float:
+    """Upper bound :math:`\\sqrt{2/\\text{dim}}` on the standard deviation of the relative error
+    of a squared distance after sketching to ``dim`` numbers."""
+    return math.sqrt(2.0 / dim)
+
+
+class ParameterSketch:
+    """Linear map from a list of tensors (flattened, concatenated) to a fixed-size vector.
+
+    Exact (the concatenation itself, in float64) when the total size is at most
+    ``exact_max_params``; a seeded sparse JL sketch of size ``dim`` otherwise.
+
+    Args:
+        sizes: number of entries of each tensor, in order (e.g. the trainable parameters in
+            ``named_parameters()`` order).
+        dim: sketch size; a multiple of ``nnz``.
+        nnz: non-zeros per input coordinate (1: count sketch).
+        seed: seeds the hashes; the same seed gives the same map in every process.
+        exact_max_params: up to this total size the vector is kept exactly.
+
+    Raises:
+        ValueError: On bad arguments (naming the argument, the rule and the value).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        *,
+        dim: int = 4096,
+        nnz: int = 1,
+        seed: int = 0,
+        exact_max_params: int = 8192,
+    ) -> None:
+        sizes = list(sizes)
+        for name, value, minimum in (
+            ("dim", dim, 1),
+            ("nnz", nnz, 1),
+            ("seed", seed, 0),
+            ("exact_max_params", exact_max_params, 0),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Integral)
+                or value < minimum
+            ):
+                raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+        if dim % nnz:
+            raise ValueError(f"dim must be a multiple of nnz ({nnz}); got dim={dim}")
+        if not sizes or any(
+            isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in sizes
+        ):
+            raise ValueError(f"sizes must be a non-empty list of integers >= 0; got {sizes!r}")
+        self.sizes = [int(s) for s in sizes]
+        self.num_params = sum(self.sizes)
+        self.dim = int(dim)
+        self.nnz = int(nnz)
+        self.seed = int(seed)
+        self.exact = self.num_params <= exact_max_params
+        if not self.exact and self.num_params >= _PRIME:
+            raise ValueError(
+                f"sizes must total fewer than 2^31 - 1 parameters to be sketched; got "
+                f"{self.num_params}"
+            )
+        # Per block r: (a, b) of the bucket hash, then the 4 coefficients of the sign hash.
+        rng = np.random.default_rng(self.seed)
+        self.coefficients = rng.integers(1, _PRIME, size=(self.nnz, 6)).tolist()
+
+    @property
+    def output_dim(self) -> int:
+        """Length of a sketch: ``num_params`` when exact, ``dim`` otherwise."""
+        return self.num_params if self.exact else self.dim
+
+    def hashes(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buckets (nnz, m) in [0, dim) and signs (nnz, m) of the global coordinates ``index``.
+
+        Computed on ``index``'s device by integer arithmetic only (no random generator, nothing
+        to transfer), so every device and process gives the same map.
+        """
+        width = self.dim // self.nnz
+        i = index.to(torch.int64).unsqueeze(0)
+        a = torch.as_tensor(self.coefficients, dtype=torch.int64, device=index.device)
+        # Horner steps with a reduction after each: every product stays below 2^62.
+        h = (a[:, 0:1] * i + a[:, 1:2]) % _PRIME
+        buckets = h % width + torch.arange(self.nnz, device=index.device).unsqueeze(1) * width
+        g = a[:, 2:3].expand(-1, i.shape[1])
+        for col in range(3, 6):
+            g = (g * i + a[:, col : col + 1]) % _PRIME
+        signs = 1 - 2 * (g & 1)
+        return buckets, signs
+
+    @torch.no_grad()
+    def __call__(self, tensors: Iterable[torch.Tensor]) -> np.ndarray:
+        """The sketch (float64 numpy array of ``output_dim``) of the given tensors.
+
+        Raises:
+            ValueError: If the tensors' sizes differ from ``sizes``.
+        """
+        tensors = list(tensors)
+        got = [t.numel() for t in tensors]
+        if got != self.sizes:
+            raise ValueError(f"tensors must have sizes {self.sizes}; got {got}")
+        if self.exact:
+            if not tensors:
+                return np.zeros(0)
+            flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+            return flat.cpu().numpy()
+        device = tensors[0].device
+        out = torch.zeros(self.dim, dtype=torch.float64, device=device)
+        scale = 1.0 / math.sqrt(self.nnz)
+        offset = 0
+        for t in tensors:
+            flat = t.detach().reshape(-1)
+            for start in range(0, flat.numel(), CHUNK):
+                x = flat[start : start + CHUNK].to(torch.float64)
+                index = torch.arange(x.numel(), device=device) + (offset + start)
+                buckets, signs = self.hashes(index)
+                for r in range(self.nnz):
+                    out.index_add_(0, buckets[r], x * signs[r], alpha=scale)
+            offset += flat.numel()
+        return out.cpu().numpy()
+
+    def state(self) -> dict[str, int]:
+        """What defines the map (to check a resumed run sketches the same way)."""
+        return {
+            "num_params": self.num_params,
+            "output_dim": self.output_dim,
+            "dim": self.dim,
+            "nnz": self.nnz,
+            "seed": self.seed,
+            "exact": int(self.exact),
+        }
