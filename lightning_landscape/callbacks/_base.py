@@ -197,7 +197,10 @@ class LandscapeMonitor(Callback):
                 "measurement pass); use train_mode=False (eval mode, the default); got "
                 "train_mode=True"
             )
+        t0 = self._coord.clock() if self._coord is not None else 0.0
         self._probe = self._load_or_capture_probe(trainer)
+        if self._coord is not None:  # capturing (or loading) the probe set is overhead too
+            self._coord.record(self.name, self._coord.clock() - t0)
         if trainer.is_global_zero and self._coord is not None and not self._coord.layout_written:
             self._coord.layout_written = True
             writer = tensorboard_writer(trainer)

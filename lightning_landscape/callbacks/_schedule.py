@@ -20,6 +20,11 @@ __all__: list[str] = []
 #: All monitors together stay under this share of wall time (DESIGN.md, "Cost").
 TOTAL_OVERHEAD = 0.10
 
+#: Measurements are planned against this fraction of each budget: the rest is a margin for what
+#: the coordinator cannot time (one-off imports and set-up inside a fit, run-to-run noise of the
+#: step time), so that the wall-time overhead users see stays under ``max_overhead``.
+PLANNING_SHARE = 0.9
+
 
 class Coordinator:
     """One per trainer: times the training steps and every measurement of every monitor.
@@ -74,14 +79,15 @@ class Coordinator:
 
     def next_step(self, monitor: str, step: int, cost: float, max_overhead: float) -> int | None:
         """First step at which a measurement of ``cost`` seconds (plus the end-of-fit reserve)
-        keeps ``monitor`` within ``max_overhead`` and all monitors within the total cap."""
+        keeps ``monitor`` within ``max_overhead`` and all monitors within the total cap, both
+        scaled by :data:`PLANNING_SHARE`."""
         t_step = self.step_seconds
         if t_step is None or t_step <= 0:
             return None
         spent_self = self.spent.get(monitor, 0.0)
         spent_all = sum(self.spent.values())
-        need_self = (spent_self + 2 * cost) / max_overhead
-        need_all = (spent_all + 2 * cost) / self.total_overhead
+        need_self = (spent_self + 2 * cost) / (PLANNING_SHARE * max_overhead)
+        need_all = (spent_all + 2 * cost) / (PLANNING_SHARE * self.total_overhead)
         need = max(need_self, need_all) - self.train_seconds
         return step + max(1, math.ceil(need / t_step))
 

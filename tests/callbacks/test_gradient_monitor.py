@@ -398,3 +398,38 @@ def test_ddp_spawn_equals_single_process_and_nan_on_one_rank_skips_on_all(tmp_pa
     assert logged["train_noise_scale_two_batch"] == pytest.approx(
         trace / signal if signal > 0 else math.nan, rel=1e-6, nan_ok=True
     )
+
+
+def test_resume_continues_schedule_and_probe_set(tmp_path):
+    """A run resumed from a checkpoint measures the same probe set at the steps still due."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer(max_steps, callbacks, logdir):
+        return L.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            logger=TensorBoardLogger(str(tmp_path / logdir), name="", version=0),
+            default_root_dir=str(tmp_path),
+        )
+
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=10, save_top_k=-1)
+    first = GradientCovarianceMonitor(every_n_steps=5, top_k=3)
+    trainer(10, [first, ckpt], "a").fit(DigitsModule(), loader(32))
+    path = os.path.join(str(tmp_path / "ckpt"), "epoch=0-step=10.ckpt")
+    second = GradientCovarianceMonitor(every_n_steps=5, top_k=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(20, [second], "b").fit(DigitsModule(), loader(32), ckpt_path=path)
+    # The saved probe set was found and reused (a re-capture warns that samples changed).
+    assert not [w for w in caught if "probe set" in str(w.message)]
+    a = scalar_series(load_events(str(tmp_path / "a")), "landscape/gradient/trace")
+    b = scalar_series(load_events(str(tmp_path / "b")), "landscape/gradient/trace")
+    assert sorted(a) == [0, 5, 10]
+    assert sorted(b) == [15, 20]
+    assert second.num_measurements == 5 and second.skipped == 0
+    na = scalar_series(load_events(str(tmp_path / "a")), "landscape/gradient/num_samples")
+    nb = scalar_series(load_events(str(tmp_path / "b")), "landscape/gradient/num_samples")
+    assert set(na.values()) == set(nb.values()) == {4 * 32.0}

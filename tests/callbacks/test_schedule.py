@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 
 from lightning_landscape import HessianSpectrumMonitor
-from lightning_landscape.callbacks._schedule import Coordinator
+from lightning_landscape.callbacks._schedule import PLANNING_SHARE, Coordinator
 from tests.callbacks._models import DigitsModule, loader
 
 STEP, COST, BUDGET, WARMUP = 1.0, 3.0, 0.05, 5
@@ -36,7 +36,7 @@ def test_coordinator_places_the_earliest_affordable_step():
 
     def affordable(step: int) -> bool:  # spent + next + end-of-fit reserve within the budget
         train = coord.train_seconds + (step - 40) * STEP
-        return COST + 2 * COST <= BUDGET * train + 1e-9
+        return COST + 2 * COST <= PLANNING_SHARE * BUDGET * train + 1e-9
 
     assert affordable(nxt) and not affordable(nxt - 1)
 
@@ -47,8 +47,9 @@ def test_total_cap_binds_when_several_monitors_spend():
     coord.record("other", 20.0)  # another monitor already used 20 s
     nxt = coord.next_step("hessian", 100, COST, BUDGET)
     train_at_next = 100.0 + (nxt - 100) * 1.0
-    assert 20.0 + 2 * COST <= 0.10 * train_at_next + 1e-9
-    assert 20.0 + 2 * COST > 0.10 * (train_at_next - 1.0)
+    cap = PLANNING_SHARE * 0.10
+    assert 20.0 + 2 * COST <= cap * train_at_next + 1e-9
+    assert 20.0 + 2 * COST > cap * (train_at_next - 1.0)
 
 
 class _AdvanceClock(L.Callback):
