@@ -1,13 +1,16 @@
-"""Wall-time overhead of ``HessianSpectrumMonitor()`` at its defaults on a Lightning fit.
+"""Wall-time overhead of ``HessianSpectrumMonitor()`` (or of all four monitors, ``--monitors
+all``) at their defaults on a Lightning fit.
 
 What is measured: the wall time of ``Trainer.fit`` on a digits MLP (``load_digits``, pixels
 scaled to [0, 1], cross-entropy, SGD, batch 64) for a fixed ``max_steps``, with and without
 ``lightning_landscape.HessianSpectrumMonitor()`` (no arguments: its budget-driven default
-schedule), at two model sizes (64-32-10, about 2.4k parameters, and 64-256-256-10, about 85k).
+schedule; with ``--monitors all`` also ``GradientCovarianceMonitor()``, ``DiffusionMapMonitor()``
+and ``InPCAMonitor()``, target <= 1.10), at two model sizes (64-32-10, about 2.4k parameters,
+and 64-256-256-10, about 85k).
 Both runs of a pair use the same seed, data order and thread count; the progress bar, model
 summary and checkpointing are off; each run logs to its own ``TensorBoardLogger`` in a temporary
 directory. Runs alternate (without, with, without, with, ...) so that a drift in machine load
-hits both alike, and the ratio is median(with) / median(without). Target: <= 1.05.
+hits both alike, and the ratio is median(with) / median(without). Target: <= 1.05 (1.10 for all).
 
 Also reported, as estimates less exposed to other jobs on a shared machine: the ratio of the
 fastest runs and the ratio of process CPU times (``time.process_time``). And, from the
@@ -49,6 +52,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 TARGET_RATIO = 1.05
+#: DESIGN.md ("Cost"): the Hessian monitor alone <= 5%, the four monitors together <= 10%.
+TARGETS = {"hessian": 1.05, "all": 1.10}
+MONITORS = "hessian"  # set by --monitors
 SEED = 0
 BATCH_SIZE = 64
 SIZES: dict[str, tuple[int, ...]] = {"small": (32,), "large": (256, 256)}
@@ -132,6 +138,12 @@ def fit_once(hidden: Sequence[int], max_steps: int, monitored: bool) -> dict[str
         import lightning_landscape
 
         callbacks.append(lightning_landscape.HessianSpectrumMonitor())
+        if MONITORS == "all":
+            callbacks += [
+                lightning_landscape.GradientCovarianceMonitor(),
+                lightning_landscape.DiffusionMapMonitor(),
+                lightning_landscape.InPCAMonitor(),
+            ]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
             accelerator="cpu",
@@ -300,7 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=None, help="(without, with) pairs per size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
+    parser.add_argument(
+        "--monitors",
+        choices=sorted(TARGETS),
+        default="hessian",
+        help="HessianSpectrumMonitor alone (target 1.05) or all four monitors (target 1.10)",
+    )
     args = parser.parse_args(argv)
+    global MONITORS, TARGET_RATIO
+    MONITORS, TARGET_RATIO = args.monitors, TARGETS[args.monitors]
     if args.target_seconds is None:
         args.target_seconds = 15.0 if args.quick else 75.0
     if args.pairs is None:
