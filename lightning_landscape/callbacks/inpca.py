@@ -205,6 +205,7 @@ class InPCAMonitor(LandscapeMonitor):
         self._D: np.ndarray | None = None
         self._embedding: InPCA | None = None
         self._written_step: int | None = None
+        self._written_embedding: InPCA | None = None
 
     @property
     def state_key(self) -> str:
@@ -248,7 +249,10 @@ class InPCAMonitor(LandscapeMonitor):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        self._write_embedding(trainer, trainer.global_step)
+        # Only a new embedding is rewritten: with short epochs the projector files and figure
+        # would otherwise be rewritten at every epoch end, thousands of times.
+        if self._embedding is not self._written_embedding:
+            self._write_embedding(trainer, trainer.global_step)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -491,6 +495,7 @@ class InPCAMonitor(LandscapeMonitor):
             )
             return
         self._written_step = step
+        self._written_embedding = self._embedding
         emb = self._embedding
         n = emb.coordinates.shape[0]
         steps, epochs = self._steps[:n], self._epochs[:n]
