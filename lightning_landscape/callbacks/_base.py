@@ -235,6 +235,11 @@ class LandscapeMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish_fit(trainer, pl_module)
+        self._end_barrier(trainer)
+
+    def _finish_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """End-of-fit work of every rank (the last measurement), before the closing barrier."""
         step = trainer.global_step
         if step != self.last_measured_step:
             self._measure(trainer, pl_module, step)
@@ -250,7 +255,6 @@ class LandscapeMonitor(Callback):
                         "training); the run was too short for this measurement.",
                     )
         self._probe = None
-        self._end_barrier(trainer)
 
     def _end_barrier(self, trainer: Trainer) -> None:
         """Hold every rank until rank 0 has finished logging the end of fit.

@@ -358,10 +358,8 @@ class DiffusionMapMonitor(LandscapeMonitor):
                 self._write_projector(trainer, step)
         self.last_measured_step = step
         self._store = None
-        # Ranks other than 0 did nothing here: hold them until rank 0 has finished, so no rank
-        # tears down its process group while another still works (ddp_spawn + gloo can abort
-        # a worker that exits early). Every rank reaches this call; single device: a no-op.
-        trainer.strategy.barrier("DiffusionMapMonitor.on_train_end")
+        # Ranks other than 0 did nothing here: hold them until rank 0 has finished.
+        self._end_barrier(trainer)
 
     # -- recording ---------------------------------------------------------------------------
     def _record(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:

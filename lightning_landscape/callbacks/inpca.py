@@ -254,11 +254,9 @@ class InPCAMonitor(LandscapeMonitor):
         if self._embedding is not self._written_embedding:
             self._write_embedding(trainer, trainer.global_step)
 
-    @override
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
+    def _finish_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super()._finish_fit(trainer, pl_module)
         self._write_embedding(trainer, trainer.global_step)
-        self._end_barrier(trainer)
 
     # -- measurement ---------------------------------------------------------------------------
     def _compute(
