@@ -91,6 +91,20 @@ class Coordinator:
         need = max(need_self, need_all) - self.train_seconds
         return step + max(1, math.ceil(need / t_step))
 
+    def affords(self, monitor: str, cost: float, max_overhead: float) -> bool:
+        """Whether a measurement of ``cost`` seconds now (plus the same again in reserve for the
+        end of fit) keeps ``monitor`` within ``max_overhead`` and all monitors within the total
+        cap, both scaled by :data:`PLANNING_SHARE`: the test for work that can only run at
+        fixed points (epoch ends), where :meth:`next_step` cannot place it."""
+        if self.train_seconds <= 0:
+            return False
+        spent_self = self.spent.get(monitor, 0.0) + 2 * cost
+        spent_all = sum(self.spent.values()) + 2 * cost
+        return (
+            spent_self <= PLANNING_SHARE * max_overhead * self.train_seconds
+            and spent_all <= PLANNING_SHARE * self.total_overhead * self.train_seconds
+        )
+
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -52,8 +52,11 @@ class DiffusionMapMonitor(LandscapeMonitor):
     sampled step is recorded instead (the gradient field along the trajectory; step 0 has none).
 
     The diffusion map (:func:`~lightning_landscape.embeddings.diffusion.diffusion_map`) of the
-    samples is computed at the end of every ``embed_every_n_epochs``-th epoch and/or every
-    ``embed_every_n_steps`` steps, and always at the end of fit. Samples before
+    samples is computed at epoch ends and/or every ``embed_every_n_steps`` steps, and always at
+    the end of fit. By default (``embed_every_n_epochs="auto"``) an epoch-end embedding runs when
+    the budget affords it (below), so short epochs do not mean an embedding every few dozen
+    steps; ``embed_every_n_epochs=n`` embeds at the end of every ``n``-th epoch instead, a
+    reproducible schedule. Samples before
     ``burn_in_steps`` are left out (the early transient makes any trajectory look
     one-dimensional), and with ``window_steps`` only the latest samples count. Above
     ``max_points`` samples the map is fitted on evenly spaced ones and the others are placed by
@@ -63,8 +66,13 @@ class DiffusionMapMonitor(LandscapeMonitor):
 
     Where the embedding runs: synchronously on rank 0, at epoch ends, the end of fit, or the
     step schedule, and its time (and that of recording) is charged to the budget shared with the
-    other monitors; with ``max_overhead``, scheduled embeddings (not the end-of-fit one) are
-    postponed while the monitor is over that share. Neighbours are exact up to
+    other monitors. Budget: an ``"auto"`` epoch-end embedding (and, with an explicit
+    ``max_overhead``, every scheduled one) runs only if its predicted cost (the previous
+    embedding's time, scaled to the samples there are now by m² + (n − m)·m, m = min(n,
+    ``max_points``)) plus as much again in reserve for the end of fit keeps the monitor within
+    ``max_overhead`` (default 5%) and all monitors within their 10% of the training time counted
+    so far; otherwise it waits for a later epoch end. The end-of-fit embedding always runs.
+    Neighbours are exact up to
     ``exact_max_n`` (20 000) points, more than ``max_points``, so pynndescent and its 40–60 s numba
     compilation are never reached by default; if you raise ``max_points`` above it, a warning
     announces the compilation before the first such call.
@@ -83,7 +91,8 @@ class DiffusionMapMonitor(LandscapeMonitor):
 
     Args:
         every_n_steps: record a sample every ``n`` optimizer steps.
-        embed_every_n_epochs: embed at the end of every ``n``-th epoch (None: not at epoch ends).
+        embed_every_n_epochs: ``"auto"``: at epoch ends when the budget affords it; ``n``: at
+            the end of every ``n``-th epoch; None: not at epoch ends.
         embed_every_n_steps: embed every ``n`` steps instead (a multiple of ``every_n_steps``).
         sample: ``"parameters"`` or ``"gradients"``.
         n_components: diffusion coordinates / eigenvalues to compute.
@@ -101,9 +110,10 @@ class DiffusionMapMonitor(LandscapeMonitor):
         sketch_dim: sketch size for models above ``exact_max_params`` parameters.
         exact_max_params: up to this many parameters the samples are exact.
         seed: seeds the sketch and the embedding.
-        max_overhead: None (default) embeds at every scheduled point; a fraction of training
-            time postpones scheduled embeddings (not the end-of-fit one) while the monitor's
-            time is over that share.
+        max_overhead: the monitor's share of training time for the budget (None: 5%, applied
+            to the ``"auto"`` epoch-end embeddings only); given explicitly, it also gates the
+            ``embed_every_n_epochs=n`` / ``embed_every_n_steps`` embeddings (not the end-of-fit
+            one).
         log_projector: write the coordinates to the TensorBoard projector (epoch ends and the end
             of fit only: they are files, not events).
         log_figure: write a figure of the trajectory in the first two coordinates.
@@ -131,7 +141,7 @@ class DiffusionMapMonitor(LandscapeMonitor):
         self,
         *,
         every_n_steps: int = 10,
-        embed_every_n_epochs: int | None = 1,
+        embed_every_n_epochs: int | Literal["auto"] | None = "auto",
         embed_every_n_steps: int | None = None,
         sample: Literal["parameters", "gradients"] = "parameters",
         n_components: int = 6,
@@ -159,8 +169,18 @@ class DiffusionMapMonitor(LandscapeMonitor):
             max_overhead=0.05 if max_overhead is None else max_overhead,
             clock=clock,
         )
+        # "auto" (the default) puts the epoch-end embeddings on the budget; an explicit
+        # schedule replaces it (DESIGN "Cost") unless max_overhead is given as well.
         self.embed_budget = max_overhead is not None
-        _check_positive_int("embed_every_n_epochs", embed_every_n_epochs, allow_none=True)
+        if embed_every_n_epochs != "auto" and (
+            isinstance(embed_every_n_epochs, bool)
+            or not isinstance(embed_every_n_epochs, (int, type(None)))
+            or (embed_every_n_epochs is not None and embed_every_n_epochs <= 0)
+        ):
+            raise ValueError(
+                "embed_every_n_epochs must be 'auto', a positive integer or None; "
+                f"got {embed_every_n_epochs!r}"
+            )
         _check_positive_int("embed_every_n_steps", embed_every_n_steps, allow_none=True)
         if embed_every_n_steps is not None and embed_every_n_steps % every_n_steps:
             raise ValueError(
@@ -231,6 +251,8 @@ class DiffusionMapMonitor(LandscapeMonitor):
         self.param_names: list[str] | None = None
         self.num_embeddings = 0
         self.last_embedded_step: int | None = None
+        # (seconds, samples) of the latest embedding: the budget's cost model for the next one.
+        self.last_embed_cost: tuple[float, int] | None = None
         # Per-fit objects (ddp_spawn pickles callbacks: nothing opened here).
         self._store: TrajectoryStore | None = None
         self._sketch: ParameterSketch | None = None
@@ -245,8 +267,7 @@ class DiffusionMapMonitor(LandscapeMonitor):
         """The latest diffusion map computed in this process (None before the first)."""
         return self._last_result
 
-    @property
-    def state_key(self) -> str:
+    def _state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, sample=self.sample)
 
     # -- base-class hooks --------------------------------------------------------------------
@@ -335,16 +356,19 @@ class DiffusionMapMonitor(LandscapeMonitor):
         self._record(trainer, pl_module, step)
         n = self.embed_every_n_steps
         if n is not None and step % n == 0 and step > 0:
-            self._embed(trainer, step, final=False)
+            self._embed(trainer, step, final=False, budget=self.embed_budget)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self.embed_every_n_epochs
-        if n is None or (trainer.current_epoch + 1) % n or not trainer.is_global_zero:
+        if n is None or not trainer.is_global_zero:
+            return
+        if n != "auto" and (trainer.current_epoch + 1) % n:
             return
         if trainer.global_step == self.last_embedded_step:
             return
-        self._embed(trainer, trainer.global_step, final=False, epoch_end=True)
+        budget = self.embed_budget or n == "auto"
+        self._embed(trainer, trainer.global_step, final=False, epoch_end=True, budget=budget)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -397,11 +421,19 @@ class DiffusionMapMonitor(LandscapeMonitor):
             keep &= traj.steps > step - self.window_steps
         return np.flatnonzero(keep)
 
-    def _embed(self, trainer: Trainer, step: int, *, final: bool, epoch_end: bool = False) -> None:
+    def _embed(
+        self,
+        trainer: Trainer,
+        step: int,
+        *,
+        final: bool,
+        epoch_end: bool = False,
+        budget: bool = False,
+    ) -> None:
         if self._store is None:
             return
         clock = self._coord.clock if self._coord is not None else time.perf_counter
-        if not final and self._over_budget():
+        if budget and not final and not self._affordable():
             return
         t0 = clock()
         traj = self._store.load()
@@ -445,15 +477,29 @@ class DiffusionMapMonitor(LandscapeMonitor):
             if final or epoch_end:
                 self._write_projector(trainer, step)
         self._log_scalars(trainer, step, {"seconds": seconds, "skipped": float(self.skipped)})
+        total = clock() - t0
+        self.last_embed_cost = (total, int(rows.size))
         if self._coord is not None:
-            self._coord.record(self.name, clock() - t0)
+            self._coord.record(self.name, total)
 
-    def _over_budget(self) -> bool:
-        """True when a scheduled embedding must wait: the monitor is over its budget."""
-        if not self.embed_budget or self._coord is None or self._coord.train_seconds <= 0:
-            return False
-        spent = self._coord.spent.get(self.name, 0.0)
-        return spent > self.max_overhead * self._coord.train_seconds
+    def _affordable(self) -> bool:
+        """Whether a budgeted embedding runs now: when its predicted cost (the last
+        embedding's, scaled by the cost model below to the samples there are now) and as much
+        again in reserve for the end of fit keep this monitor within ``max_overhead`` and all
+        monitors within the total cap (never before any training time has been counted)."""
+        if self._coord is None:
+            return True
+        cost = 0.0
+        if self.last_embed_cost is not None:
+            seconds, n_last = self.last_embed_cost
+            cost = seconds * self._cost_model(self.store_rows) / self._cost_model(n_last)
+        return self._coord.affords(self.name, cost, self.max_overhead)
+
+    def _cost_model(self, n: int) -> float:
+        """Relative cost of embedding ``n`` samples: exact neighbours among the m fitted ones
+        (m²) and the Nyström placement of the others ((n − m)·m)."""
+        m = max(min(n, self.max_points), 1)
+        return float(m * m + max(n - m, 0) * m)
 
     def _fit(self, X: np.ndarray) -> tuple[np.ndarray, DiffusionMap]:
         n = X.shape[0]
@@ -570,6 +616,7 @@ class DiffusionMapMonitor(LandscapeMonitor):
             "param_names": self.param_names,
             "num_embeddings": self.num_embeddings,
             "last_embedded_step": self.last_embedded_step,
+            "last_embed_cost": self.last_embed_cost,
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -578,6 +625,8 @@ class DiffusionMapMonitor(LandscapeMonitor):
         self.param_names = state.get("param_names")
         self.num_embeddings = int(state.get("num_embeddings", 0))
         self.last_embedded_step = state.get("last_embedded_step")
+        cost = state.get("last_embed_cost")
+        self.last_embed_cost = (float(cost[0]), int(cost[1])) if cost is not None else None
 
 
 def _log_dir(trainer: Trainer) -> str:

@@ -66,7 +66,9 @@ class _Recorder(Callback):
 
 def test_logged_spectrum_and_projector_match_the_parameter_trajectory(tmp_path):
     recorder = _Recorder(2)
-    monitor = DiffusionMapMonitor(every_n_steps=2, n_components=4, n_neighbors=8)
+    monitor = DiffusionMapMonitor(
+        every_n_steps=2, n_components=4, n_neighbors=8, embed_every_n_epochs=1
+    )
     trainer = _trainer(tmp_path, [monitor, recorder], max_steps=40)
     trainer.fit(DigitsModule(), loader(32))  # 16 batches per epoch: epoch ends at 16, 32
 
@@ -118,7 +120,11 @@ def test_training_is_bitwise_unchanged(tmp_path, sample):
     def run(with_monitor: bool) -> list[torch.Tensor]:
         L.seed_everything(1)
         module = DigitsModule(dropout=0.3)
-        cbs = [DiffusionMapMonitor(every_n_steps=1, n_components=2, sample=sample)]
+        cbs = [
+            DiffusionMapMonitor(
+                every_n_steps=1, n_components=2, sample=sample, embed_every_n_epochs=1
+            )
+        ]
         trainer = _trainer(tmp_path / str(with_monitor), cbs if with_monitor else [], max_steps=20)
         trainer.fit(module, loader(32, shuffle=True))
         if with_monitor:
@@ -174,7 +180,7 @@ def test_numerical_failure_warns_once_skips_and_training_goes_on(tmp_path, monke
         raise np.linalg.LinAlgError("no convergence")
 
     monkeypatch.setattr(monitor_module, "diffusion_map", broken)
-    monitor = DiffusionMapMonitor(every_n_steps=2, n_components=2)
+    monitor = DiffusionMapMonitor(every_n_steps=2, n_components=2, embed_every_n_epochs=1)
     module = DigitsModule()
     with pytest.warns(RuntimeWarning, match="skipped the embedding at step 16"):
         _trainer(tmp_path, [monitor], max_steps=36).fit(module, loader(32))
@@ -184,6 +190,59 @@ def test_numerical_failure_warns_once_skips_and_training_goes_on(tmp_path, monke
         32: 2.0,
         36: 3.0,
     }
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _AdvanceClock(Callback):
+    """Each optimizer step takes one fake second."""
+
+    def __init__(self, clock: _FakeClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self.clock.now += 1.0
+
+
+def _budget_run(tmp_path, monkeypatch, **kwargs) -> tuple[list[int], float, float]:
+    """960 one-second steps in 16-step epochs; embedding n samples costs 1e-4·n² fake seconds
+    (embedding at every epoch end would cost ~2.4x the whole 5% budget). Returns the sample
+    counts of the embeddings, the fake seconds they took and the counted training seconds."""
+    clock = _FakeClock()
+    sizes: list[int] = []
+    real = monitor_module.diffusion_map
+
+    def timed(X, **kw):
+        sizes.append(X.shape[0])
+        clock.now += 1e-4 * X.shape[0] ** 2
+        return real(X, **kw)
+
+    monkeypatch.setattr(monitor_module, "diffusion_map", timed)
+    monitor = DiffusionMapMonitor(every_n_steps=4, n_components=2, clock=clock, **kwargs)
+    trainer = _trainer(tmp_path, [_AdvanceClock(clock), monitor], max_steps=960, logger=False)
+    trainer.fit(DigitsModule(hidden=4), loader(32))
+    assert monitor.skipped == 0
+    spent = sum(1e-4 * n**2 for n in sizes)
+    return sizes, spent, trainer._landscape_coordinator.train_seconds
+
+
+def test_epoch_end_embeddings_follow_the_budget_by_default(tmp_path, monkeypatch):
+    sizes, spent, train = _budget_run(tmp_path / "auto", monkeypatch)
+    assert train == pytest.approx(960 - 5)  # warm-up steps are not counted
+    assert sizes[-1] == 241  # the end-of-fit embedding always runs, on every sample
+    assert len(sizes) >= 4, sizes  # embeddings actually happen during training
+    assert spent <= 0.05 * train, sizes  # within the monitor's 5% share
+    assert spent >= 0.4 * 0.05 * train, sizes  # and the share is used, not wasted
+    # An explicit schedule replaces the budget: one embedding per epoch, reproducibly.
+    sizes, spent, train = _budget_run(tmp_path / "fixed", monkeypatch, embed_every_n_epochs=1)
+    assert sizes == [16 * e // 4 + 1 for e in range(1, 61)]
+    assert spent > 2 * 0.05 * train
 
 
 def test_window_and_burn_in_select_the_samples(tmp_path):
@@ -280,6 +339,8 @@ def test_digits_example_runs(tmp_path, capsys):
             "2",
             "--burn-in-steps",
             "10",
+            "--embed-every-n-epochs",
+            "1",
         ]
     )
     out = capsys.readouterr().out
