@@ -37,6 +37,8 @@ __all__ = ["GradientCovarianceMonitor"]
 
 #: Display broadening of the spectrum histogram, in signed-log decades.
 HISTOGRAM_SIGMA = 0.02
+#: Training steps buffered on the device between folds into the noise-scale moving average.
+_NORM_ROWS = 256
 
 
 class _LocalNorms:
@@ -91,8 +93,10 @@ class GradientCovarianceMonitor(LandscapeMonitor):
     the principal angles between the covariance and Hessian top subspaces are logged.
 
     **Continuous, cheap, from the real training steps**: in ``on_before_optimizer_step`` the
-    squared norm of the gradient the optimiser is about to use, :math:`\|g_B\|^2` (one fused
-    reduction on the device, no host sync), goes into an exponential moving average (decay
+    squared norm of the gradient the optimiser is about to use, :math:`\|g_B\|^2` (per-tensor
+    norms by one fused reduction, stacked into a row of a device buffer: two kernel launches
+    a step, no host sync; the buffer is read back at logging steps), goes into an exponential
+    moving average (decay
     ``noise_ema``, bias-corrected; non-finite steps, e.g. skipped GradScaler steps, are left out
     and counted). Lightning unscales AMP gradients before this hook; under DDP the gradient is
     already averaged over ranks, so :math:`B` is the global batch (per-rank batch × world size ×
@@ -250,16 +254,19 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         }
         self._ema_inv_batch = 0.0
         self._ema_inv_weight = 0.0
-        # Per-fit objects.
-        self._ema: torch.Tensor | None = None  # [EMA ||g||^2, EMA weight, non-finite count]
+        # Per-fit objects: per-tensor gradient norms of the steps not yet folded into the EMA
+        # (one row a step), and this rank's pre-average squared norms (DDP comm hook).
+        self._norm_buf: torch.Tensor | None = None
+        self._local_buf: torch.Tensor | None = None
+        self._buf_rows = 0
+        self._grad_params: list[torch.Tensor] | None = None
         self._batch_size: int | None = None
         self._hessian: HessianSpectrumMonitor | None = None
         self._logged_step: int | None = None
         self._per_sample: Literal["auto", "vmap", "outputs"] = "auto"
         self._local: _LocalNorms | None = None
 
-    @property
-    def state_key(self) -> str:
+    def _state_key(self) -> str:
         return self._generate_state_key(
             top_k=self.top_k, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs
         )
@@ -476,13 +483,8 @@ class GradientCovarianceMonitor(LandscapeMonitor):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.track_training_noise:
-            s = self._ema_state
-            self._ema = torch.tensor(
-                [s["norm_sq"], s["weight"], s["nonfinite"], s["local_norm_sq"]],
-                dtype=torch.float64,
-                device=pl_module.device,
-            )
+        self._norm_buf = self._local_buf = self._grad_params = None
+        self._buf_rows = 0
         super().on_train_start(trainer, pl_module)
 
     @override
@@ -499,28 +501,30 @@ class GradientCovarianceMonitor(LandscapeMonitor):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self.track_training_noise or self._ema is None:
+        if not self.track_training_noise:
             return
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        params = self._grad_params
+        if params is None:
+            params = self._grad_params = [p for p in pl_module.parameters() if p.requires_grad]
+        grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
-        # One fused reduction on the device; read back only when logging.
-        norms = torch._foreach_norm([g.detach() for g in grads])
-        sq = torch.stack(norms).double().pow(2).sum()
-        finite = torch.isfinite(sq)
-        ema = self._ema
-        local = ema[3]
-        if self._local is not None:
+        buf = self._norm_buf
+        if buf is None or buf.shape[1] != len(grads) or self._buf_rows == buf.shape[0]:
+            self._fold()  # full, or another set of tensors has gradients this step
+            buf = self._norm_buf = grads[0].new_empty((_NORM_ROWS, len(grads)))
+            if self._local is not None:
+                self._local_buf = torch.empty(
+                    _NORM_ROWS, dtype=torch.float64, device=self._local.sq.device
+                )
+        # Per-tensor norms by one fused reduction, written straight into the buffer's row.
+        torch.stack(torch._foreach_norm(grads), out=buf[self._buf_rows])
+        if self._local is not None and self._local_buf is not None:
             # This rank's gradient before DDP's average, summed over buckets by the comm hook.
-            local = self._local.sq.clone()
+            self._local_buf[self._buf_rows].copy_(self._local.sq)
             self._local.sq.zero_()
-            finite = finite & torch.isfinite(local)
+        self._buf_rows += 1
         beta = self.noise_ema
-        new_norm = torch.where(finite, beta * ema[0] + (1 - beta) * sq, ema[0])
-        new_weight = torch.where(finite, beta * ema[1] + (1 - beta), ema[1])
-        new_bad = ema[2] + (~finite).double()
-        new_local = torch.where(finite, beta * ema[3] + (1 - beta) * local, ema[3])
-        self._ema = torch.stack([new_norm, new_weight, new_bad, new_local])
         if self._batch_size:
             world = max(1, int(getattr(trainer, "world_size", 1) or 1))
             accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
@@ -539,13 +543,26 @@ class GradientCovarianceMonitor(LandscapeMonitor):
             self._logged_step = step
             self._log_training_noise(trainer, step)
 
-    def _sync_ema(self) -> None:
-        if self._ema is not None:
-            keys = ("norm_sq", "weight", "nonfinite", "local_norm_sq")
-            self._ema_state = dict(zip(keys, (float(x) for x in self._ema.cpu()), strict=True))
+    def _fold(self) -> None:
+        """Fold the buffered steps into the moving average, in step order (one host read)."""
+        n, buf = self._buf_rows, self._norm_buf
+        self._buf_rows = 0
+        if n == 0 or buf is None:
+            return
+        norm_sq = buf[:n].double().pow(2).sum(dim=1).cpu().tolist()
+        local = self._local_buf[:n].cpu().tolist() if self._local_buf is not None else None
+        s, beta = self._ema_state, self.noise_ema
+        for i, sq in enumerate(norm_sq):
+            loc = local[i] if local is not None else s["local_norm_sq"]
+            if not (math.isfinite(sq) and math.isfinite(loc)):
+                s["nonfinite"] += 1.0
+                continue
+            s["norm_sq"] = beta * s["norm_sq"] + (1 - beta) * sq
+            s["weight"] = beta * s["weight"] + (1 - beta)
+            s["local_norm_sq"] = beta * s["local_norm_sq"] + (1 - beta) * loc
 
     def _log_training_noise(self, trainer: Trainer, step: int) -> None:
-        self._sync_ema()
+        self._fold()
         s = self._ema_state
         local_mean = None
         if self._local is not None:
@@ -581,7 +598,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
 
     # -- state -------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
-        self._sync_ema()
+        self._fold()
         return {
             "axis": self.axis.to_dict() if self.axis is not None else None,
             "last_trace": self.last_trace,

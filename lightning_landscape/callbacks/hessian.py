@@ -158,8 +158,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         self.axis: SpectrumAxis | None = None
         self._group_names: list[str] = []
 
-    @property
-    def state_key(self) -> str:
+    def _state_key(self) -> str:
         return self._generate_state_key(
             top_k=self.top_k, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,9 +207,9 @@ class InPCAMonitor(LandscapeMonitor):
         self._embedding: InPCA | None = None
         self._written_step: int | None = None
         self._written_embedding: InPCA | None = None
+        self._write_cost = 0.0
 
-    @property
-    def state_key(self) -> str:
+    def _state_key(self) -> str:
         return self._generate_state_key(
             every_n_steps=self.every_n_steps,
             every_n_epochs=self.every_n_epochs,
@@ -492,6 +493,8 @@ class InPCAMonitor(LandscapeMonitor):
                 "the projector embedding and the trajectory figure are not.",
             )
             return
+        clock = self._coord.clock if self._coord is not None else time.perf_counter
+        t0 = clock()
         self._written_step = step
         self._written_embedding = self._embedding
         emb = self._embedding
@@ -515,6 +518,14 @@ class InPCAMonitor(LandscapeMonitor):
                 title=f"InPCA trajectory up to step {step}",
             )
             write_figure(writer, f"{self.tag_prefix}/trajectory", fig, step)
+        # Charged to the budget like the measurement itself, and planned for with the next.
+        self._write_cost = clock() - t0
+        if self._coord is not None:
+            self._coord.record(self.name, self._write_cost)
+
+    def _deferred_cost(self) -> float:
+        # Each measurement makes a new embedding, written at the next epoch end (rank 0).
+        return self._write_cost
 
     # -- state ---------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:

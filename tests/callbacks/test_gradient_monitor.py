@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
+from lightning_landscape.callbacks import gradient as gradient_module
 from lightning_landscape.callbacks.gradient import GradientCovarianceMonitor
 from lightning_landscape.callbacks.hessian import HessianSpectrumMonitor
 from lightning_landscape.dashboard.gradient import gradient_layout
@@ -215,7 +216,9 @@ class _InjectInf(Callback):
                 p.grad.fill_(self.value)
 
 
-def test_non_finite_training_steps_are_left_out_and_counted(tmp_path):
+@pytest.mark.parametrize("buffer_rows", [256, 2])  # 2: the step buffer fills and folds
+def test_non_finite_training_steps_are_left_out_and_counted(tmp_path, monkeypatch, buffer_rows):
+    monkeypatch.setattr(gradient_module, "_NORM_ROWS", buffer_rows)
     monitor = GradientCovarianceMonitor(every_n_steps=100, top_k=2)
     norms = _GradNorms()
     # inf before the monitor reads the gradients, zeros after, so the weights stay finite.

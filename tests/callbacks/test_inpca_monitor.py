@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_landscape.callbacks import inpca as inpca_module
 from lightning_landscape.callbacks.inpca import InPCAMonitor, _is_log_spaced
 from lightning_landscape.embeddings.predictions import PredictionStore, find_stores
 from tests.callbacks._events import load_events, scalar_series
@@ -210,6 +211,32 @@ def test_default_monitor_is_drop_in(tmp_path):
     assert scalar_series(acc, "landscape/inpca/skipped")[20] == 0
     assert "landscape/inpca/explained_stress_top1" in acc.Tags()["scalars"]
     assert "landscape/geometry/mc_init" in acc.Tags()["scalars"]
+
+
+def test_epoch_end_writes_are_charged_to_the_budget(tmp_path, monkeypatch):
+    """The projector and figure of a new embedding, written at the next epoch end, cost time
+    outside the measurement: it is charged to the monitor and planned for with the next one."""
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    writes: list[int] = []
+
+    def slow_figure(writer, tag, fig, step) -> None:
+        writes.append(step)
+        clock.now += 7.0
+
+    monkeypatch.setattr(inpca_module, "write_figure", slow_figure)
+    monitor = InPCAMonitor(every_n_steps=8, clock=clock)  # measurements take 0 fake seconds
+    trainer = _trainer(tmp_path, [monitor], max_steps=40)
+    trainer.fit(DigitsModule(hidden=12), loader(32))  # epoch ends at 16 and 32, end at 40
+    assert writes == [16, 32, 40]
+    assert trainer._landscape_coordinator.spent["inpca"] == pytest.approx(7.0 * len(writes))
+    assert monitor.last_cost == pytest.approx(7.0)  # the last write, expected after the next
 
 
 def test_resume_continues_the_trajectory(tmp_path):
