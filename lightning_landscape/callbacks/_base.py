@@ -296,9 +296,10 @@ class LandscapeMonitor(Callback):
             if self.last_cost is not None:
                 guess = self.last_cost
             else:
+                t0 = self._coord.clock()
                 guess = self._cost_guess(trainer, pl_module)
-                # The timing gradient is overhead too: charge it.
-                self._coord.record(self.name, guess / self._gradient_equivalents())
+                # The timing passes are overhead too: charge them.
+                self._coord.record(self.name, self._coord.clock() - t0)
             nxt = self._coord.next_step(self.name, step, guess, self.max_overhead)
             self.next_step = trainer.strategy.broadcast(nxt if nxt is not None else step + 1, 0)
             return False

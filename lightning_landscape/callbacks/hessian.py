@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -22,6 +23,27 @@ from ..dashboard import (
 )
 from ..linalg import HessianSpectrum, hessian_spectrum, parameter_groups
 from ._base import LandscapeMonitor
+
+#: A priori seconds to draw the spectrum figure and write the histogram (one CPU core).
+_LOG_SECONDS_GUESS = 0.25
+
+
+def _row_pass_seconds(device: torch.device, dim: int) -> float:
+    """Seconds of one Gram-Schmidt pass ``w - (B @ w) @ B`` per float64 basis row of ``dim``
+    numbers on ``device``: timed on at most 8 × 2^19 numbers and scaled (memory-bound)."""
+    n, rows = max(1, min(dim, 1 << 19)), 8
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(rows, n, generator=gen, dtype=torch.float64).to(device)
+    w = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        w = w - (B @ w) @ B
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best / rows * (dim / n)
+
 
 __all__ = ["HessianSpectrumMonitor"]
 
@@ -169,20 +191,38 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             self._group_names = list(parameter_groups(pl_module, self.groups))
 
     def _gradient_equivalents(self) -> float:
-        # One Hessian-vector product costs about 1.2 probe gradients with the retained graph; a
-        # batched product of B vectors 1 + 0.3 (B - 1) for small, overhead-bound models but up
-        # to 1 + 0.8 (B - 1) for compute-bound ones. The guess takes the conservative end: it
-        # only places the first measurement, later ones use measured costs. The eigenvalue run
-        # takes about max(slq_steps, 6 top_k) steps, the other quadrature probes ride along,
-        # then one batched call of trace probes (top_k counted too, as a margin); plus the
-        # graph build.
+        # A Hessian-vector product costs 1.2 to 2 probe gradients (graph reuse, batching of the
+        # vectors: cheaper for small, overhead-bound models; about 2 per vector in blocks of 4
+        # for the compute-bound 85k MLP of benchmarks/overhead.py). The guess takes the
+        # conservative end: it only places the first measurement, later ones use measured
+        # costs. The eigenvalue run takes about max(slq_steps, 6 top_k) steps, the other
+        # quadrature probes ride along, then one batched call of trace probes (top_k counted
+        # too, as a margin); plus the graph build.
         kw = self.spectrum_kwargs
         steps = max(kw.get("slq_steps", 80) if self.density else 0, 6 * self.top_k)
         probes = kw.get("num_slq_probes", 4) - 1 if self.density else 0
         extra = self.top_k + (kw.get("num_trace_probes", 16) if self.trace else 0)
-        hvps = steps * (1 + 0.8 * probes) + 1 + 0.8 * (extra - 1)
+        hvps = steps * (1 + probes) + extra
         groups = 1 + len(self._group_names)
-        return 1.2 * hvps * groups + 2.0
+        return 2.0 * hvps * groups + 2.0
+
+    def _cost_guess(self, trainer: Trainer, pl_module: LightningModule) -> float:
+        # The products (timed probe gradient, scaled) plus what does not scale with them: the
+        # full reorthogonalisation of the Lanczos bases, memory-bound, about m²/2 passes over
+        # a basis row for m steps of each process (timed on a slice), and the figures (a fixed
+        # guess). Measured on the 85k-parameter MLP of benchmarks/overhead.py: products 0.9 s,
+        # reorthogonalisation 0.7 s, figures 0.25 s; the gradient part alone guessed 0.4 s.
+        guess = super()._cost_guess(trainer, pl_module)
+        kw = self.spectrum_kwargs
+        steps = max(kw.get("slq_steps", 80) if self.density else 0, 6 * self.top_k)
+        processes = kw.get("num_slq_probes", 4) if self.density else 1
+        groups = 1 + len(self._group_names)
+        dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        row = _row_pass_seconds(pl_module.device, dim)
+        guess += groups * processes * steps * steps / 2 * row
+        if self.log_figure or self.log_histogram:
+            guess += _LOG_SECONDS_GUESS
+        return guess
 
     def _layout(self) -> dict[str, dict[str, list[str]]]:
         return hessian_layout(self.tag_prefix, groups=self._group_names)
