@@ -80,7 +80,8 @@ class Coordinator:
     def next_step(self, monitor: str, step: int, cost: float, max_overhead: float) -> int | None:
         """First step at which a measurement of ``cost`` seconds (plus the end-of-fit reserve)
         keeps ``monitor`` within ``max_overhead`` and all monitors within the total cap, both
-        scaled by :data:`PLANNING_SHARE`."""
+        scaled by :data:`PLANNING_SHARE`, and at least ``cost / (PLANNING_SHARE ·
+        max_overhead)`` seconds of training after ``step`` (no bursts)."""
         t_step = self.step_seconds
         if t_step is None or t_step <= 0:
             return None
@@ -89,6 +90,10 @@ class Coordinator:
         need_self = (spent_self + 2 * cost) / (PLANNING_SHARE * max_overhead)
         need_all = (spent_all + 2 * cost) / (PLANNING_SHARE * self.total_overhead)
         need = max(need_self, need_all) - self.train_seconds
+        # Never faster than the budget's rate: a measurement needs cost / share of training
+        # since the last one, so budget saved up by a long gap is not spent back to back
+        # (consecutive measurements at steps s and s + 1 tell nothing new).
+        need = max(need, cost / (PLANNING_SHARE * max_overhead))
         return step + max(1, math.ceil(need / t_step))
 
     def affords(self, monitor: str, cost: float, max_overhead: float) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import lightning as L
@@ -113,3 +114,12 @@ def test_budget_schedule_is_deterministic(tmp_path, monkeypatch):
     a, _ = _run(tmp_path / "a", monkeypatch, max_steps=300)
     b, _ = _run(tmp_path / "b", monkeypatch, max_steps=300)
     assert a == b
+
+
+def test_saved_up_budget_is_not_spent_back_to_back():
+    """After a long gap the budget has room for many measurements at once; the schedule still
+    leaves cost / (share · max_overhead) of training between two of them."""
+    coord = Coordinator(clock=FakeClock(), warmup_steps=0)
+    coord.train_seconds, coord.counted_steps = 1000.0, 1000  # 1 s steps, nothing spent yet
+    nxt = coord.next_step("hessian", 1000, COST, BUDGET)
+    assert nxt - 1000 == math.ceil(COST / (PLANNING_SHARE * BUDGET))  # 67 steps, not 1
