@@ -163,6 +163,10 @@ def fit_once(hidden: Sequence[int], max_steps: int, monitored: bool) -> dict[str
         trainer.fit(module, train_dataloaders=loader)
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         scalars = read_landscape_scalars(tmp) if monitored else {}
+        # Everything the shared budget charged (measurements, recording, figure writes, probe
+        # capture): what lies beyond it is per-step cost the budget cannot time.
+        coord = getattr(trainer, "_landscape_coordinator", None)
+        charged = sum(coord.spent.values()) if coord is not None else 0.0
     weights = torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
     return {
         "seconds": seconds,
@@ -170,6 +174,7 @@ def fit_once(hidden: Sequence[int], max_steps: int, monitored: bool) -> dict[str
         "global_step": int(trainer.global_step),
         "weights": weights,
         "scalars": scalars,
+        "charged_seconds": charged,
     }
 
 
@@ -229,6 +234,7 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
         mon_cpu.append(m["cpu_seconds"])
         same_weights.append(bool(torch.equal(b["weights"], m["weights"])))
         monitor_info.append(summarize_scalars(m["scalars"]))
+        monitor_info[-1]["charged_seconds"] = m["charged_seconds"]
     res.update(
         without_seconds=base,
         with_seconds=mon,
@@ -247,9 +253,12 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
     # measurements the monitor timed itself (excludes per-step hook costs).
     res["noise_spread"] = max(base) / min(base) - 1
     logged = [
-        sum(v["logged_seconds"] for k, v in info.items() if k != "tags") for info in monitor_info
+        sum(v["logged_seconds"] for v in info.values() if isinstance(v, dict))
+        for info in monitor_info
     ]
     res["logged_share"] = statistics.median(logged) / statistics.median(base)
+    charged = [info["charged_seconds"] for info in monitor_info]
+    res["charged_share"] = statistics.median(charged) / statistics.median(base)
     return res
 
 
@@ -266,8 +275,8 @@ def print_report(results: dict[str, Any]) -> None:
             print(f"| {arch:<16} | {res['num_params']:>6} | ERROR: {res['error']}")
             continue
         info = res["monitor"][-1]
-        n = sum(v["measurements"] for k, v in info.items() if k != "tags")
-        logged = sum(v["logged_seconds"] for k, v in info.items() if k != "tags")
+        n = sum(v["measurements"] for v in info.values() if isinstance(v, dict))
+        logged = sum(v["logged_seconds"] for v in info.values() if isinstance(v, dict))
         without = statistics.median(res["without_seconds"])
         with_ = statistics.median(res["with_seconds"])
         print(
@@ -291,9 +300,10 @@ def print_report(results: dict[str, Any]) -> None:
             f"ratio of process CPU times: {res['cpu_ratio']:.3f}; "
             f"run-to-run noise: unmonitored fits spread {res['noise_spread']:.1%} "
             f"(max/min - 1); measurement share from logged seconds: "
-            f"{res['logged_share']:.2%} of the unmonitored fit"
+            f"{res['logged_share']:.2%} of the unmonitored fit; everything the budget charged: "
+            f"{res['charged_share']:.2%}"
         )
-        steps = {k: v["steps"] for k, v in res["monitor"][-1].items() if k != "tags"}
+        steps = {k: v["steps"] for k, v in res["monitor"][-1].items() if isinstance(v, dict)}
         print(f"  measured at steps: {steps}")
         if not steps:
             print(f"  no landscape/<monitor>/seconds tag found; tags: {res['monitor'][-1]['tags']}")

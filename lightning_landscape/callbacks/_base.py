@@ -309,7 +309,10 @@ class LandscapeMonitor(Callback):
         if not self.uses_budget or self._coord is None:
             return
         nxt = self._coord.next_step(self.name, step, seconds, self.max_overhead)
-        self.next_step = trainer.strategy.broadcast(nxt if nxt is not None else step + 1, 0)
+        # No step time yet (a measurement at the start of fit, inside the warm-up): leave the
+        # placement to _due once the warm-up steps are timed, not "the next step" (which made
+        # InPCAMonitor measure at every warm-up step).
+        self.next_step = trainer.strategy.broadcast(nxt, 0)
 
     # -- measurement -------------------------------------------------------------------------
     def _measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:

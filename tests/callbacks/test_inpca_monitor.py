@@ -208,6 +208,9 @@ def test_default_monitor_is_drop_in(tmp_path):
     acc = load_events(str(tmp_path))
     steps = sorted(scalar_series(acc, "landscape/inpca/num_checkpoints"))
     assert steps[0] == 0 and steps[-1] == 20
+    # The origin is measured inside the warm-up; the next waits for timed steps (it used to
+    # fall back to "the next step" and measure at every warm-up step).
+    assert not set(steps) & set(range(1, 6)), steps
     assert scalar_series(acc, "landscape/inpca/skipped")[20] == 0
     assert "landscape/inpca/explained_stress_top1" in acc.Tags()["scalars"]
     assert "landscape/geometry/mc_init" in acc.Tags()["scalars"]
