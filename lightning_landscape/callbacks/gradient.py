@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -504,15 +505,16 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         if not self.track_training_noise:
             return
         params = self._grad_params
-        if params is None:
-            params = self._grad_params = [p for p in pl_module.parameters() if p.requires_grad]
+        if params is None:  # all of them: a fine-tuning schedule may unfreeze some later
+            params = self._grad_params = list(pl_module.parameters())
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
         buf = self._norm_buf
         if buf is None or buf.shape[1] != len(grads) or self._buf_rows == buf.shape[0]:
             self._fold()  # full, or another set of tensors has gradients this step
-            buf = self._norm_buf = grads[0].new_empty((_NORM_ROWS, len(grads)))
+            dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads))
+            buf = self._norm_buf = grads[0].new_empty((_NORM_ROWS, len(grads)), dtype=dtype)
             if self._local is not None:
                 self._local_buf = torch.empty(
                     _NORM_ROWS, dtype=torch.float64, device=self._local.sq.device
