@@ -131,7 +131,7 @@ class LandscapeMonitor(Callback):
         The training step time is a poor proxy (for small models it is mostly framework
         overhead), so the probe gradient itself is timed, without touching ``.grad``.
         """
-        clock = self._coord.clock if self._coord is not None else time.perf_counter
+        clock = self._now
         loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
         params = [p for p in pl_module.parameters() if p.requires_grad]
         times = []
@@ -172,6 +172,11 @@ class LandscapeMonitor(Callback):
     @property
     def uses_budget(self) -> bool:
         return self.every_n_steps is None and self.every_n_epochs is None
+
+    @property
+    def _now(self) -> Callable[[], float]:
+        """The budget's clock (a fake one in tests), ``time.perf_counter`` before setup."""
+        return self._coord.clock if self._coord is not None else time.perf_counter
 
     @property
     def tag_prefix(self) -> str:
@@ -316,7 +321,7 @@ class LandscapeMonitor(Callback):
 
     # -- measurement -------------------------------------------------------------------------
     def _measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        clock = self._coord.clock if self._coord is not None else time.perf_counter
+        clock = self._now
         t0 = clock()
         result = None
         batches = self._probe or []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -389,7 +388,7 @@ class DiffusionMapMonitor(LandscapeMonitor):
     def _record(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         if self._store is None or self._sketch is None or self.param_names is None:
             return
-        clock = self._coord.clock if self._coord is not None else time.perf_counter
+        clock = self._now
         t0 = clock()
         params = dict(pl_module.named_parameters())
         tensors = [params[n] for n in self.param_names]
@@ -432,7 +431,7 @@ class DiffusionMapMonitor(LandscapeMonitor):
     ) -> None:
         if self._store is None:
             return
-        clock = self._coord.clock if self._coord is not None else time.perf_counter
+        clock = self._now
         if budget and not final and not self._affordable():
             return
         t0 = clock()

@@ -198,13 +198,19 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         # costs. The eigenvalue run takes about max(slq_steps, 6 top_k) steps, the other
         # quadrature probes ride along, then one batched call of trace probes (top_k counted
         # too, as a margin); plus the graph build.
+        steps, processes, groups = self._run_shape()
+        kw = self.spectrum_kwargs
+        extra = self.top_k + (kw.get("num_trace_probes", 16) if self.trace else 0)
+        hvps = steps * processes + extra
+        return 2.0 * hvps * groups + 2.0
+
+    def _run_shape(self) -> tuple[int, int, int]:
+        """Lanczos steps per process, processes in lockstep (eigenvalue run and quadrature
+        probes) and spectra (whole model and groups) of one measurement, a priori."""
         kw = self.spectrum_kwargs
         steps = max(kw.get("slq_steps", 80) if self.density else 0, 6 * self.top_k)
-        probes = kw.get("num_slq_probes", 4) - 1 if self.density else 0
-        extra = self.top_k + (kw.get("num_trace_probes", 16) if self.trace else 0)
-        hvps = steps * (1 + probes) + extra
-        groups = 1 + len(self._group_names)
-        return 2.0 * hvps * groups + 2.0
+        processes = kw.get("num_slq_probes", 4) if self.density else 1
+        return steps, processes, 1 + len(self._group_names)
 
     def _cost_guess(self, trainer: Trainer, pl_module: LightningModule) -> float:
         # The products (timed probe gradient, scaled) plus what does not scale with them: the
@@ -213,10 +219,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         # guess). Measured on the 85k-parameter MLP of benchmarks/overhead.py: products 0.9 s,
         # reorthogonalisation 0.7 s, figures 0.25 s; the gradient part alone guessed 0.4 s.
         guess = super()._cost_guess(trainer, pl_module)
-        kw = self.spectrum_kwargs
-        steps = max(kw.get("slq_steps", 80) if self.density else 0, 6 * self.top_k)
-        processes = kw.get("num_slq_probes", 4) if self.density else 1
-        groups = 1 + len(self._group_names)
+        steps, processes, groups = self._run_shape()
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         row = _row_pass_seconds(pl_module.device, dim)
         guess += groups * processes * steps * steps / 2 * row

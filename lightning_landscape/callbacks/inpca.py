@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -493,7 +492,7 @@ class InPCAMonitor(LandscapeMonitor):
                 "the projector embedding and the trajectory figure are not.",
             )
             return
-        clock = self._coord.clock if self._coord is not None else time.perf_counter
+        clock = self._now
         t0 = clock()
         self._written_step = step
         self._written_embedding = self._embedding
