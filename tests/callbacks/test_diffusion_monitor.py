@@ -20,6 +20,7 @@ from lightning_landscape.callbacks import diffusion as monitor_module
 from lightning_landscape.callbacks.diffusion import DiffusionMapMonitor
 from lightning_landscape.embeddings.diffusion import diffusion_map
 from lightning_landscape.sampling.store import TrajectoryStore
+from tests.callbacks._clock import AdvanceClock, FakeClock
 from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, DistributedDigits, loader
 
@@ -192,29 +193,11 @@ def test_numerical_failure_warns_once_skips_and_training_goes_on(tmp_path, monke
     }
 
 
-class _FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class _AdvanceClock(Callback):
-    """Each optimizer step takes one fake second."""
-
-    def __init__(self, clock: _FakeClock) -> None:
-        self.clock = clock
-
-    def on_train_batch_end(self, *args, **kwargs) -> None:
-        self.clock.now += 1.0
-
-
 def _budget_run(tmp_path, monkeypatch, **kwargs) -> tuple[list[int], float, float]:
     """960 one-second steps in 16-step epochs; embedding n samples costs 1e-4·n² fake seconds
     (embedding at every epoch end would cost ~2.4x the whole 5% budget). Returns the sample
     counts of the embeddings, the fake seconds they took and the counted training seconds."""
-    clock = _FakeClock()
+    clock = FakeClock()
     sizes: list[int] = []
     real = monitor_module.diffusion_map
 
@@ -225,7 +208,7 @@ def _budget_run(tmp_path, monkeypatch, **kwargs) -> tuple[list[int], float, floa
 
     monkeypatch.setattr(monitor_module, "diffusion_map", timed)
     monitor = DiffusionMapMonitor(every_n_steps=4, n_components=2, clock=clock, **kwargs)
-    trainer = _trainer(tmp_path, [_AdvanceClock(clock), monitor], max_steps=960, logger=False)
+    trainer = _trainer(tmp_path, [AdvanceClock(clock), monitor], max_steps=960, logger=False)
     trainer.fit(DigitsModule(hidden=4), loader(32))
     assert monitor.skipped == 0
     spent = sum(1e-4 * n**2 for n in sizes)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from lightning_landscape.callbacks import inpca as inpca_module
 from lightning_landscape.callbacks.inpca import InPCAMonitor, _is_log_spaced
 from lightning_landscape.embeddings.predictions import PredictionStore, find_stores
+from tests.callbacks._clock import FakeClock
 from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, DistributedDigits, digits_dataset, loader
 
@@ -220,13 +221,7 @@ def test_epoch_end_writes_are_charged_to_the_budget(tmp_path, monkeypatch):
     """The projector and figure of a new embedding, written at the next epoch end, cost time
     outside the measurement: it is charged to the monitor and planned for with the next one."""
 
-    class Clock:
-        now = 0.0
-
-        def __call__(self) -> float:
-            return self.now
-
-    clock = Clock()
+    clock = FakeClock()
     writes: list[int] = []
 
     def slow_figure(writer, tag, fig, step) -> None:

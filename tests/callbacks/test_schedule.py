@@ -10,18 +10,11 @@ import pytest
 
 from lightning_landscape import HessianSpectrumMonitor
 from lightning_landscape.callbacks._schedule import PLANNING_SHARE, Coordinator
+from tests.callbacks._clock import AdvanceClock, FakeClock
 from tests.callbacks._models import DigitsModule, loader
 
 STEP, COST, BUDGET, WARMUP = 1.0, 3.0, 0.05, 5
 _REAL_COMPUTE = HessianSpectrumMonitor._compute
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_coordinator_places_the_earliest_affordable_step():
@@ -53,16 +46,6 @@ def test_total_cap_binds_when_several_monitors_spend():
     assert 20.0 + 2 * COST > cap * (train_at_next - 1.0)
 
 
-class _AdvanceClock(L.Callback):
-    """Each optimizer step takes STEP fake seconds."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-
-    def on_train_batch_end(self, *args, **kwargs) -> None:
-        self.clock.now += STEP
-
-
 def _run(tmp_path, monkeypatch, max_steps: int) -> tuple[list[int], HessianSpectrumMonitor]:
     clock = FakeClock()
     monitor = HessianSpectrumMonitor(
@@ -85,7 +68,7 @@ def _run(tmp_path, monkeypatch, max_steps: int) -> tuple[list[int], HessianSpect
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[_AdvanceClock(clock), monitor],
+        callbacks=[AdvanceClock(clock, STEP), monitor],
         default_root_dir=str(tmp_path),
     )
     with warnings.catch_warnings():
