@@ -103,6 +103,30 @@ def test_nystrom_extension_with_the_local_bandwidth():
     assert np.all(err < 0.02), err
 
 
+@pytest.mark.parametrize("n_components", [6, 10])
+@pytest.mark.parametrize("kind", ["uniform circle", "non-uniform circle", "swiss roll"])
+def test_sparse_solver_matches_the_dense_one(monkeypatch, kind, n_components):
+    """The sparse path (torch products, ARPACK, the search for partners of repeated
+    eigenvalues) against dense eigh of the same operator: whole pairs on the uniform circle."""
+    X = {
+        "uniform circle": lambda: _uniform_circle(1200),
+        "non-uniform circle": lambda: _non_uniform_circle(1200),
+        "swiss roll": lambda: _swiss_roll(1200)[0],
+    }[kind]()
+    monkeypatch.setattr(dm_module, "DENSE_MAX_N", 2000)
+    dense = diffusion_map(X, n_components=n_components, n_neighbors=32)
+    monkeypatch.setattr(dm_module, "DENSE_MAX_N", 100)
+    sparse = diffusion_map(X, n_components=n_components, n_neighbors=32)
+    np.testing.assert_allclose(
+        -np.log(sparse.eigenvalues), -np.log(dense.eigenvalues), rtol=1e-7, atol=0
+    )
+    # Same eigenspaces (an even count of eigenvalues = whole pairs on the uniform circle):
+    # each sparse ψ lies in the span of the dense ones.
+    A, B = dense.eigenvectors, sparse.eigenvectors
+    coef, *_ = np.linalg.lstsq(A, B, rcond=None)
+    np.testing.assert_allclose(A @ coef, B, atol=1e-6 * np.abs(B).max())
+
+
 def test_swiss_roll_first_coordinate_is_monotone_in_the_roll_parameter():
     X, t = _swiss_roll(1500)
     result = diffusion_map(X, n_components=4, n_neighbors=32)
