@@ -200,6 +200,7 @@ class LandscapeMonitor(Callback):
                 "supported; use a mixed precision setting such as 'bf16-mixed'"
             )
         self._coord = coordinator_for(trainer, self._clock)
+        self._coord.register(self.name)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -2,7 +2,8 @@
 
 The budget places each monitor's next measurement so that its time stays under its
 ``max_overhead`` share of training time (and all monitors together under ``total_overhead``),
-always keeping in reserve the cost of the end-of-fit measurement. Step time is measured after a
+always keeping in reserve the cost of the end-of-fit measurement, and less the untimed per-step
+cost of the monitors' hooks (:data:`HOOK_SECONDS` a step each). Step time is measured after a
 warm-up (first steps, compilation), excluding the time spent measuring. Decisions are made on
 rank 0 and broadcast, and the coordinator's state is checkpointed so a resumed run continues the
 same schedule.
@@ -21,11 +22,20 @@ __all__: list[str] = []
 TOTAL_OVERHEAD = 0.10
 
 #: Measurements are planned against this fraction of each budget: the rest is a margin for what
-#: the coordinator cannot time (Lightning's dispatch of every monitor's per-step hooks and their
-#: bookkeeping, 10–15 µs a step each: 1–1.5% of a 1 ms step; one-off imports and set-up inside a
-#: fit; run-to-run noise of the step time), so that the wall-time overhead users see stays under
-#: ``max_overhead``.
-PLANNING_SHARE = 0.8
+#: the coordinator cannot time (one-off imports and set-up inside a fit, run-to-run noise of the
+#: step time), so that the wall-time overhead users see stays under ``max_overhead``.
+PLANNING_SHARE = 0.9
+
+#: Seconds a step that every attached monitor costs without being timed: Lightning's dispatch of
+#: its per-step hooks (about ten, each through the profiler's context) and the monitor's own
+#: bookkeeping in them. Measured on 2 CPU cores: 10–13 µs, i.e. 1.2–1.5% of the 0.84 ms steps of
+#: a small MLP, so on fast steps it is a good part of a 5% budget. The budget charges it as a
+#: rate, ``HOOK_SECONDS / step time`` per monitor, before planning measurements.
+HOOK_SECONDS = 12e-6
+
+#: However fast the steps, measurements keep at least this fraction of the planned rate (else a
+#: monitor on sub-millisecond steps would measure only at the end of fit).
+MIN_RATE_FRACTION = 0.25
 
 
 class Coordinator:
@@ -49,6 +59,7 @@ class Coordinator:
         self.train_seconds = 0.0
         self.counted_steps = 0
         self.spent: dict[str, float] = {}
+        self.monitors: set[str] = set()
         self._last_tick: float | None = None
         self._last_step: int | None = None
         self._measuring_since_tick = 0.0
@@ -68,6 +79,10 @@ class Coordinator:
         self._last_step = step
         self._measuring_since_tick = 0.0
 
+    def register(self, monitor: str) -> None:
+        """Count ``monitor`` among those whose per-step hooks cost :data:`HOOK_SECONDS`."""
+        self.monitors.add(monitor)
+
     def record(self, monitor: str, seconds: float) -> None:
         """Charge ``seconds`` to ``monitor`` (and keep them out of the step time)."""
         self.spent[monitor] = self.spent.get(monitor, 0.0) + seconds
@@ -79,37 +94,52 @@ class Coordinator:
             return None
         return self.train_seconds / self.counted_steps
 
-    def next_step(self, monitor: str, step: int, cost: float, max_overhead: float) -> int | None:
-        """First step at which a measurement of ``cost`` seconds (plus the end-of-fit reserve)
-        keeps ``monitor`` within ``max_overhead`` and all monitors within the total cap, both
-        scaled by :data:`PLANNING_SHARE`, and at least ``cost / (PLANNING_SHARE ·
-        max_overhead)`` seconds of training after ``step`` (no bursts)."""
+    def rate(self, cap: float, monitors: int = 1) -> float | None:
+        """Share of training time that measurements may take under ``cap``: ``PLANNING_SHARE ·
+        cap`` less the untimed per-step cost of ``monitors`` monitors (:data:`HOOK_SECONDS` a
+        step each), at least ``MIN_RATE_FRACTION`` of the former; None before the step time is
+        known."""
         t_step = self.step_seconds
         if t_step is None or t_step <= 0:
             return None
+        planned = PLANNING_SHARE * cap
+        return max(planned - monitors * HOOK_SECONDS / t_step, MIN_RATE_FRACTION * planned)
+
+    def next_step(self, monitor: str, step: int, cost: float, max_overhead: float) -> int | None:
+        """First step at which a measurement of ``cost`` seconds (plus the end-of-fit reserve)
+        keeps ``monitor`` within ``max_overhead`` and all monitors within the total cap, both
+        at the :meth:`rate` that leaves room for their untimed per-step cost, and at least
+        ``cost / rate`` seconds of training after ``step`` (no bursts)."""
+        t_step = self.step_seconds
+        rate_self = self.rate(max_overhead)
+        rate_all = self.rate(self.total_overhead, max(1, len(self.monitors | {monitor})))
+        if t_step is None or rate_self is None or rate_all is None:
+            return None
         spent_self = self.spent.get(monitor, 0.0)
         spent_all = sum(self.spent.values())
-        need_self = (spent_self + 2 * cost) / (PLANNING_SHARE * max_overhead)
-        need_all = (spent_all + 2 * cost) / (PLANNING_SHARE * self.total_overhead)
+        need_self = (spent_self + 2 * cost) / rate_self
+        need_all = (spent_all + 2 * cost) / rate_all
         need = max(need_self, need_all) - self.train_seconds
-        # Never faster than the budget's rate: a measurement needs cost / share of training
+        # Never faster than the budget's rate: a measurement needs cost / rate of training
         # since the last one, so budget saved up by a long gap is not spent back to back
         # (consecutive measurements at steps s and s + 1 tell nothing new).
-        need = max(need, cost / (PLANNING_SHARE * max_overhead))
+        need = max(need, cost / rate_self)
         return step + max(1, math.ceil(need / t_step))
 
     def affords(self, monitor: str, cost: float, max_overhead: float) -> bool:
         """Whether a measurement of ``cost`` seconds now (plus the same again in reserve for the
         end of fit) keeps ``monitor`` within ``max_overhead`` and all monitors within the total
-        cap, both scaled by :data:`PLANNING_SHARE`: the test for work that can only run at
-        fixed points (epoch ends), where :meth:`next_step` cannot place it."""
-        if self.train_seconds <= 0:
+        cap, both at their :meth:`rate`: the test for work that can only run at fixed points
+        (epoch ends), where :meth:`next_step` cannot place it."""
+        rate_self = self.rate(max_overhead)
+        rate_all = self.rate(self.total_overhead, max(1, len(self.monitors | {monitor})))
+        if self.train_seconds <= 0 or rate_self is None or rate_all is None:
             return False
         spent_self = self.spent.get(monitor, 0.0) + 2 * cost
         spent_all = sum(self.spent.values()) + 2 * cost
         return (
-            spent_self <= PLANNING_SHARE * max_overhead * self.train_seconds
-            and spent_all <= PLANNING_SHARE * self.total_overhead * self.train_seconds
+            spent_self <= rate_self * self.train_seconds
+            and spent_all <= rate_all * self.train_seconds
         )
 
     # -- state -------------------------------------------------------------------------------

@@ -285,6 +285,7 @@ class DiffusionMapMonitor(LandscapeMonitor):
             return
         ctx.check_strategy(trainer, type(self).__name__)
         self._coord = coordinator_for(trainer, self._clock)
+        self._coord.register(self.name)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -9,7 +9,12 @@ import lightning as L
 import pytest
 
 from lightning_landscape import HessianSpectrumMonitor
-from lightning_landscape.callbacks._schedule import PLANNING_SHARE, Coordinator
+from lightning_landscape.callbacks._schedule import (
+    HOOK_SECONDS,
+    MIN_RATE_FRACTION,
+    PLANNING_SHARE,
+    Coordinator,
+)
 from tests.callbacks._clock import AdvanceClock, FakeClock
 from tests.callbacks._models import DigitsModule, loader
 
@@ -30,7 +35,8 @@ def test_coordinator_places_the_earliest_affordable_step():
 
     def affordable(step: int) -> bool:  # spent + next + end-of-fit reserve within the budget
         train = coord.train_seconds + (step - 40) * STEP
-        return COST + 2 * COST <= PLANNING_SHARE * BUDGET * train + 1e-9
+        share = PLANNING_SHARE * BUDGET - HOOK_SECONDS / STEP  # less the untimed hooks
+        return COST + 2 * COST <= share * train + 1e-9
 
     assert affordable(nxt) and not affordable(nxt - 1)
 
@@ -41,7 +47,7 @@ def test_total_cap_binds_when_several_monitors_spend():
     coord.record("other", 20.0)  # another monitor already used 20 s
     nxt = coord.next_step("hessian", 100, COST, BUDGET)
     train_at_next = 100.0 + (nxt - 100) * 1.0
-    cap = PLANNING_SHARE * 0.10
+    cap = PLANNING_SHARE * 0.10 - HOOK_SECONDS / 1.0
     assert 20.0 + 2 * COST <= cap * train_at_next + 1e-9
     assert 20.0 + 2 * COST > cap * (train_at_next - 1.0)
 
@@ -105,4 +111,45 @@ def test_saved_up_budget_is_not_spent_back_to_back():
     coord = Coordinator(clock=FakeClock(), warmup_steps=0)
     coord.train_seconds, coord.counted_steps = 1000.0, 1000  # 1 s steps, nothing spent yet
     nxt = coord.next_step("hessian", 1000, COST, BUDGET)
-    assert nxt - 1000 == math.ceil(COST / (PLANNING_SHARE * BUDGET))  # 67 steps, not 1
+    rate = PLANNING_SHARE * BUDGET - HOOK_SECONDS / 1.0
+    assert nxt - 1000 == math.ceil(COST / rate)  # 67 steps, not 1
+
+
+@pytest.mark.parametrize("monitors", [1, 3])
+def test_untimed_per_step_cost_of_the_hooks_is_charged_on_fast_steps(monitors):
+    """On 0.8 ms steps each monitor's untimed hooks cost HOOK_SECONDS / 0.8 ms (1.5%) of
+    training: measurements get the rest of the planned share, so measurements plus hooks stay
+    within it; on 1 s steps the hooks are negligible."""
+    step_s, cost = 0.8e-3, 0.05
+    coord = Coordinator(clock=FakeClock(), warmup_steps=0)
+    for i in range(monitors):
+        coord.register(f"m{i}")
+    coord.register("hessian")
+    spent, step = 0.0, 0
+    coord.train_seconds, coord.counted_steps = 1000 * step_s, 1000
+    end = 200_000
+    while True:
+        nxt = coord.next_step("hessian", step, cost, BUDGET)
+        if nxt > end:
+            break
+        coord.train_seconds += (nxt - step) * step_s
+        coord.counted_steps += nxt - step
+        coord.record("hessian", cost)
+        spent += cost
+        step = nxt
+    train = end * step_s
+    hooks = end * HOOK_SECONDS  # this monitor's own
+    assert spent + hooks <= PLANNING_SHARE * BUDGET * train
+    # The total cap counts every registered monitor's hooks (with four monitors it binds).
+    total = PLANNING_SHARE * coord.total_overhead - (monitors + 1) * HOOK_SECONDS / step_s
+    assert coord.rate(coord.total_overhead, monitors + 1) == pytest.approx(total)
+    assert spent <= total * train
+    # Not wastefully sparse: the share left after the hooks is mostly used.
+    own = PLANNING_SHARE * BUDGET - HOOK_SECONDS / step_s
+    assert spent >= 0.8 * min(own, total) * train
+    # Slow steps: the rate is the planned share, to within the hooks' negligible cost.
+    coord.train_seconds, coord.counted_steps = 1000.0, 1000
+    assert coord.rate(BUDGET) == pytest.approx(PLANNING_SHARE * BUDGET, rel=1e-3)
+    # Sub-millisecond steps on which the hooks alone exceed the share: a floor, not zero.
+    coord.train_seconds, coord.counted_steps = 1000 * 1e-4, 1000
+    assert coord.rate(BUDGET) == pytest.approx(MIN_RATE_FRACTION * PLANNING_SHARE * BUDGET)
