@@ -306,7 +306,9 @@ class LandscapeMonitor(Callback):
                 guess = self._cost_guess(trainer, pl_module)
                 # The timing passes are overhead too: charge them.
                 self._coord.record(self.name, self._coord.clock() - t0)
-            nxt = self._coord.next_step(self.name, step, guess, self.max_overhead)
+            nxt = self._coord.next_step(
+                self.name, step, guess, self.max_overhead, _final_step(trainer)
+            )
             self.next_step = trainer.strategy.broadcast(nxt if nxt is not None else step + 1, 0)
             return False
         return step >= self.next_step
@@ -314,7 +316,9 @@ class LandscapeMonitor(Callback):
     def _reschedule(self, trainer: Trainer, step: int, seconds: float) -> None:
         if not self.uses_budget or self._coord is None:
             return
-        nxt = self._coord.next_step(self.name, step, seconds, self.max_overhead)
+        nxt = self._coord.next_step(
+            self.name, step, seconds, self.max_overhead, _final_step(trainer)
+        )
         # No step time yet (a measurement at the start of fit, inside the warm-up): leave the
         # placement to _due once the warm-up steps are timed, not "the next step" (which made
         # InPCAMonitor measure at every warm-up step).
@@ -430,3 +434,15 @@ def _cpu(batch: Any) -> Any:
     from lightning.pytorch.utilities import move_data_to_device
 
     return move_data_to_device(batch, torch.device("cpu"))
+
+
+def _final_step(trainer: Trainer) -> int | None:
+    """The step of the end-of-fit measurement if the trainer knows it (``max_steps``, or
+    ``max_epochs`` × batches); None for an open-ended fit."""
+    try:
+        total = float(trainer.estimated_stepping_batches)
+    except Exception:  # no loader length, a mock trainer: the schedule works without it
+        return None
+    if not np.isfinite(total) or total <= 0:
+        return None
+    return int(total)

@@ -105,11 +105,20 @@ class Coordinator:
         planned = PLANNING_SHARE * cap
         return max(planned - monitors * HOOK_SECONDS / t_step, MIN_RATE_FRACTION * planned)
 
-    def next_step(self, monitor: str, step: int, cost: float, max_overhead: float) -> int | None:
+    def next_step(
+        self,
+        monitor: str,
+        step: int,
+        cost: float,
+        max_overhead: float,
+        final_step: int | None = None,
+    ) -> int | None:
         """First step at which a measurement of ``cost`` seconds (plus the end-of-fit reserve)
         keeps ``monitor`` within ``max_overhead`` and all monitors within the total cap, both
         at the :meth:`rate` that leaves room for their untimed per-step cost, and at least
-        ``cost / rate`` seconds of training after ``step`` (no bursts)."""
+        ``cost / rate`` seconds of training after ``step`` (no bursts). A step closer than that
+        to ``final_step`` (the end-of-fit measurement, which always runs) becomes
+        ``final_step``: a measurement seconds before the last one tells nothing new."""
         t_step = self.step_seconds
         rate_self = self.rate(max_overhead)
         rate_all = self.rate(self.total_overhead, max(1, len(self.monitors | {monitor})))
@@ -124,7 +133,10 @@ class Coordinator:
         # since the last one, so budget saved up by a long gap is not spent back to back
         # (consecutive measurements at steps s and s + 1 tell nothing new).
         need = max(need, cost / rate_self)
-        return step + max(1, math.ceil(need / t_step))
+        nxt = step + max(1, math.ceil(need / t_step))
+        if final_step is not None and step < final_step < nxt + cost / rate_self / t_step:
+            return final_step
+        return nxt
 
     def affords(self, monitor: str, cost: float, max_overhead: float) -> bool:
         """Whether a measurement of ``cost`` seconds now (plus the same again in reserve for the

@@ -153,3 +153,17 @@ def test_untimed_per_step_cost_of_the_hooks_is_charged_on_fast_steps(monitors):
     # Sub-millisecond steps on which the hooks alone exceed the share: a floor, not zero.
     coord.train_seconds, coord.counted_steps = 1000 * 1e-4, 1000
     assert coord.rate(BUDGET) == pytest.approx(MIN_RATE_FRACTION * PLANNING_SHARE * BUDGET)
+
+
+def test_a_measurement_just_before_the_end_of_fit_waits_for_it():
+    """The end-of-fit measurement always runs: one placed less than the budget's spacing
+    before it would measure nearly the same weights again."""
+    coord = Coordinator(clock=FakeClock(), warmup_steps=0)
+    coord.train_seconds, coord.counted_steps = 1000.0, 1000  # 1 s steps
+    free = coord.next_step("hessian", 1000, COST, BUDGET)
+    spacing = free - 1000  # COST / rate: 67 steps
+    assert coord.next_step("hessian", 1000, COST, BUDGET, final_step=free + 10 * spacing) == free
+    assert coord.next_step("hessian", 1000, COST, BUDGET, final_step=free + spacing - 1) == (
+        free + spacing - 1
+    )
+    assert coord.next_step("hessian", 1000, COST, BUDGET, final_step=free - 5) == free - 5
