@@ -105,6 +105,14 @@ class Coordinator:
         planned = PLANNING_SHARE * cap
         return max(planned - monitors * HOOK_SECONDS / t_step, MIN_RATE_FRACTION * planned)
 
+    def _rates(self, monitor: str, max_overhead: float) -> tuple[float, float] | None:
+        """``monitor``'s own rate and the total cap's, which counts every registered monitor."""
+        rate_self = self.rate(max_overhead)
+        rate_all = self.rate(self.total_overhead, max(1, len(self.monitors | {monitor})))
+        if rate_self is None or rate_all is None:
+            return None
+        return rate_self, rate_all
+
     def next_step(
         self,
         monitor: str,
@@ -120,10 +128,10 @@ class Coordinator:
         to ``final_step`` (the end-of-fit measurement, which always runs) becomes
         ``final_step``: a measurement seconds before the last one tells nothing new."""
         t_step = self.step_seconds
-        rate_self = self.rate(max_overhead)
-        rate_all = self.rate(self.total_overhead, max(1, len(self.monitors | {monitor})))
-        if t_step is None or rate_self is None or rate_all is None:
+        rates = self._rates(monitor, max_overhead)
+        if t_step is None or rates is None:
             return None
+        rate_self, rate_all = rates
         spent_self = self.spent.get(monitor, 0.0)
         spent_all = sum(self.spent.values())
         need_self = (spent_self + 2 * cost) / rate_self
@@ -143,10 +151,10 @@ class Coordinator:
         end of fit) keeps ``monitor`` within ``max_overhead`` and all monitors within the total
         cap, both at their :meth:`rate`: the test for work that can only run at fixed points
         (epoch ends), where :meth:`next_step` cannot place it."""
-        rate_self = self.rate(max_overhead)
-        rate_all = self.rate(self.total_overhead, max(1, len(self.monitors | {monitor})))
-        if self.train_seconds <= 0 or rate_self is None or rate_all is None:
+        rates = self._rates(monitor, max_overhead)
+        if self.train_seconds <= 0 or rates is None:
             return False
+        rate_self, rate_all = rates
         spent_self = self.spent.get(monitor, 0.0) + 2 * cost
         spent_all = sum(self.spent.values()) + 2 * cost
         return (

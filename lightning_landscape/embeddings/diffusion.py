@@ -388,11 +388,9 @@ def _top_eigenpairs(S: sp.csr_matrix, k: int, *, seed: int, tol: float) -> tuple
     n = S.shape[0]
     if n <= DENSE_MAX_N or k >= n - 1:
         vals, vecs = scipy.linalg.eigh(S.toarray(), subset_by_index=[n - k, n - 1])
-        order = np.argsort(-vals, kind="stable")
-        return vals[order], vecs[:, order]
-    S_mul = _sparse_matmul(S)
-    with _single_threaded_blas():
-        vals, vecs = _top_eigenpairs_sparse(S_mul, n, k, seed=seed, tol=tol)
+    else:
+        with _single_threaded_blas():
+            vals, vecs = _top_eigenpairs_sparse(_sparse_matmul(S), n, k, seed=seed, tol=tol)
     order = np.argsort(-vals, kind="stable")
     return vals[order], vecs[:, order]
 
