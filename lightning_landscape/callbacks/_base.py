@@ -199,8 +199,7 @@ class LandscapeMonitor(Callback):
                 f"{type(self).__name__}: half-precision weights (precision={precision!r}) are not "
                 "supported; use a mixed precision setting such as 'bf16-mixed'"
             )
-        self._coord = coordinator_for(trainer, self._clock)
-        self._coord.register(self.name)
+        self._coord = coordinator_for(trainer, self.name, self._clock)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

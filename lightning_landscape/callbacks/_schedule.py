@@ -179,12 +179,16 @@ class Coordinator:
             self.spent = {k: float(v) for k, v in state.get("spent", {}).items()}
 
 
-def coordinator_for(trainer: Any, clock: Callable[[], float] | None = None) -> Coordinator:
-    """The trainer's coordinator, created by the first monitor that asks."""
+def coordinator_for(
+    trainer: Any, monitor: str, clock: Callable[[], float] | None = None
+) -> Coordinator:
+    """The trainer's coordinator, created by the first monitor that asks, with ``monitor``
+    registered (its per-step hooks count against the total cap)."""
     coord = getattr(trainer, "_landscape_coordinator", None)
     if coord is None:
         coord = Coordinator(clock=clock or time.perf_counter)
         trainer._landscape_coordinator = coord
     elif clock is not None:
         coord.clock = clock
+    coord.register(monitor)
     return coord

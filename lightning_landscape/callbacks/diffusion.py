@@ -284,8 +284,7 @@ class DiffusionMapMonitor(LandscapeMonitor):
         if stage != "fit":
             return
         ctx.check_strategy(trainer, type(self).__name__)
-        self._coord = coordinator_for(trainer, self._clock)
-        self._coord.register(self.name)
+        self._coord = coordinator_for(trainer, self.name, self._clock)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
