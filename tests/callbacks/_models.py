@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+
 import lightning as L
 import torch
 from torch import nn
@@ -81,6 +83,19 @@ class DistributedDigits(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world = self.trainer.world_size if self.trainer is not None else 1
         return loader(self.batch_size, n=self.n, dtype=self.dtype, distributed=world > 1)
+
+    def setup(self, stage: str) -> None:
+        # Lightning destroys the process group at exit for NCCL only. A gloo group left to the
+        # interpreter's finalisation can abort a ddp_spawn worker after fit has returned
+        # ("terminate called without an active exception": pytorch/pytorch#190489, #65231),
+        # which failed CI about once in ten runs. Destroy it while the interpreter is whole.
+        if torch.distributed.is_initialized():
+            atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def nan_on_rank1_loss(model: nn.Module, batch) -> torch.Tensor:
