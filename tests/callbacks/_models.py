@@ -88,7 +88,7 @@ class DistributedDigits(L.LightningDataModule):
         # Lightning destroys the process group at exit for NCCL only. A gloo group left to the
         # interpreter's finalisation can abort a ddp_spawn worker after fit has returned
         # ("terminate called without an active exception": pytorch/pytorch#190489, #65231),
-        # which failed CI about once in ten runs. Destroy it while the interpreter is whole.
+        # which failed one CI run in nine. Destroy it while the interpreter is whole.
         if torch.distributed.is_initialized():
             atexit.register(_destroy_process_group)
 
