@@ -111,7 +111,7 @@ class Coordinator:
     def _rates(self, monitor: str, max_overhead: float) -> tuple[float, float] | None:
         """``monitor``'s own rate and the total cap's, which counts every registered monitor."""
         rate_self = self.rate(max_overhead)
-        rate_all = self.rate(self.total_overhead, max(1, len(self.monitors | {monitor})))
+        rate_all = self.rate(self.total_overhead, len(self.monitors | {monitor}))
         if rate_self is None or rate_all is None:
             return None
         return rate_self, rate_all
