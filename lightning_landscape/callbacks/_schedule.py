@@ -27,13 +27,16 @@ TOTAL_OVERHEAD = 0.10
 PLANNING_SHARE = 0.9
 
 #: Seconds a step that every attached monitor costs without being timed: Lightning's dispatch of
-#: its per-step hooks (about ten, each through the profiler's context) and the monitor's own
-#: bookkeeping in them. Measured on 2 CPU cores for HessianSpectrumMonitor: 10–13 µs timing the
-#: hooks one by one, +10 to +49 µs (median step time, three fits) against no callback on the
-#: 0.8 ms steps of a small MLP. 25 µs, the middle of that range (3% of such a step, so on fast
-#: steps a good part of a 5% budget): charging the 12 µs low end, the Hessian monitor's median
-#: overhead on those steps still read 1.05-1.07x in four runs. The budget charges it as a rate,
-#: ``HOOK_SECONDS / step time`` per monitor, before planning measurements.
+#: the per-step hooks the monitor works in (the unused ones are not dispatched at all, see
+#: ``_base._BATCH_HOOKS``) and its own bookkeeping in them, and what a callback's presence costs a
+#: step beyond that. Measured on 2 CPU cores for HessianSpectrumMonitor on the 0.8 ms steps of a
+#: small MLP: its hooks timed inside a fit, +6 µs a step (10-13 µs before the unused hooks were
+#: dropped); the median step time against no callback, +18 µs (four fits, 2026-12-01; +10 to
+#: +49 µs in earlier sessions), the run-to-run noise of that estimate being about as large. 25 µs
+#: (3% of such a step, so on fast steps a good part of a 5% budget) stays on the safe side of
+#: those: charging 12 µs, the Hessian monitor's median overhead on those steps read 1.05-1.07x in
+#: four runs. The budget charges it as a rate, ``HOOK_SECONDS / step time`` per monitor, before
+#: planning measurements.
 HOOK_SECONDS = 25e-6
 
 #: However fast the steps, measurements keep at least this fraction of the planned rate (else a
