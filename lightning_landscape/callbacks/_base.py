@@ -76,6 +76,10 @@ def _drop_unused_batch_hooks(cls: type) -> None:
 class LandscapeMonitor(Callback):
     """Base class: decides when to measure, holds the probe set, isolates and logs.
 
+    The per-batch hooks a monitor class does not override are None rather than ``Callback``'s
+    no-ops, so Lightning does not dispatch them (:data:`_BATCH_HOOKS`); a subclass may still
+    define any of them, but has no base implementation to call.
+
     Args:
         name: short name used in tags (``landscape/<name>/...``).
         every_n_steps: measure every ``n`` optimizer steps (step 0 included) instead of the budget.
