@@ -198,11 +198,14 @@ def summarize_scalars(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, 
 def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"hidden": list(hidden)}
     res["num_params"] = sum(p.numel() for p in build_mlp(hidden).parameters())
+    # Warm-up, both ways: imports and first-call costs (the first figure imports matplotlib)
+    # are paid once per process, not per fit.
+    fit_once(hidden, 50, monitored=False)
+    fit_once(hidden, 50, monitored=True)
     if args.max_steps:
         max_steps = args.max_steps
     else:
         calib_steps = 300 if args.quick else 1000
-        fit_once(hidden, 50, monitored=False)  # warm-up: imports, first-call costs
         cal = fit_once(hidden, calib_steps, monitored=False)["seconds"]
         max_steps = max(calib_steps, int(args.target_seconds / cal * calib_steps))
         res["calibration"] = {"steps": calib_steps, "seconds": cal}
