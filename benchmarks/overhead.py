@@ -23,7 +23,10 @@ writing, or noise), and whether the final weights are bitwise equal to those of 
 run (the monitor must leave training unchanged).
 
 ``max_steps`` is fixed per size: by default it is calibrated once from a short unmonitored run
-so that one run takes about ``--target-seconds`` (75 s), then used for every run of that size.
+so that one run takes about ``--target-seconds`` (75 s), then used for every run of that size
+(``--max-steps`` fixes it instead: a calibration taken in one of the machine's slow moments
+makes every fit shorter, and the always-run end-of-fit measurement a larger share of it). Before
+the pairs, one 50-step fit each way pays the per-process one-off costs (imports, first calls).
 
 Run (from the repository root)::
 
