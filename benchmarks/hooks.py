@@ -17,7 +17,7 @@ fit-time ratio of ``benchmarks/overhead.py`` sees.
 
 Run (from the repository root)::
 
-    python benchmarks/hooks.py                    # small model, 4,000 steps, 2 repeats (~1 min)
+    python benchmarks/hooks.py                    # small model, 2,000 steps, 4 repeats (~1 min)
     python benchmarks/hooks.py --size large --steps 3000
 """
 
@@ -111,11 +111,42 @@ def timed_fit(hidden: Sequence[int], steps: int, callbacks: list[Any]) -> dict[s
     return {h: statistics.median(v) for h, v in calls.items() if v}
 
 
+def dispatch_loop(callbacks: list[Any], n: int = 20000) -> float:
+    """Seconds per step of Lightning's dispatch of the five per-step hooks other than
+    ``on_train_batch_end`` (whose monitor code needs a running fit) to ``callbacks``, in a tight
+    loop: the best of five rounds of ``n`` steps, far steadier than timing inside a fit."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.trainer import call
+
+    trainer = pl.Trainer(
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    module = overhead.make_module((32,))
+    trainer.strategy._lightning_module = module
+    module.trainer = trainer
+    hook = call._call_callback_hooks
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            hook(trainer, "on_train_batch_start", None, 0)
+            hook(trainer, "on_before_backward", None)
+            hook(trainer, "on_after_backward")
+            hook(trainer, "on_before_optimizer_step", None)
+            hook(trainer, "on_before_zero_grad", None)
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--size", choices=sorted(overhead.SIZES), default="small")
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--repeats", type=int, default=2, help="fits per configuration")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=4, help="fits per configuration")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -130,11 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     timed_fit(hidden, 100, [])  # warm-up: imports, first-call costs
-    results: dict[str, dict[str, float]] = {}
-    for name, make in _configs().items():
-        # per hook, the smallest of the repeats' medians: other jobs only ever add time
-        fits = [timed_fit(hidden, args.steps, make()) for _ in range(args.repeats)]
-        results[name] = {h: min(f[h] for f in fits) for h in STEP_HOOKS}
+    configs = _configs()
+    fits: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
+    # Round-robin, so that a change of the machine's speed (10-40% here, for minutes) hits every
+    # configuration alike; per hook, the smallest of the repeats' medians (load only adds time).
+    for _ in range(args.repeats):
+        for name, make in configs.items():
+            fits[name].append(timed_fit(hidden, args.steps, make()))
+    results = {
+        name: {h: min(f[h] for f in runs) for h in STEP_HOOKS} for name, runs in fits.items()
+    }
     base = sum(results["no callback"].values())
     short = [h.removeprefix("on_") for h in STEP_HOOKS]
     print("\nmedian µs per call of each hook (every callback of the fit together):")
@@ -148,6 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {name:<26} | {cells} | {total * 1e6:>8.2f} | {(total - base) * 1e6:>+5.1f} |")
     print("\nextra = µs a step beyond no callback: the untimed per-step cost the budget charges")
     print("as HOOK_SECONDS a monitor (lightning_landscape/callbacks/_schedule.py).")
+    print("\nLightning's dispatch of the five hooks other than on_train_batch_end, tight loop:")
+    base_loop = dispatch_loop([])
+    print(f"| {'callbacks':<26} | µs a step | extra |")
+    print("|" + "|".join("-" * n for n in (28, 11, 7)) + "|")
+    for name, make in configs.items():
+        t = dispatch_loop(make())
+        print(f"| {name:<26} | {t * 1e6:>9.2f} | {(t - base_loop) * 1e6:>+5.2f} |")
     return 0
 
 
