@@ -75,7 +75,6 @@ def _configs() -> dict[str, Callable[[], list[Any]]]:
 def timed_fit(hidden: Sequence[int], steps: int, callbacks: list[Any]) -> dict[str, float]:
     """Median seconds per call of each per-step hook over one fit (all callbacks together)."""
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.trainer import call
 
     calls: dict[str, list[float]] = {h: [] for h in STEP_HOOKS}
@@ -92,19 +91,7 @@ def timed_fit(hidden: Sequence[int], steps: int, callbacks: list[Any]) -> dict[s
     call._call_callback_hooks = timed
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = pl.Trainer(
-                accelerator="cpu",
-                devices=1,
-                max_steps=steps,
-                max_epochs=-1,
-                logger=TensorBoardLogger(tmp, name="run"),
-                callbacks=callbacks,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                enable_checkpointing=False,
-                num_sanity_val_steps=0,
-                default_root_dir=tmp,
-            )
+            trainer = overhead.make_trainer(steps, callbacks, tmp)
             trainer.fit(module, train_dataloaders=overhead.make_loader())
     finally:
         call._call_callback_hooks = original

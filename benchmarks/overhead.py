@@ -130,10 +130,31 @@ def read_landscape_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def make_trainer(max_steps: int, callbacks: list[Any], tmp: str) -> Any:
+    """The benchmark's Trainer: CPU, one device, a TensorBoardLogger in ``tmp``, no progress
+    bar, model summary, checkpointing or sanity check."""
+    pl = _lightning()
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=TensorBoardLogger(tmp, name="run"),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        # the monitor keeps its probe set under default_root_dir: keep it out of the cwd
+        default_root_dir=tmp,
+    )
+
+
 def fit_once(hidden: Sequence[int], max_steps: int, monitored: bool) -> dict[str, Any]:
     """One fit; returns its wall time, final weights and (if monitored) what it logged."""
     pl = _lightning()
-    from lightning.pytorch.loggers import TensorBoardLogger
 
     pl.seed_everything(SEED, verbose=False)
     module = make_module(hidden)
@@ -150,20 +171,7 @@ def fit_once(hidden: Sequence[int], max_steps: int, monitored: bool) -> dict[str
                 lightning_landscape.InPCAMonitor(),
             ]
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=max_steps,
-            max_epochs=-1,
-            logger=TensorBoardLogger(tmp, name="run"),
-            callbacks=callbacks,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            num_sanity_val_steps=0,
-            # the monitor keeps its probe set under default_root_dir: keep it out of the cwd
-            default_root_dir=tmp,
-        )
+        trainer = make_trainer(max_steps, callbacks, tmp)
         t0, c0 = time.perf_counter(), time.process_time()
         trainer.fit(module, train_dataloaders=loader)
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0

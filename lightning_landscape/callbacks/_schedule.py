@@ -32,8 +32,8 @@ PLANNING_SHARE = 0.9
 #: step beyond that. Measured on 2 CPU cores for HessianSpectrumMonitor on the 0.8 ms steps of a
 #: small MLP: its hooks timed inside a fit, +6 to +11 µs a step (``benchmarks/hooks.py``; 10-13 µs
 #: in earlier sessions, before the unused hooks were dropped); the median step time against no
-#: callback, +18 µs (four fits, 2026-12-01; +10 to
-#: +49 µs in earlier sessions), the run-to-run noise of that estimate being about as large. 25 µs
+#: callback, +18 µs (four fits, 2026-12-01; +10 to +49 µs in earlier sessions), the run-to-run
+#: noise of that estimate being about as large. 25 µs
 #: (3% of such a step, so on fast steps a good part of a 5% budget) stays on the safe side of
 #: those: charging 12 µs, the Hessian monitor's median overhead on those steps read 1.05-1.07x in
 #: four runs. The budget charges it as a rate, ``HOOK_SECONDS / step time`` per monitor, before
