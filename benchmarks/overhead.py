@@ -7,15 +7,33 @@ scaled to [0, 1], cross-entropy, SGD, batch 64) for a fixed ``max_steps``, with 
 schedule; with ``--monitors all`` also ``GradientCovarianceMonitor()``, ``DiffusionMapMonitor()``
 and ``InPCAMonitor()``, target <= 1.10), at two model sizes (64-32-10, about 2.4k parameters,
 and 64-256-256-10, about 85k).
-Both runs of a pair use the same seed, data order and thread count; the progress bar, model
-summary and checkpointing are off; each run logs to its own ``TensorBoardLogger`` in a temporary
-directory. Runs alternate, and the order inside a pair alternates too (without, with, with,
-without, without, with, ...), so that a drift in machine load hits both alike and neither side is
-always the later run of its pair; the ratio is median(with) / median(without), and the median of
-the per-pair ratios is reported beside it. Target: <= 1.05 (1.10 for all).
+Both fits of a pair use the same seed, data order and thread count; the progress bar, model
+summary and checkpointing are off; each fit logs to its own ``TensorBoardLogger`` in a temporary
+directory. Target: <= 1.05 (1.10 for all).
+
+Two protocols (``--protocol``):
+
+- ``lockstep`` (the default): the two fits of a pair run in two threads of one process that take
+  turns batch by batch (a callback last in each trainer hands the turn over at every
+  ``on_train_batch_end``, after the monitor's work there; one thread runs at a time), and each
+  fit's time is the sum of its own turns. Both fits then see the machine in the same state to
+  within a few milliseconds. On the shared 2-core machines this project runs on, the speed of
+  identical sequential fits drifts by 10-40% over minutes and by as much between seconds, more
+  than the 5% being measured; in lockstep that drift hits both fits alike. The fit that goes
+  first in each round runs its steps a few percent slower (the caches it finds were warmed by
+  the other model), so pairs alternate which fit goes first; the ratio is total(with) /
+  total(without) over the pairs. Also reported: the ratio over the training steps alone (turns
+  in which neither fit measured, set up or tore down), the per-step cost of the monitor's hooks
+  plus anything a measurement leaves behind that slows later steps. The monitor's budget gets a
+  clock (its ``clock=`` argument) that runs only in its own fit's turns: with the wall clock it
+  would count the other fit's turns as training time and spend twice its share.
+- ``sequential``: one fit after the other, the order inside a pair alternating (without, with,
+  with, without, ...) so that neither side is always the later run of its pair; the ratio is
+  median(with) / median(without), and the median of the per-pair ratios is reported beside it.
 
 Also reported, as estimates less exposed to other jobs on a shared machine: the ratio of the
-fastest runs and the ratio of process CPU times (``time.process_time``). And, from the
+fastest runs and the ratio of CPU times (``time.process_time`` of the process, sequential;
+``time.thread_time`` of each fit's thread, lockstep). And, from the
 TensorBoard events of the monitored run: how many measurements the monitor made and the seconds
 it logged for them (tags ``landscape/<monitor>/...``), the extra fit time those logged seconds
 do not account for ("unlogged": per-step hook cost, probe-set collection, figure and histogram
@@ -33,6 +51,7 @@ Run (from the repository root)::
     python benchmarks/overhead.py                      # two sizes, 2 pairs each (~10 min)
     python benchmarks/overhead.py --quick              # small model, ~15 s runs, 1 pair
     python benchmarks/overhead.py --max-steps 20000 --json overhead.json
+    python benchmarks/overhead.py --protocol sequential  # fits one after the other
 """
 
 from __future__ import annotations
@@ -40,11 +59,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -152,6 +174,24 @@ def make_trainer(max_steps: int, callbacks: list[Any], tmp: str) -> Any:
     )
 
 
+def make_callbacks(monitored: bool, clock: Any = None) -> list[Any]:
+    """The monitors of a monitored fit (none otherwise), at their defaults; ``clock`` is the
+    budget's time source (None: ``time.perf_counter``, the default)."""
+    if not monitored:
+        return []
+    import lightning_landscape
+
+    kw = {} if clock is None else {"clock": clock}
+    callbacks: list[Any] = [lightning_landscape.HessianSpectrumMonitor(**kw)]
+    if MONITORS == "all":
+        callbacks += [
+            lightning_landscape.GradientCovarianceMonitor(**kw),
+            lightning_landscape.DiffusionMapMonitor(**kw),
+            lightning_landscape.InPCAMonitor(**kw),
+        ]
+    return callbacks
+
+
 def fit_once(hidden: Sequence[int], max_steps: int, monitored: bool) -> dict[str, Any]:
     """One fit; returns its wall time, final weights and (if monitored) what it logged."""
     pl = _lightning()
@@ -159,27 +199,23 @@ def fit_once(hidden: Sequence[int], max_steps: int, monitored: bool) -> dict[str
     pl.seed_everything(SEED, verbose=False)
     module = make_module(hidden)
     loader = make_loader()
-    callbacks = []
-    if monitored:
-        import lightning_landscape
-
-        callbacks.append(lightning_landscape.HessianSpectrumMonitor())
-        if MONITORS == "all":
-            callbacks += [
-                lightning_landscape.GradientCovarianceMonitor(),
-                lightning_landscape.DiffusionMapMonitor(),
-                lightning_landscape.InPCAMonitor(),
-            ]
+    callbacks = make_callbacks(monitored)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(max_steps, callbacks, tmp)
         t0, c0 = time.perf_counter(), time.process_time()
         trainer.fit(module, train_dataloaders=loader)
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        scalars = read_landscape_scalars(tmp) if monitored else {}
-        # Everything the shared budget charged (measurements, recording, figure writes, probe
-        # capture): what lies beyond it is per-step cost the budget cannot time.
-        coord = getattr(trainer, "_landscape_coordinator", None)
-        charged = sum(coord.spent.values()) if coord is not None else 0.0
+        return _fit_result(trainer, module, tmp, monitored, seconds, cpu_seconds)
+
+
+def _fit_result(
+    trainer: Any, module: Any, tmp: str, monitored: bool, seconds: float, cpu_seconds: float
+) -> dict[str, Any]:
+    scalars = read_landscape_scalars(tmp) if monitored else {}
+    # Everything the shared budget charged (measurements, recording, figure writes, probe
+    # capture): what lies beyond it is per-step cost the budget cannot time.
+    coord = getattr(trainer, "_landscape_coordinator", None)
+    charged = sum(coord.spent.values()) if coord is not None else 0.0
     weights = torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
     return {
         "seconds": seconds,
@@ -189,6 +225,148 @@ def fit_once(hidden: Sequence[int], max_steps: int, monitored: bool) -> dict[str
         "scalars": scalars,
         "charged_seconds": charged,
     }
+
+
+class _Baton:
+    """Whose turn it is among ``n`` fits running in threads: exactly one runs at a time."""
+
+    def __init__(self, n: int) -> None:
+        self._cond = threading.Condition()
+        self._turn = 0
+        self._done = [False] * n
+
+    def acquire(self, i: int) -> None:
+        with self._cond:
+            while self._turn != i:
+                self._cond.wait()
+
+    def release(self, i: int, finished: bool = False) -> None:
+        """Hand the turn to the next unfinished fit after ``i`` (``i`` itself if it is the
+        only one left)."""
+        with self._cond:
+            if finished:
+                self._done[i] = True
+            n = len(self._done)
+            for k in range(1, n + 1):
+                if not self._done[(i + k) % n]:
+                    self._turn = (i + k) % n
+                    break
+            self._cond.notify_all()
+
+
+def _lockstep_callback(baton: _Baton, i: int, max_steps: int) -> Any:
+    """A callback, last in its trainer, that ends fit ``i``'s turn after each training batch
+    (after the monitors' work at that batch) and times the turns: the fit's own wall time is
+    the sum of its turns, handovers and the other fit's turns excluded."""
+    pl = _lightning()
+
+    class LockStep(pl.Callback):
+        def __init__(self) -> None:
+            self.turns = [0.0] * (max_steps + 1)
+            self.count = 0
+            self.extra = 0.0  # turns beyond max_steps + 1 (none expected)
+            self.started = 0.0
+            self._closed, self._summed = 0.0, 0  # running sum of turns[:_summed]
+
+        def begin(self) -> None:
+            baton.acquire(i)
+            self.started = time.perf_counter()
+
+        def _close_turn(self) -> None:
+            seconds = time.perf_counter() - self.started
+            if self.count < len(self.turns):
+                self.turns[self.count] = seconds
+            else:
+                self.extra += seconds
+            self.count += 1
+
+        def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+            self._close_turn()
+            baton.release(i)
+            self.begin()
+
+        def end(self) -> None:
+            self._close_turn()
+            baton.release(i, finished=True)
+
+        @property
+        def seconds(self) -> float:
+            return sum(self.turns[: self.count]) + self.extra
+
+        def own_time(self) -> float:
+            """A clock that runs only in this fit's turns: the monitors' budget clock, so
+            that it plans against this fit's time, not the two fits' together."""
+            done = self._closed + sum(self.turns[self._summed : min(self.count, len(self.turns))])
+            self._closed, self._summed = done, min(self.count, len(self.turns))
+            return done + self.extra + time.perf_counter() - self.started
+
+    return LockStep()
+
+
+def fit_lockstep(hidden: Sequence[int], max_steps: int, order: Sequence[bool]) -> list[dict]:
+    """Fits without and with the monitor (``order``: which is first in each round), run in
+    threads of this process that take turns batch by batch, so that both see the machine in the
+    same state to within a few milliseconds; each fit's time is the sum of its own turns.
+    Returns one result per entry of ``order`` (as :func:`fit_once`, plus ``turns``: the seconds
+    of each turn; turn ``k`` ends at batch ``k``, the last one after the end of fit)."""
+    pl = _lightning()
+
+    baton = _Baton(len(order))
+    fits = []
+    for i, monitored in enumerate(order):
+        pl.seed_everything(SEED, verbose=False)
+        module = make_module(hidden)
+        step_cb = _lockstep_callback(baton, i, max_steps)
+        tmp = tempfile.mkdtemp(prefix="overhead_")
+        callbacks = make_callbacks(monitored, clock=step_cb.own_time)
+        trainer = make_trainer(max_steps, [*callbacks, step_cb], tmp)
+        fits.append({"module": module, "trainer": trainer, "cb": step_cb, "tmp": tmp})
+    errors: list[BaseException | None] = [None] * len(order)
+
+    def work(i: int) -> None:
+        fit = fits[i]
+        fit["cb"].begin()
+        c0 = time.thread_time()
+        try:
+            fit["trainer"].fit(fit["module"], train_dataloaders=make_loader())
+        except BaseException as exc:  # reported after join; the other fit must not hang
+            errors[i] = exc
+        finally:
+            fit["cpu"] = time.thread_time() - c0
+            fit["cb"].end()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(order))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results = []
+    try:
+        for i, monitored in enumerate(order):
+            if errors[i] is not None:
+                raise errors[i]  # type: ignore[misc]
+            fit = fits[i]
+            res = _fit_result(
+                fit["trainer"], fit["module"], fit["tmp"], monitored, fit["cb"].seconds, fit["cpu"]
+            )
+            res["turns"] = fit["cb"].turns[: fit["cb"].count]
+            results.append(res)
+    finally:
+        for fit in fits:
+            shutil.rmtree(fit["tmp"], ignore_errors=True)
+    return results
+
+
+def step_ratio(with_turns: Sequence[float], without_turns: Sequence[float]) -> float:
+    """Mean turn time with the monitor over without, over the batches where neither fit did
+    more than a training step (turns under 5x the median: no measurement, no set-up or
+    teardown): the per-step cost of the monitor's hooks, and of anything a measurement leaves
+    behind that slows later steps."""
+    n = min(len(with_turns), len(without_turns))
+    w, o = with_turns[1 : n - 1], without_turns[1 : n - 1]
+    limit_w, limit_o = 5 * statistics.median(w), 5 * statistics.median(o)
+    keep = [(a, b) for a, b in zip(w, o, strict=True) if a < limit_w and b < limit_o]
+    return sum(a for a, _ in keep) / sum(b for _, b in keep)
 
 
 def summarize_scalars(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:
@@ -213,6 +391,8 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
     # are paid once per process, not per fit.
     fit_once(hidden, 50, monitored=False)
     fit_once(hidden, 50, monitored=True)
+    if args.protocol == "lockstep":
+        fit_lockstep(hidden, 50, (False, True))
     if args.max_steps:
         max_steps = args.max_steps
     else:
@@ -224,25 +404,31 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
     print(f"[{name}] D = {res['num_params']}, max_steps = {max_steps}", flush=True)
 
     base, mon, base_cpu, mon_cpu = [], [], [], []
-    same_weights = []
+    same_weights, step_ratios = [], []
     monitor_info: list[dict[str, Any]] = []
     for pair in range(args.pairs):
+        order = (False, True) if pair % 2 == 0 else (True, False)
         runs: dict[bool, dict[str, Any]] = {}
-        for monitored in (False, True) if pair % 2 == 0 else (True, False):
-            try:
-                runs[monitored] = fit_once(hidden, max_steps, monitored=monitored)
-            except Exception as exc:
-                res["error"] = f"{type(exc).__name__}: {exc}"
-                kind = "monitored" if monitored else "unmonitored"
-                print(f"[{name}] {kind} fit FAILED: {res['error']}", flush=True)
-                return res
-            run = runs[monitored]
-            print(
-                f"[{name}] pair {pair + 1}: {'with   ' if monitored else 'without'} "
-                f"{run['seconds']:.1f} s (cpu {run['cpu_seconds']:.1f} s)",
-                flush=True,
-            )
+        try:
+            if args.protocol == "lockstep":
+                runs = dict(zip(order, fit_lockstep(hidden, max_steps, order), strict=True))
+            else:
+                for monitored in order:
+                    runs[monitored] = fit_once(hidden, max_steps, monitored=monitored)
+        except Exception as exc:
+            res["error"] = f"{type(exc).__name__}: {exc}"
+            print(f"[{name}] pair {pair + 1} FAILED: {res['error']}", flush=True)
+            return res
         b, m = runs[False], runs[True]
+        line = (
+            f"[{name}] pair {pair + 1} ({'without first' if pair % 2 == 0 else 'with first'}): "
+            f"without {b['seconds']:.1f} s, with {m['seconds']:.1f} s, "
+            f"ratio {m['seconds'] / b['seconds']:.3f}, charged {m['charged_seconds']:.2f} s"
+        )
+        if "turns" in m:
+            step_ratios.append(step_ratio(m["turns"], b["turns"]))
+            line += f", training steps alone {step_ratios[-1]:.3f}"
+        print(line, flush=True)
         base.append(b["seconds"])
         mon.append(m["seconds"])
         base_cpu.append(b["cpu_seconds"])
@@ -253,7 +439,15 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
     res.update(
         without_seconds=base,
         with_seconds=mon,
-        ratio=statistics.median(mon) / statistics.median(base),
+        protocol=args.protocol,
+        # Lockstep pairs see the same machine, so their times add up: the headline is the
+        # ratio of the totals (pairs alternate which fit goes first in each round). Sequential
+        # fits do not: the ratio of medians.
+        ratio=(
+            sum(mon) / sum(base)
+            if args.protocol == "lockstep"
+            else statistics.median(mon) / statistics.median(base)
+        ),
         pair_ratios=[w / o for w, o in zip(mon, base, strict=True)],
         median_pair_ratio=statistics.median(w / o for w, o in zip(mon, base, strict=True)),
         weights_bitwise_equal=same_weights,
@@ -265,6 +459,11 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
     res["without_cpu_seconds"], res["with_cpu_seconds"] = base_cpu, mon_cpu
     res["cpu_ratio"] = statistics.median(mon_cpu) / statistics.median(base_cpu)
     res["target_met"] = res["ratio"] <= TARGET_RATIO
+    if step_ratios:
+        # Per-step cost alone (geometric mean over the pairs, whose alternating order cancels
+        # the first-in-the-round bias): the uncharged part of the overhead.
+        res["step_ratios"] = step_ratios
+        res["step_ratio"] = math.exp(statistics.fmean(math.log(r) for r in step_ratios))
     # Low-noise companions of the ratio: how much identical runs differ, and the share of the
     # measurements the monitor timed itself (excludes per-step hook costs).
     res["noise_spread"] = max(base) / min(base) - 1
@@ -307,8 +506,10 @@ def print_report(results: dict[str, Any]) -> None:
             continue
         verdict = "MET" if res["target_met"] else "MISSED"
         pairs = ", ".join(f"{r:.3f}" for r in res["pair_ratios"])
+        how = "total with / total without" if res["protocol"] == "lockstep" else "median/median"
         print(
-            f"{name}: ratio {res['ratio']:.3f} (pairs: {pairs}) -> target <= {TARGET_RATIO}: "
+            f"{name} ({res['protocol']}): ratio {res['ratio']:.3f} ({how}; pairs: {pairs}) -> "
+            f"target <= {TARGET_RATIO}: "
             f"{verdict}; final weights bitwise equal: {res['weights_bitwise_equal']}"
         )
         print(
@@ -320,6 +521,13 @@ def print_report(results: dict[str, Any]) -> None:
             f"{res['logged_share']:.2%} of the unmonitored fit; everything the budget charged: "
             f"{res['charged_share']:.2%}"
         )
+        if "step_ratio" in res:
+            print(
+                f"  lockstep: training steps alone (no measurement in either fit's turn) with "
+                f"over without: {res['step_ratio']:.4f} (pairs: "
+                + ", ".join(f"{r:.4f}" for r in res["step_ratios"])
+                + ")"
+            )
         steps = {k: v["steps"] for k, v in res["monitor"][-1].items() if isinstance(v, dict)}
         print(f"  measured at steps: {steps}")
         if not steps:
@@ -338,6 +546,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target-seconds", type=float, default=None, help="calibrated run length")
     parser.add_argument("--pairs", type=int, default=None, help="(without, with) pairs per size")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--protocol",
+        choices=("lockstep", "sequential"),
+        default="lockstep",
+        help="lockstep: each pair's two fits take turns batch by batch in one process (the "
+        "default: the machine's speed changes hit both alike); sequential: one fit after the "
+        "other",
+    )
     parser.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
     parser.add_argument(
         "--monitors",
