@@ -52,6 +52,8 @@ Run (from the repository root)::
     python benchmarks/overhead.py --quick              # small model, ~15 s runs, 1 pair
     python benchmarks/overhead.py --max-steps 20000 --json overhead.json
     python benchmarks/overhead.py --protocol sequential  # fits one after the other
+    # does a measurement slow the steps after it? (forced schedule, not the defaults)
+    python benchmarks/overhead.py --sizes small --max-steps 20000 --every-n-steps 2000
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ TARGET_RATIO = 1.05
 #: DESIGN.md ("Cost"): the Hessian monitor alone <= 5%, the four monitors together <= 10%.
 TARGETS = {"hessian": 1.05, "all": 1.10}
 MONITORS = "hessian"  # set by --monitors
+EVERY_N_STEPS: int | None = None  # set by --every-n-steps (not the defaults: a diagnosis)
 SEED = 0
 BATCH_SIZE = 64
 SIZES: dict[str, tuple[int, ...]] = {"small": (32,), "large": (256, 256)}
@@ -181,7 +184,9 @@ def make_callbacks(monitored: bool, clock: Any = None) -> list[Any]:
         return []
     import lightning_landscape
 
-    kw = {} if clock is None else {"clock": clock}
+    kw: dict[str, Any] = {} if clock is None else {"clock": clock}
+    if EVERY_N_STEPS is not None:
+        kw["every_n_steps"] = EVERY_N_STEPS
     callbacks: list[Any] = [lightning_landscape.HessianSpectrumMonitor(**kw)]
     if MONITORS == "all":
         callbacks += [
@@ -357,6 +362,25 @@ def fit_lockstep(hidden: Sequence[int], max_steps: int, order: Sequence[bool]) -
     return results
 
 
+def after_measurement_ratios(
+    with_turns: Sequence[float], without_turns: Sequence[float], every: int, window: int = 1000
+) -> list[float]:
+    """For a monitor measuring every ``every`` steps: the median per-batch ratio (with over
+    without) of the ``window`` batches after each measurement over that of the ``window``
+    before it. Above 1 if a measurement leaves something behind that slows later steps."""
+    n = min(len(with_turns), len(without_turns))
+    r = [a / b for a, b in zip(with_turns[:n], without_turns[:n], strict=True)]
+    out = []
+    # The measurement at global step s runs in the turn that ends at batch s - 1.
+    for s in range(every, n - window, every):
+        if s - window < 1:
+            continue
+        before = statistics.median(r[s - window : s - 2])
+        after = statistics.median(r[s + 1 : s + window])
+        out.append(after / before)
+    return out
+
+
 def step_ratio(with_turns: Sequence[float], without_turns: Sequence[float]) -> float:
     """Mean turn time with the monitor over without, over the batches where neither fit did
     more than a training step (turns under 5x the median: no measurement, no set-up or
@@ -404,7 +428,7 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
     print(f"[{name}] D = {res['num_params']}, max_steps = {max_steps}", flush=True)
 
     base, mon, base_cpu, mon_cpu = [], [], [], []
-    same_weights, step_ratios = [], []
+    same_weights, step_ratios, after_ratios = [], [], []
     monitor_info: list[dict[str, Any]] = []
     for pair in range(args.pairs):
         order = (False, True) if pair % 2 == 0 else (True, False)
@@ -428,6 +452,10 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
         if "turns" in m:
             step_ratios.append(step_ratio(m["turns"], b["turns"]))
             line += f", training steps alone {step_ratios[-1]:.3f}"
+            if EVERY_N_STEPS is not None:
+                jumps = after_measurement_ratios(m["turns"], b["turns"], EVERY_N_STEPS)
+                after_ratios.extend(jumps)
+                line += ", after/before each measurement " + " ".join(f"{j:.3f}" for j in jumps)
         print(line, flush=True)
         base.append(b["seconds"])
         mon.append(m["seconds"])
@@ -464,6 +492,11 @@ def run_size(name: str, hidden: tuple[int, ...], args: argparse.Namespace) -> di
         # the first-in-the-round bias): the uncharged part of the overhead.
         res["step_ratios"] = step_ratios
         res["step_ratio"] = math.exp(statistics.fmean(math.log(r) for r in step_ratios))
+    if after_ratios:
+        res["after_measurement_ratios"] = after_ratios
+        res["after_measurement_ratio"] = math.exp(
+            statistics.fmean(math.log(r) for r in after_ratios)
+        )
     # Low-noise companions of the ratio: how much identical runs differ, and the share of the
     # measurements the monitor timed itself (excludes per-step hook costs).
     res["noise_spread"] = max(base) / min(base) - 1
@@ -505,6 +538,8 @@ def print_report(results: dict[str, Any]) -> None:
         if "error" in res:
             continue
         verdict = "MET" if res["target_met"] else "MISSED"
+        if EVERY_N_STEPS is not None:
+            verdict += f" (not judged: every_n_steps={EVERY_N_STEPS}, not the defaults)"
         pairs = ", ".join(f"{r:.3f}" for r in res["pair_ratios"])
         how = "total with / total without" if res["protocol"] == "lockstep" else "median/median"
         print(
@@ -527,6 +562,13 @@ def print_report(results: dict[str, Any]) -> None:
                 f"over without: {res['step_ratio']:.4f} (pairs: "
                 + ", ".join(f"{r:.4f}" for r in res["step_ratios"])
                 + ")"
+            )
+        if "after_measurement_ratio" in res:
+            vals = res["after_measurement_ratios"]
+            print(
+                f"  per-batch time ratio after / before each measurement (1,000 batches each "
+                f"side): geometric mean {res['after_measurement_ratio']:.4f} over {len(vals)} "
+                f"measurements (range {min(vals):.3f}-{max(vals):.3f})"
             )
         steps = {k: v["steps"] for k, v in res["monitor"][-1].items() if isinstance(v, dict)}
         print(f"  measured at steps: {steps}")
@@ -561,9 +603,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="hessian",
         help="HessianSpectrumMonitor alone (target 1.05) or all four monitors (target 1.10)",
     )
+    parser.add_argument(
+        "--every-n-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="diagnosis, not the defaults: the monitors measure every N steps instead of on "
+        "their budget; with --protocol lockstep, also reports the per-batch time after each "
+        "measurement over before it",
+    )
     args = parser.parse_args(argv)
-    global MONITORS, TARGET_RATIO
+    global MONITORS, TARGET_RATIO, EVERY_N_STEPS
     MONITORS, TARGET_RATIO = args.monitors, TARGETS[args.monitors]
+    EVERY_N_STEPS = args.every_n_steps
     if args.target_seconds is None:
         args.target_seconds = 15.0 if args.quick else 75.0
     if args.pairs is None:
