@@ -185,9 +185,10 @@ def make_callbacks(monitored: bool, clock: Any = None) -> list[Any]:
     import lightning_landscape
 
     kw: dict[str, Any] = {} if clock is None else {"clock": clock}
-    if EVERY_N_STEPS is not None:
-        kw["every_n_steps"] = EVERY_N_STEPS
-    callbacks: list[Any] = [lightning_landscape.HessianSpectrumMonitor(**kw)]
+    # --every-n-steps forces the Hessian monitor's schedule only (the diffusion monitor's
+    # every_n_steps is its sampling interval).
+    every = {} if EVERY_N_STEPS is None else {"every_n_steps": EVERY_N_STEPS}
+    callbacks: list[Any] = [lightning_landscape.HessianSpectrumMonitor(**kw, **every)]
     if MONITORS == "all":
         callbacks += [
             lightning_landscape.GradientCovarianceMonitor(**kw),
@@ -608,8 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         metavar="N",
-        help="diagnosis, not the defaults: the monitors measure every N steps instead of on "
-        "their budget; with --protocol lockstep, also reports the per-batch time after each "
+        help="diagnosis, not the defaults: the Hessian monitor measures every N steps instead "
+        "of on its budget; with --protocol lockstep, also reports the per-batch time after each "
         "measurement over before it",
     )
     args = parser.parse_args(argv)
