@@ -260,7 +260,7 @@ class _Baton:
             self._cond.notify_all()
 
 
-def _lockstep_callback(baton: _Baton, i: int, max_steps: int) -> Any:
+def _lockstep_callback(baton: _Baton, i: int) -> Any:
     """A callback, last in its trainer, that ends fit ``i``'s turn after each training batch
     (after the monitors' work at that batch) and times the turns: the fit's own wall time is
     the sum of its turns, handovers and the other fit's turns excluded."""
@@ -268,23 +268,17 @@ def _lockstep_callback(baton: _Baton, i: int, max_steps: int) -> Any:
 
     class LockStep(pl.Callback):
         def __init__(self) -> None:
-            self.turns = [0.0] * (max_steps + 1)
-            self.count = 0
-            self.extra = 0.0  # turns beyond max_steps + 1 (none expected)
+            self.turns: list[float] = []
+            self.seconds = 0.0  # sum of the closed turns
             self.started = 0.0
-            self._closed, self._summed = 0.0, 0  # running sum of turns[:_summed]
 
         def begin(self) -> None:
             baton.acquire(i)
             self.started = time.perf_counter()
 
         def _close_turn(self) -> None:
-            seconds = time.perf_counter() - self.started
-            if self.count < len(self.turns):
-                self.turns[self.count] = seconds
-            else:
-                self.extra += seconds
-            self.count += 1
+            self.turns.append(time.perf_counter() - self.started)
+            self.seconds += self.turns[-1]
 
         def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
             self._close_turn()
@@ -295,16 +289,10 @@ def _lockstep_callback(baton: _Baton, i: int, max_steps: int) -> Any:
             self._close_turn()
             baton.release(i, finished=True)
 
-        @property
-        def seconds(self) -> float:
-            return sum(self.turns[: self.count]) + self.extra
-
         def own_time(self) -> float:
             """A clock that runs only in this fit's turns: the monitors' budget clock, so
             that it plans against this fit's time, not the two fits' together."""
-            done = self._closed + sum(self.turns[self._summed : min(self.count, len(self.turns))])
-            self._closed, self._summed = done, min(self.count, len(self.turns))
-            return done + self.extra + time.perf_counter() - self.started
+            return self.seconds + time.perf_counter() - self.started
 
     return LockStep()
 
@@ -322,7 +310,7 @@ def fit_lockstep(hidden: Sequence[int], max_steps: int, order: Sequence[bool]) -
     for i, monitored in enumerate(order):
         pl.seed_everything(SEED, verbose=False)
         module = make_module(hidden)
-        step_cb = _lockstep_callback(baton, i, max_steps)
+        step_cb = _lockstep_callback(baton, i)
         tmp = tempfile.mkdtemp(prefix="overhead_")
         callbacks = make_callbacks(monitored, clock=step_cb.own_time)
         trainer = make_trainer(max_steps, [*callbacks, step_cb], tmp)
@@ -355,7 +343,7 @@ def fit_lockstep(hidden: Sequence[int], max_steps: int, order: Sequence[bool]) -
             res = _fit_result(
                 fit["trainer"], fit["module"], fit["tmp"], monitored, fit["cb"].seconds, fit["cpu"]
             )
-            res["turns"] = fit["cb"].turns[: fit["cb"].count]
+            res["turns"] = fit["cb"].turns
             results.append(res)
     finally:
         for fit in fits:
