@@ -23,33 +23,15 @@ from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, loader
 
 
-def _trainer(tmp_path, callbacks, *, max_steps=12, logger=True, **kw) -> L.Trainer:
-    log = TensorBoardLogger(str(tmp_path), name="", version=0) if logger is True else logger
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=log,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        default_root_dir=str(tmp_path),
-        **kw,
-    )
-
-
 def _final_weights(module: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
 
 
-def test_logged_eigenvalues_match_exact_hessian_of_probe_set(tmp_path):
+def test_logged_eigenvalues_match_exact_hessian_of_probe_set(tmp_path, make_trainer):
     torch.manual_seed(0)
     module = DigitsModule(hidden=12)
     monitor = HessianSpectrumMonitor(every_n_steps=5, top_k=5, num_probe_batches=2)
-    trainer = _trainer(tmp_path, [monitor], max_steps=10)
+    trainer = make_trainer([monitor], max_steps=10)
     train = loader(32)
     trainer.fit(module, train)
 
@@ -88,10 +70,10 @@ def test_logged_eigenvalues_match_exact_hessian_of_probe_set(tmp_path):
     assert abs(trace - exact.sum()) <= 0.05 * np.abs(exact).sum()
 
 
-def test_training_step_logging_is_silenced(tmp_path):
+def test_training_step_logging_is_silenced(tmp_path, make_trainer):
     module = DigitsModule()
     monitor = HessianSpectrumMonitor(every_n_steps=3, top_k=3, density=False, trace=False)
-    _trainer(tmp_path, [monitor], max_steps=9).fit(module, loader(32))
+    make_trainer([monitor], max_steps=9).fit(module, loader(32))
     assert monitor.num_measurements == 4
     # training_step ran for the measurements too, but only the 9 real steps reached self.log.
     assert module.step_calls > 9
@@ -102,12 +84,14 @@ def test_training_step_logging_is_silenced(tmp_path):
     ("dropout", "shuffle", "train_mode"),
     [(0.0, False, False), (0.3, True, False), (0.3, True, True)],
 )
-def test_training_is_bitwise_unchanged(tmp_path, dropout, shuffle, train_mode):
+def test_training_is_bitwise_unchanged(tmp_path, dropout, shuffle, train_mode, make_trainer):
     def run(with_monitor: bool) -> list[torch.Tensor]:
         L.seed_everything(1)
         module = DigitsModule(dropout=dropout)
         cbs = [HessianSpectrumMonitor(every_n_steps=4, top_k=3, train_mode=train_mode)]
-        trainer = _trainer(tmp_path / str(with_monitor), cbs if with_monitor else [], max_steps=10)
+        trainer = make_trainer(
+            root=tmp_path / str(with_monitor), callbacks=cbs if with_monitor else [], max_steps=10
+        )
         trainer.fit(module, loader(32, shuffle=shuffle))
         if with_monitor:
             assert cbs[0].num_measurements == 4  # steps 0, 4, 8 and the end (10)
@@ -138,27 +122,27 @@ def test_module_modes_restored_individually():
     assert module.training and module[0].training and not module[1].training
 
 
-def test_works_with_no_arguments_budget_schedule(tmp_path):
+def test_works_with_no_arguments_budget_schedule(tmp_path, make_trainer):
     module = DigitsModule()
     monitor = HessianSpectrumMonitor()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the end-of-fit measurement overshoots a 15-step budget
-        _trainer(tmp_path, [monitor], max_steps=15).fit(module, loader(32))
+        make_trainer([monitor], max_steps=15).fit(module, loader(32))
     acc = load_events(str(tmp_path))
     assert 15 in scalar_series(acc, "landscape/hessian/eigenvalue_01")  # end-of-fit
     assert monitor.skipped == 0 and monitor.num_measurements >= 1
 
 
-def test_per_layer_groups_are_logged(tmp_path):
+def test_per_layer_groups_are_logged(tmp_path, make_trainer):
     module = DigitsModule(hidden=8)
     monitor = HessianSpectrumMonitor(every_n_steps=100, top_k=3, groups="layer")
-    _trainer(tmp_path, [monitor], max_steps=2).fit(module, loader(32))
+    make_trainer([monitor], max_steps=2).fit(module, loader(32))
     acc = load_events(str(tmp_path))
     for group in ("net.0", "net.2"):
         assert f"landscape/hessian/{group}/eigenvalue_01" in acc.Tags()["scalars"]
 
 
-def test_nan_loss_warns_once_skips_and_training_goes_on(tmp_path):
+def test_nan_loss_warns_once_skips_and_training_goes_on(tmp_path, make_trainer):
     calls = {"n": 0}
 
     def loss_fn(model, batch):
@@ -168,7 +152,7 @@ def test_nan_loss_warns_once_skips_and_training_goes_on(tmp_path):
     module = DigitsModule()
     monitor = HessianSpectrumMonitor(every_n_steps=2, top_k=3, loss_fn=loss_fn)
     with pytest.warns(RuntimeWarning, match="skipped the measurement") as record:
-        _trainer(tmp_path, [monitor], max_steps=6).fit(module, loader(32))
+        make_trainer([monitor], max_steps=6).fit(module, loader(32))
     skip_warnings = [w for w in record if "skipped the measurement" in str(w.message)]
     assert len(skip_warnings) == 1
     assert monitor.skipped == 4 and monitor.num_measurements == 0
@@ -257,23 +241,21 @@ def test_probe_set_survives_resume(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_scalars_reach_any_logger_and_warn_once_without_tensorboard(tmp_path):
+def test_scalars_reach_any_logger_and_warn_once_without_tensorboard(tmp_path, make_trainer):
     from lightning_landscape.dashboard import writer as dashboard_writer
 
     dashboard_writer._reset_warn_once()
     logger = CSVLogger(str(tmp_path), name="csv", version=0)
     monitor = HessianSpectrumMonitor(every_n_steps=2, top_k=2)
     with pytest.warns(UserWarning, match="no TensorBoardLogger"):
-        _trainer(tmp_path, [monitor], max_steps=4, logger=logger).fit(DigitsModule(), loader(32))
+        make_trainer([monitor], max_steps=4, logger=logger).fit(DigitsModule(), loader(32))
     text = open(os.path.join(logger.log_dir, "metrics.csv")).read()
     assert "landscape/hessian/eigenvalue_01" in text
 
 
-def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):
+def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path, make_trainer):
     monitor = HessianSpectrumMonitor(every_n_steps=2, top_k=2, density=False, trace=False)
-    _trainer(tmp_path, [monitor], max_steps=4, accumulate_grad_batches=3).fit(
-        DigitsModule(), loader(16)
-    )
+    make_trainer([monitor], max_steps=4, accumulate_grad_batches=3).fit(DigitsModule(), loader(16))
     acc = load_events(str(tmp_path))
     assert sorted(scalar_series(acc, "landscape/hessian/eigenvalue_01")) == [0, 2, 4]
 
@@ -298,7 +280,7 @@ def test_bad_configuration_raises_at_construction(kwargs, match):
         HessianSpectrumMonitor(**kwargs)
 
 
-def test_manual_optimisation_requires_loss_fn(tmp_path):
+def test_manual_optimisation_requires_loss_fn(tmp_path, make_trainer):
     class Manual(DigitsModule):
         def __init__(self):
             super().__init__()
@@ -312,11 +294,11 @@ def test_manual_optimisation_requires_loss_fn(tmp_path):
             opt.step()
 
     with pytest.raises(ValueError, match="loss_fn is required with manual optimisation"):
-        _trainer(tmp_path, [HessianSpectrumMonitor()], max_steps=2).fit(Manual(), loader(32))
+        make_trainer([HessianSpectrumMonitor()], max_steps=2).fit(Manual(), loader(32))
     monitor = HessianSpectrumMonitor(
         every_n_steps=1, top_k=2, loss_fn=cross_entropy_loss, density=False, trace=False
     )
-    _trainer(tmp_path / "ok", [monitor], max_steps=2).fit(Manual(), loader(32))
+    make_trainer(root=tmp_path / "ok", callbacks=[monitor], max_steps=2).fit(Manual(), loader(32))
     assert monitor.num_measurements == 3
 
 
@@ -336,7 +318,7 @@ def test_half_precision_weights_are_refused(tmp_path):
         monitor.setup(trainer, DigitsModule(), "fit")
 
 
-def test_sync_batchnorm_in_train_mode_is_refused(tmp_path):
+def test_sync_batchnorm_in_train_mode_is_refused(tmp_path, make_trainer):
     class WithSyncBN(DigitsModule):
         def __init__(self):
             super().__init__()
@@ -345,9 +327,11 @@ def test_sync_batchnorm_in_train_mode_is_refused(tmp_path):
             )
 
     with pytest.raises(ValueError, match="train_mode=True is not supported with SyncBatchNorm"):
-        _trainer(
-            tmp_path, [HessianSpectrumMonitor(every_n_steps=1, train_mode=True)], max_steps=2
-        ).fit(WithSyncBN(), loader(32))
+        make_trainer([HessianSpectrumMonitor(every_n_steps=1, train_mode=True)], max_steps=2).fit(
+            WithSyncBN(), loader(32)
+        )
     monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, density=False, trace=False)
-    _trainer(tmp_path / "eval", [monitor], max_steps=2).fit(WithSyncBN(), loader(32))
+    make_trainer(root=tmp_path / "eval", callbacks=[monitor], max_steps=2).fit(
+        WithSyncBN(), loader(32)
+    )
     assert monitor.num_measurements == 3 and monitor.skipped == 0

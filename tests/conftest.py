@@ -1,0 +1,51 @@
+"""Fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+
+
+@pytest.fixture
+def make_trainer(tmp_path) -> Callable[..., L.Trainer]:
+    """A factory for the quiet, deterministic single-CPU Trainer the monitor tests use.
+
+    ``make_trainer(callbacks, max_steps=12, logger=True, root=None, **kw)``: ``logger=True`` is
+    a TensorBoardLogger writing to ``root/version_0``; pass a logger, a list, or ``False``
+    instead. ``root`` (default ``tmp_path``) is also the ``default_root_dir``. Checkpointing is
+    off unless ``enable_checkpointing=True`` is passed; every other keyword goes to
+    :class:`lightning.Trainer`.
+    """
+
+    def factory(
+        callbacks: Sequence[Any] = (),
+        *,
+        max_steps: int = 12,
+        logger: bool | Logger | Sequence[Logger] = True,
+        root: str | os.PathLike[str] | None = None,
+        **kw: Any,
+    ) -> L.Trainer:
+        root = str(tmp_path if root is None else root)
+        if logger is True:
+            logger = TensorBoardLogger(root, name="", version=0)
+        kw.setdefault("enable_checkpointing", False)
+        kw.setdefault("accelerator", "cpu")
+        kw.setdefault("devices", 1)
+        kw.setdefault("default_root_dir", root)
+        return L.Trainer(
+            max_steps=max_steps,
+            logger=logger,
+            callbacks=list(callbacks),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            deterministic=True,
+            **kw,
+        )
+
+    return factory
