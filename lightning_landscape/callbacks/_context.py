@@ -4,6 +4,7 @@ collectives. No mathematics here."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,13 +21,12 @@ def isolated(pl_module: nn.Module, *, train_mode: bool) -> Iterator[None]:
     """Run a measurement without leaving a trace on training.
 
     Restores each module's own train/eval flag (not a blanket ``.train()``), the torch (CPU and
-    CUDA), numpy and ``random`` RNG states, the buffers (batch-norm statistics move in train mode)
-    and the state of any torchmetrics ``Metric`` that ``training_step`` may update. ``.grad`` is
-    never written: the estimators use ``torch.autograd.grad``.
+    CUDA), numpy and ``random`` RNG states, and the module's own state (:class:`_ModuleState`):
+    whatever ``training_step`` keeps on ``self`` or on a submodule (recurrent hidden state,
+    counters, an EMA teacher, torchmetrics states) is as it was before. ``.grad`` is never
+    written: the estimators use ``torch.autograd.grad``.
     """
-    modes = [(m, m.training) for m in pl_module.modules()]
-    buffers = [(b, b.detach().clone()) for b in pl_module.buffers()] if train_mode else []
-    metrics = _metric_states(pl_module)
+    state = _ModuleState(pl_module)
     np_state, py_state = np.random.get_state(), random.getstate()
     devices = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -36,40 +36,85 @@ def isolated(pl_module: nn.Module, *, train_mode: bool) -> Iterator[None]:
             pl_module.train(train_mode)
             yield
     finally:
-        for m, flag in modes:
-            m.training = flag
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        _restore_metric_states(metrics)
+        state.restore()
         np.random.set_state(np_state)
         random.setstate(py_state)
 
 
-def _metric_states(module: nn.Module) -> list[tuple[Any, dict[str, Any]]]:
-    saved = []
-    for m in module.modules():
-        defaults = getattr(m, "_defaults", None)
-        if isinstance(defaults, dict) and hasattr(m, "_update_count"):
-            state = {k: _clone(getattr(m, k)) for k in defaults}
-            state["_update_count"] = m._update_count
-            state["_computed"] = _clone(getattr(m, "_computed", None))
-            saved.append((m, state))
-    return saved
+#: Containers whose contents are restored in place (a list that training_step appends to).
+_CONTAINERS = (list, dict, set)
 
 
-def _restore_metric_states(saved: list[tuple[Any, dict[str, Any]]]) -> None:
-    for m, state in saved:
-        for k, v in state.items():
-            setattr(m, k, v)
+class _ModuleState:
+    """A snapshot of every module's Python-level state, restored after a measurement.
+
+    Per module (``pl_module.modules()``):
+
+    * its ``__dict__`` by identity: an attribute reassigned in the measurement (``self.hidden =
+      ...``, ``self.count = self.count + 1``, a train/eval flag) gets its old object back and an
+      added attribute is removed;
+    * the contents of lists, dicts and sets held directly as attributes
+      (``self.outputs.append(...)``; also the registries of parameters, buffers, submodules and
+      hooks), shallowly;
+    * the values of tensors held directly as plain attributes (torchmetrics states, a counter
+      updated with ``+=``), of every buffer (batch-norm statistics, registered counters) and of
+      every parameter that does not require grad (an EMA teacher updated in place), by a copy
+      written back unconditionally (``.data`` writes bypass the version counters).
+
+    Trainable parameters are not copied: the estimators never write them, and a
+    ``training_step`` that changed them in place would break its own backward pass.
+    Memory: one copy of the buffers, the plain tensor attributes and the frozen parameters for
+    the length of the measurement.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.dicts: list[tuple[nn.Module, dict[str, Any]]] = []
+        self.contents: list[tuple[Any, Any]] = []
+        self.values: list[tuple[Tensor, Tensor]] = []
+        seen: set[int] = set()
+        for m in root.modules():
+            attrs = dict(m.__dict__)
+            self.dicts.append((m, attrs))
+            for value in attrs.values():
+                if isinstance(value, _CONTAINERS) and id(value) not in seen:
+                    seen.add(id(value))
+                    self.contents.append((value, copy.copy(value)))
+                elif isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                    self._copy_value(value, seen)
+        for b in root.buffers():
+            self._copy_value(b, seen)
+        for p in root.parameters():
+            if not p.requires_grad:
+                self._copy_value(p, seen)
+
+    def _copy_value(self, t: Tensor, seen: set[int]) -> None:
+        if id(t) not in seen:
+            seen.add(id(t))
+            self.values.append((t, t.detach().clone()))
+
+    def restore(self) -> None:
+        for m, attrs in self.dicts:
+            current = m.__dict__
+            for key in [k for k in current if k not in attrs]:
+                del current[key]
+            for key, value in attrs.items():
+                if current.get(key, _MISSING) is not value:
+                    current[key] = value
+        for container, saved in self.contents:
+            container.clear()
+            if isinstance(container, list):
+                container.extend(saved)
+            else:
+                container.update(saved)
+        with torch.no_grad():
+            for t, saved in self.values:
+                if t.shape == saved.shape:
+                    t.copy_(saved)
+                else:  # resized in place
+                    t.set_(saved)
 
 
-def _clone(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return v.detach().clone()
-    if isinstance(v, list):
-        return [_clone(x) for x in v]
-    return v
+_MISSING = object()
 
 
 def training_step_loss(pl_module: Any) -> Callable[[nn.Module, Any], Tensor]:
