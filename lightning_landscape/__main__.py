@@ -1,4 +1,8 @@
-"""Command line: ``python -m lightning_landscape inpca RUN_DIR [RUN_DIR ...] --out OUT_DIR``.
+"""Command line: ``python -m lightning_landscape {report,inpca} ...``.
+
+``report RUN_DIR [--out report.html] [--csv DIR] [--steps S ...]`` writes one self-contained
+HTML page of everything the monitors recorded in a run (read from its event files), and
+optionally the scalars as one CSV per monitor.
 
 ``inpca`` embeds the predictions that ``InPCAMonitor`` saved in several runs jointly (Mao et al.,
 PNAS 2024) and writes the result to TensorBoard as a run of its own, so ``tensorboard --logdir``
@@ -38,6 +42,22 @@ def _inpca(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .dashboard.report import read_run, write_csv, write_report
+
+    try:
+        record = read_run(args.run_dir)
+        out = write_report(args.run_dir, args.out, steps=args.steps, record=record)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report of {', '.join(record.monitors)} -> {out}")
+    if args.csv:
+        for path in write_csv(record, args.csv):
+            print(f"csv -> {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 on success, 2 on bad input)."""
     parser = argparse.ArgumentParser(prog="python -m lightning_landscape")
@@ -46,7 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run or log directories")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="TensorBoard run to write")
     p.add_argument("--n-components", type=int, default=3, help="dimensions (default 3)")
+    r = sub.add_parser("report", help="a self-contained HTML report of one run")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="run or log directory (event files)")
+    r.add_argument("--out", default="landscape_report.html", help="HTML file to write")
+    r.add_argument("--csv", metavar="DIR", help="also write the scalars as CSV files here")
+    r.add_argument(
+        "--steps", type=int, nargs="+", metavar="S", help="show figures nearest to these steps"
+    )
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return _report(args)
     if args.command == "inpca":
         if args.n_components < 1:
             parser.error(f"--n-components must be at least 1; got {args.n_components}")
