@@ -18,18 +18,20 @@ _warned_keys: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-def tensorboard_writer(trainer: Any) -> SummaryWriter | None:
-    """The ``SummaryWriter`` of the first ``TensorBoardLogger`` in ``trainer.loggers``.
+def tensorboard_writer(trainer: Any) -> SummaryWriter | Any | None:
+    """Where the monitors write histograms, figures, text and layouts.
 
-    Histograms, figures, text and layouts can only go to TensorBoard; scalars go through
-    ``trainer.loggers`` (any logger) instead.
+    The ``SummaryWriter`` of the first ``TensorBoardLogger`` in ``trainer.loggers``; when a
+    ``WandbLogger`` or ``MLFlowLogger`` is attached too (or instead), a
+    :class:`~lightning_landscape.dashboard.sinks.FanOutWriter` that also mirrors what those
+    can show. Scalars go through ``trainer.loggers`` (any logger) instead.
 
     Args:
         trainer: A ``lightning.pytorch.Trainer``.
 
     Returns:
         The writer on global rank 0; None on other ranks (rank 0 logs, and their logger holds
-        only a no-op stand-in) or when no ``TensorBoardLogger`` is attached.
+        only a no-op stand-in) or when no TensorBoard, W&B or MLflow logger is attached.
     """
     import sys
 
@@ -42,10 +44,12 @@ def tensorboard_writer(trainer: Any) -> SummaryWriter | None:
         kinds += (StandaloneTensorBoardLogger,)
     if getattr(trainer, "global_rank", 0) != 0:
         return None
-    for logger in getattr(trainer, "loggers", None) or ():
-        if isinstance(logger, kinds):
-            return logger.experiment
-    return None
+    from .sinks import FanOutWriter, mirrors_for
+
+    loggers = list(getattr(trainer, "loggers", None) or ())
+    tensorboard = next((lg.experiment for lg in loggers if isinstance(lg, kinds)), None)
+    mirrors = mirrors_for(loggers)
+    return FanOutWriter(tensorboard, mirrors) if mirrors else tensorboard
 
 
 def warn_once(key: str, message: str, *, category: type[Warning] = UserWarning) -> bool:
