@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from lightning_landscape.embeddings.predictions import (
+from lightning_landscape.sampling.predictions import (
     FORMAT_VERSION,
     PredictionStore,
     ProbeMismatchError,
