@@ -21,7 +21,7 @@ def _inpca(args: argparse.Namespace) -> int:
 
     from .dashboard.inpca import write_joint_inpca
     from .embeddings.joint import joint_inpca, resolve_runs
-    from .embeddings.predictions import ProbeMismatchError
+    from .sampling.predictions import ProbeMismatchError
 
     try:
         paths, names = resolve_runs(args.run_dirs)

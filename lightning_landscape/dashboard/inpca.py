@@ -1,12 +1,13 @@
-"""TensorBoard output of InPCA: trajectory figures, the custom-scalars layout, joint runs.
+"""TensorBoard output of InPCA: everything ``InPCAMonitor`` logs, trajectory figures, the
+custom-scalars layout, joint runs.
 
-matplotlib is imported when a figure is made; nothing here imports Lightning.
+matplotlib is imported when a figure is made; nothing here imports Lightning at import time.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,13 +17,16 @@ from .figures import write_figure
 from .layout import Layout, write_custom_scalars_layout
 from .projector import write_projector_embedding
 from .text import write_text
+from .writer import tensorboard_writer, warn_once
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from ..embeddings.geometry import TrajectoryGeometry
     from ..embeddings.joint import JointInPCA
+    from ..embeddings.prediction_trajectory import PredictionSummary
 
-__all__ = ["inpca_layout", "trajectory_figure", "write_joint_inpca"]
+__all__ = ["inpca_layout", "log_inpca", "trajectory_figure", "write_joint_inpca"]
 
 
 def trajectory_figure(
@@ -210,3 +214,115 @@ def write_joint_inpca(writer: Any, result: JointInPCA, *, tag: str = "inpca_join
         },
     )
     writer.flush()
+
+
+def _log_metrics(trainer: Any, prefix: str, values: Mapping[str, float], step: int) -> None:
+    metrics = {f"{prefix}/{k}": float(v) for k, v in values.items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def _geometry_scalars(geometry: TrajectoryGeometry) -> dict[str, float]:
+    values = {"distance_from_init": geometry.distance_from_init}
+    if geometry.cosine_successive_updates is not None:
+        values["cosine_successive_updates"] = geometry.cosine_successive_updates
+    for anchor, mc in geometry.mode_connectivity.items():
+        values[f"mc_{anchor}"] = mc
+        values[f"barrier_{anchor}"] = geometry.barrier[anchor]
+    return values
+
+
+def _prediction_scalars(summary: PredictionSummary) -> dict[str, float]:
+    values = {
+        "num_checkpoints": float(summary.num_checkpoints),
+        "probe_loss": summary.probe_loss,
+        "probe_accuracy": summary.probe_accuracy,
+        "progress": summary.progress,
+    }
+    if summary.embedding is not None:
+        for i, v in enumerate(summary.embedding.explained_stress_cumulative, 1):
+            values[f"explained_stress_top{i}"] = float(v)
+        values["n_imaginary"] = float(summary.embedding.n_imaginary)
+    return values
+
+
+def _write_embedding(
+    writer: Any, prefix: str, summary: PredictionSummary, step: int, projector: bool, figure: bool
+) -> None:
+    emb = summary.embedding
+    assert emb is not None
+    n, k = emb.coordinates.shape
+    steps = summary.steps[:n]
+    if projector:
+        metadata = {
+            "step": steps.tolist(),
+            "epoch": summary.epochs[:n].tolist(),
+            "loss": summary.losses[:n].tolist(),
+        }
+        write_projector_embedding(
+            writer, f"{prefix}/coordinates", emb.coordinates, metadata, global_step=step
+        )
+    if figure:
+        fig = trajectory_figure(
+            emb.coordinates,
+            steps=steps,
+            eigenvalues=emb.eigenvalues[: min(3, k)],
+            explained_stress=float(emb.explained_stress_cumulative[min(3, k) - 1]),
+            title=f"InPCA trajectory up to step {step}",
+        )
+        write_figure(writer, f"{prefix}/trajectory", fig, step)
+
+
+def log_inpca(
+    trainer: Any,
+    step: int,
+    *,
+    geometry: TrajectoryGeometry | None = None,
+    predictions: PredictionSummary | None = None,
+    embedding: PredictionSummary | None = None,
+    projector: bool = True,
+    figure: bool = True,
+    prefix: str = "landscape/inpca",
+    geometry_prefix: str = "landscape/geometry",
+) -> bool:
+    """Everything ``InPCAMonitor`` logs at ``step`` (call on global rank 0).
+
+    Scalars go to every logger in ``trainer.loggers``: ``geometry`` as
+    ``<geometry_prefix>/distance_from_init``, ``cosine_successive_updates``, ``mc_<anchor>``,
+    ``barrier_<anchor>``; ``predictions`` as ``<prefix>/num_checkpoints``, ``probe_loss``,
+    ``probe_accuracy``, ``progress``, ``explained_stress_top<k>``, ``n_imaginary``. The
+    ``embedding`` goes to a TensorBoardLogger only (files, not events: pass it at epoch ends and
+    at the end of fit): projector ``<prefix>/coordinates`` (columns step, epoch, loss) and image
+    ``<prefix>/trajectory`` (top 3 dimensions).
+
+    Args:
+        trainer: A Lightning ``Trainer`` (its ``loggers``; its TensorBoard writer).
+        step: Step axis value (``trainer.global_step``).
+        geometry: Trajectory geometry of this measurement.
+        predictions: Prediction trajectory after this measurement.
+        embedding: Trajectory whose embedding (not None) is written to the projector and figure.
+        projector: Write the projector embedding.
+        figure: Write the trajectory figure.
+        prefix: Tag prefix of the InPCA scalars.
+        geometry_prefix: Tag prefix of the geometry scalars.
+
+    Returns:
+        False when an ``embedding`` was to be written and no TensorBoardLogger was found (one
+        warning per process), else True.
+    """
+    if geometry is not None:
+        _log_metrics(trainer, geometry_prefix, _geometry_scalars(geometry), step)
+    if predictions is not None:
+        _log_metrics(trainer, prefix, _prediction_scalars(predictions), step)
+    if embedding is None or embedding.embedding is None or not (projector or figure):
+        return True
+    writer = tensorboard_writer(trainer)
+    if writer is None:
+        warn_once(
+            "inpca-no-tensorboard",
+            "InPCAMonitor: no TensorBoardLogger among trainer.loggers; scalars are logged, "
+            "the projector embedding and the trajectory figure are not.",
+        )
+        return False
+    _write_embedding(writer, prefix, embedding, step, projector, figure)
+    return True

@@ -1,7 +1,14 @@
-"""Embeddings of point clouds: diffusion maps of trajectories, InPCA of predictions.
+"""Embeddings of point clouds: diffusion maps of trajectories, InPCA of predictions, and the
+trajectory geometry logged beside them.
 
-numpy/scipy/pynndescent only: no Lightning, no TensorBoard.
+numpy/scipy/pynndescent/torch only: no Lightning, no TensorBoard. The prediction store moved to
+:mod:`lightning_landscape.sampling`; its names still resolve here with a ``DeprecationWarning``.
 """
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
 
 from .diffusion import (
     Alignment,
@@ -11,50 +18,84 @@ from .diffusion import (
     diffusion_map,
     nystrom_extend,
 )
+from .geometry import (
+    GeometryTracker,
+    TrajectoryGeometry,
+    flat_parameters,
+    linear_path_losses,
+    loss_at_weights,
+    loss_barrier,
+    mode_connectivity,
+)
 from .inpca import (
     InPCA,
     bhattacharyya_distances,
     cross_bhattacharyya_distances,
     inpca,
-    mode_connectivity,
     progress_coordinate,
 )
 from .joint import JointInPCA, joint_inpca, resolve_runs
-from .predictions import (
-    FORMAT,
-    FORMAT_VERSION,
-    LoadedRuns,
-    PredictionRecord,
-    PredictionStore,
-    ProbeMismatchError,
-    find_stores,
-    load_runs,
-    sample_ids,
+from .prediction_trajectory import (
+    PredictionSummary,
+    PredictionTrajectory,
+    ProbePredictions,
+    gather_predictions,
+    predict_shard,
 )
 
 __all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
     "Alignment",
     "DiffusionMap",
     "DisconnectedGraphError",
+    "GeometryTracker",
     "InPCA",
     "JointInPCA",
-    "LoadedRuns",
-    "PredictionRecord",
-    "PredictionStore",
-    "ProbeMismatchError",
+    "PredictionSummary",
+    "PredictionTrajectory",
+    "ProbePredictions",
+    "TrajectoryGeometry",
     "align_to",
     "bhattacharyya_distances",
     "cross_bhattacharyya_distances",
     "diffusion_map",
-    "find_stores",
+    "flat_parameters",
+    "gather_predictions",
     "inpca",
     "joint_inpca",
-    "load_runs",
+    "linear_path_losses",
+    "loss_at_weights",
+    "loss_barrier",
     "mode_connectivity",
     "nystrom_extend",
+    "predict_shard",
     "progress_coordinate",
     "resolve_runs",
-    "sample_ids",
 ]
+
+#: Names of the prediction store, now in :mod:`lightning_landscape.sampling.predictions`.
+_MOVED_TO_SAMPLING = (
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LoadedRuns",
+    "PredictionRecord",
+    "PredictionStore",
+    "ProbeMismatchError",
+    "find_stores",
+    "load_runs",
+    "sample_ids",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_SAMPLING:
+        from ..sampling import predictions
+
+        warnings.warn(
+            f"lightning_landscape.embeddings.{name} moved to "
+            f"lightning_landscape.sampling.predictions.{name}; the old path will be removed in a "
+            "future release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(predictions, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,20 +14,22 @@ and the distance matrix is embedded by intensive PCA: :math:`W = -\tfrac12 L D L
 :math:`|\lambda|`, coordinates :math:`v \sqrt{|\lambda|}`; negative eigenvalues are "imaginary"
 directions (distances along them count negatively).
 
-Also here: the progress coordinate along the geodesic from the initial predictions to the truth,
-and two small formulas of trajectory geometry (Fort & Jastrzebski 2019; Yang et al. 2021) that the
-monitor logs beside the embedding. numpy and torch only: no Lightning, no TensorBoard.
+Also here: the progress coordinate along the geodesic from the initial predictions to the truth.
+(:func:`mode_connectivity` lives in :mod:`lightning_landscape.embeddings.geometry` with the rest
+of the trajectory geometry; it is re-exported here.) numpy and torch only: no Lightning, no
+TensorBoard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
+
+from .geometry import mode_connectivity
 
 __all__ = [
     "InPCA",
@@ -574,47 +576,3 @@ def progress_coordinate(
     phi = np.arctan2(y, x)
     out = np.mean(phi / theta[ok][None], axis=1)
     return float(out[0]) if single else out
-
-
-# ---------------------------------------------------------------------------------------------
-# Trajectory geometry
-# ---------------------------------------------------------------------------------------------
-
-
-def mode_connectivity(
-    losses: Sequence[float] | ArrayLike, ts: Sequence[float] | ArrayLike
-) -> float:
-    r"""Mode connectivity of two checkpoints from the losses on the linear path between them.
-
-    Yang et al. (2021): with :math:`\gamma(t) = (1-t) w_1 + t w_2` and :math:`L(\gamma(t))`
-    sampled at ``ts`` (0 and 1 included),
-
-    .. math::
-
-        mc = \tfrac12 (L(w_1) + L(w_2)) - L(\gamma(t^*)),\quad
-        t^* = \arg\max_t \bigl|\tfrac12 (L(w_1) + L(w_2)) - L(\gamma(t))\bigr|
-
-    over the interior grid points. mc < 0: a barrier (the path goes uphill); mc > 0: the path
-    dips below the endpoints' mean (poorly trained ends); mc ≈ 0: connected.
-
-    Args:
-        losses: Path losses, one per entry of ``ts``.
-        ts: Interpolation parameters, increasing, starting at 0 and ending at 1, at least 3.
-
-    Returns:
-        mc.
-
-    Raises:
-        ValueError: If the grid is malformed or the losses are not finite.
-    """
-    t = np.asarray(ts, dtype=np.float64)
-    loss = np.asarray(losses, dtype=np.float64)
-    if t.ndim != 1 or t.size < 3 or t[0] != 0.0 or t[-1] != 1.0 or np.any(np.diff(t) <= 0):
-        raise ValueError(f"ts must increase from 0 to 1 with at least 3 points; got {t.tolist()}")
-    if loss.shape != t.shape:
-        raise ValueError(f"losses must have one value per t ({t.size}); got shape {loss.shape}")
-    if not np.all(np.isfinite(loss)):
-        raise FloatingPointError(f"non-finite loss on the linear path: {loss.tolist()}")
-    mean_end = 0.5 * (loss[0] + loss[-1])
-    gaps = mean_end - loss[1:-1]
-    return float(gaps[int(np.argmax(np.abs(gaps)))])

@@ -2,7 +2,7 @@
 
 Mao et al. (PNAS 2024) embed the prediction trajectories of many networks together and find them
 on one low-dimensional manifold. :func:`joint_inpca` does that for runs recorded by
-``InPCAMonitor`` (or any :class:`~lightning_landscape.embeddings.predictions.PredictionStore`);
+``InPCAMonitor`` (or any :class:`~lightning_landscape.sampling.predictions.PredictionStore`);
 ``python -m lightning_landscape inpca RUN_DIR ... --out OUT_DIR`` writes the result to
 TensorBoard as its own run. numpy/torch only: no Lightning, no TensorBoard.
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..sampling.predictions import LoadedRuns, find_stores, load_runs
 from .inpca import InPCA, bhattacharyya_distances, inpca, progress_coordinate
-from .predictions import LoadedRuns, find_stores, load_runs
 
 __all__ = ["JointInPCA", "joint_inpca", "resolve_runs"]
 
@@ -92,7 +92,7 @@ def joint_inpca(
 
     Args:
         stores: Prediction store directories (e.g. from :func:`resolve_runs`) or runs already
-            loaded with :func:`~lightning_landscape.embeddings.predictions.load_runs`.
+            loaded with :func:`~lightning_landscape.sampling.predictions.load_runs`.
         names: Run names (default: the store paths).
         n_components: Dimensions of the embedding.
         block_size: Models per block of the distance computation.

@@ -19,9 +19,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_landscape.callbacks import inpca as inpca_module
 from lightning_landscape.callbacks.inpca import InPCAMonitor, _is_log_spaced
-from lightning_landscape.embeddings.predictions import PredictionStore, find_stores
+from lightning_landscape.dashboard import inpca as inpca_dashboard
+from lightning_landscape.sampling.predictions import PredictionStore, find_stores
 from tests.callbacks._clock import FakeClock
 from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, DistributedDigits, digits_dataset, loader
@@ -43,23 +43,6 @@ class _Snapshots(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every == 0:
             self._take(trainer, pl_module)
-
-
-def _trainer(tmp_path, callbacks, *, max_steps=12, **kw) -> L.Trainer:
-    kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=TensorBoardLogger(str(tmp_path), name="", version=0),
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        default_root_dir=str(tmp_path),
-        **kw,
-    )
 
 
 def _probe(n_batches: int = 2, batch_size: int = 32):
@@ -125,11 +108,11 @@ def _path_loss(w, template, x, y) -> float:
         return float(nn.functional.cross_entropy(model(x), y))
 
 
-def test_logged_embedding_and_geometry_match_float64_references(tmp_path):
+def test_logged_embedding_and_geometry_match_float64_references(tmp_path, make_trainer):
     monitor = InPCAMonitor(every_n_steps=5, num_probe_batches=2)
     snaps = _Snapshots(5)
     module = DigitsModule(hidden=12)
-    trainer = _trainer(tmp_path, [monitor, snaps], max_steps=20)
+    trainer = make_trainer([monitor, snaps], max_steps=20)
     trainer.fit(module, loader(32))
 
     acc = load_events(str(tmp_path))
@@ -191,10 +174,10 @@ def test_logged_embedding_and_geometry_match_float64_references(tmp_path):
     assert monitor.num_measurements == 5
 
 
-def test_training_is_bitwise_unchanged(tmp_path):
+def test_training_is_bitwise_unchanged(tmp_path, make_trainer):
     def run(callbacks, path):
         module = DigitsModule(hidden=12, dropout=0.1)
-        _trainer(path, callbacks, max_steps=12).fit(module, loader(32, shuffle=True))
+        make_trainer(callbacks, max_steps=12, root=path).fit(module, loader(32, shuffle=True))
         return [p.detach().clone() for p in module.parameters()]
 
     plain = run([], tmp_path / "plain")
@@ -203,9 +186,9 @@ def test_training_is_bitwise_unchanged(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_default_monitor_is_drop_in(tmp_path):
+def test_default_monitor_is_drop_in(tmp_path, make_trainer):
     monitor = InPCAMonitor()  # budget schedule: the origin and the end of fit at least
-    _trainer(tmp_path, [monitor], max_steps=20).fit(DigitsModule(hidden=12), loader(32))
+    make_trainer([monitor], max_steps=20).fit(DigitsModule(hidden=12), loader(32))
     acc = load_events(str(tmp_path))
     steps = sorted(scalar_series(acc, "landscape/inpca/num_checkpoints"))
     assert steps[0] == 0 and steps[-1] == 20
@@ -217,7 +200,7 @@ def test_default_monitor_is_drop_in(tmp_path):
     assert "landscape/geometry/mc_init" in acc.Tags()["scalars"]
 
 
-def test_epoch_end_writes_are_charged_to_the_budget(tmp_path, monkeypatch):
+def test_epoch_end_writes_are_charged_to_the_budget(monkeypatch, make_trainer):
     """The projector and figure of a new embedding, written at the next epoch end, cost time
     outside the measurement: it is charged to the monitor and planned for with the next one."""
 
@@ -228,22 +211,22 @@ def test_epoch_end_writes_are_charged_to_the_budget(tmp_path, monkeypatch):
         writes.append(step)
         clock.now += 7.0
 
-    monkeypatch.setattr(inpca_module, "write_figure", slow_figure)
+    monkeypatch.setattr(inpca_dashboard, "write_figure", slow_figure)
     monitor = InPCAMonitor(every_n_steps=8, clock=clock)  # measurements take 0 fake seconds
-    trainer = _trainer(tmp_path, [monitor], max_steps=40)
+    trainer = make_trainer([monitor], max_steps=40)
     trainer.fit(DigitsModule(hidden=12), loader(32))  # epoch ends at 16 and 32, end at 40
     assert writes == [16, 32, 40]
     assert trainer._landscape_coordinator.spent["inpca"] == pytest.approx(7.0 * len(writes))
     assert monitor.last_cost == pytest.approx(7.0)  # the last write, expected after the next
 
 
-def test_resume_continues_the_trajectory(tmp_path):
+def test_resume_continues_the_trajectory(tmp_path, make_trainer):
     modules = []
 
     def fit(steps, ckpt_path=None):
         monitor = InPCAMonitor(every_n_steps=4, num_probe_batches=2)
         ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_epochs=1)
-        trainer = _trainer(tmp_path, [monitor, ckpt], max_steps=steps, enable_checkpointing=True)
+        trainer = make_trainer([monitor, ckpt], max_steps=steps, enable_checkpointing=True)
         modules.append(DigitsModule(hidden=12))
         trainer.fit(modules[-1], loader(32, n=256), ckpt_path=ckpt_path)
         return monitor
@@ -285,7 +268,7 @@ def test_resume_continues_the_trajectory(tmp_path):
     assert dist == pytest.approx(float(torch.linalg.norm(w_end - w_init)), rel=1e-5)
 
 
-def test_log_spaced_schedule_and_inapplicable_outputs(tmp_path):
+def test_log_spaced_schedule_and_inapplicable_outputs(tmp_path, make_trainer):
     dict_loader = DataLoader(
         [{"x": x, "y": y} for x, y in digits_dataset(256)], batch_size=32, shuffle=False
     )
@@ -296,7 +279,7 @@ def test_log_spaced_schedule_and_inapplicable_outputs(tmp_path):
 
     monitor = InPCAMonitor(log_spaced_per_decade=4, num_probe_batches=2)
     with pytest.warns(UserWarning, match="outputs_fn does not apply"):
-        _trainer(tmp_path, [monitor], max_steps=12).fit(DictModule(hidden=12), dict_loader)
+        make_trainer([monitor], max_steps=12).fit(DictModule(hidden=12), dict_loader)
     acc = load_events(str(tmp_path))
     expected = [0, 1, 2, 3, 6, 10, 12]  # round(10**(k/4)) = 1, 2, 3, 6, 10, ... and the end
     assert sorted(scalar_series(acc, "landscape/geometry/distance_from_init")) == expected

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from lightning_landscape.__main__ import main
 from lightning_landscape.embeddings.joint import joint_inpca, resolve_runs
-from lightning_landscape.embeddings.predictions import PredictionStore, ProbeMismatchError
+from lightning_landscape.sampling.predictions import PredictionStore, ProbeMismatchError
 
 N, C = 12, 4
 

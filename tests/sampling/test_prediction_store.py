@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from lightning_landscape.embeddings.predictions import (
+from lightning_landscape.sampling.predictions import (
     FORMAT_VERSION,
     PredictionStore,
     ProbeMismatchError,
@@ -78,3 +78,22 @@ def test_sample_ids_follow_content_not_order():
     perm = np.array([3, 0, 4, 1, 2])
     np.testing.assert_array_equal(sample_ids(x[perm], y[perm]), ids[perm])
     assert sample_ids(x.astype(np.float32), y)[0] != ids[0]  # another dtype is another sample
+
+
+def test_the_old_embeddings_paths_still_resolve_with_a_deprecation_warning():
+    from lightning_landscape import embeddings, sampling
+    from lightning_landscape.embeddings import predictions as old_module
+    from lightning_landscape.sampling import predictions as new_module
+
+    for name in new_module.__all__:
+        with pytest.warns(
+            DeprecationWarning, match=f"{name} moved to lightning_landscape.sampling"
+        ):
+            assert getattr(old_module, name) is getattr(new_module, name)
+        with pytest.warns(DeprecationWarning, match=f"embeddings.{name} moved"):
+            assert getattr(embeddings, name) is getattr(new_module, name)
+    assert sampling.PredictionStore is new_module.PredictionStore
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        old_module.nothing  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        embeddings.nothing  # noqa: B018
