@@ -563,7 +563,6 @@ class LandscapeMonitor(ScheduledMonitor):
         super().load_state_dict(state_dict)
 
 
-
 def _cpu(batch: Any) -> Any:
     from lightning.pytorch.utilities import move_data_to_device
 
