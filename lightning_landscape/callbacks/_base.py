@@ -579,3 +579,15 @@ def _final_step(trainer: Trainer) -> int | None:
     if not np.isfinite(total) or total <= 0:
         return None
     return int(total)
+
+
+def _log_dir(trainer: Trainer) -> str:
+    """The first logger's directory, else ``default_root_dir``.
+
+    Not ``trainer.log_dir``: it broadcasts, and monitors call this on rank 0 only.
+    """
+    for logger in trainer.loggers:
+        directory = getattr(logger, "log_dir", None)
+        if directory:
+            return str(directory)
+    return str(trainer.default_root_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -18,9 +17,9 @@ from ..dashboard import tensorboard_writer, warn_once
 from ..dashboard.diffusion import diffusion_layout, write_diffusion_embedding
 from ..embeddings.diffusion import DiffusionMap, DisconnectedGraphError
 from ..embeddings.trajectory import TrajectoryEmbedder
-from ..sampling.sketch import ParameterSketch
-from ..sampling.store import Trajectory, TrajectoryStore
-from ._base import NUMERICAL_FAILURES, ScheduledMonitor, _check_positive_int
+from ..sampling.store import Trajectory
+from ._base import NUMERICAL_FAILURES, ScheduledMonitor, _check_positive_int, _log_dir
+from ._recorder import TrajectoryRecorder
 
 __all__ = ["DiffusionMapMonitor"]
 
@@ -30,37 +29,29 @@ class DiffusionMapMonitor(ScheduledMonitor):
 
     Drop-in: ``Trainer(callbacks=[DiffusionMapMonitor()])`` works on an unmodified
     LightningModule. Every ``every_n_steps`` optimizer steps (step 0 included) the trainable
-    parameters (``named_parameters()`` order, buffers excluded; the set is fixed at the first
-    sample) are copied, exactly for models of at most ``exact_max_params`` parameters and as a
-    seeded sparse JL sketch of ``sketch_dim`` numbers above (see
-    :mod:`lightning_landscape.sampling.sketch` for the distance distortion), and appended to a
-    :class:`~lightning_landscape.sampling.store.TrajectoryStore` in the run's log directory
-    (``<log_dir>/landscape_diffusion/<key>``): a crash loses at most the sample being written, and
-    a resumed run cuts the store back to its checkpoint, so there are no gaps or duplicates.
-    Recording reads the weights only (no probe set, no forward pass): training is bitwise
-    unchanged. With ``sample="gradients"`` the minibatch gradient in ``.grad`` that produced each
-    sampled step is recorded instead (the gradient field along the trajectory; step 0 has none).
+    parameters (``named_parameters()`` order, buffers excluded, fixed at the first sample) are
+    recorded, exactly up to ``exact_max_params`` parameters and as a seeded sparse JL sketch of
+    ``sketch_dim`` numbers above (:mod:`lightning_landscape.sampling.sketch`), in a
+    :class:`~lightning_landscape.sampling.store.TrajectoryStore` under
+    ``<log_dir>/landscape_diffusion/<key>``: a crash loses at most the sample being written, and
+    a resumed run cuts the store back to its checkpoint (no gaps, no duplicates). Recording
+    reads the weights only: training is bitwise unchanged. With ``sample="gradients"`` the
+    minibatch gradient that produced each sampled step is recorded instead (step 0 has none).
 
     The samples are embedded by
-    :class:`~lightning_landscape.embeddings.trajectory.TrajectoryEmbedder` (burn-in and window;
-    at most ``max_points`` evenly spaced samples fitted, the others placed by Nyström; each map
-    rotated onto the previous one, which is kept beside the store, so across a resume too),
-    synchronously on rank 0, at epoch ends and/or every ``embed_every_n_steps`` steps, and
-    always at the end of fit. With ``embed_every_n_epochs="auto"`` (the default) an epoch-end
-    embedding runs only if its predicted cost (the previous one's, scaled to the samples there
-    are now by the embedder's cost model) plus as much again in reserve for the end of fit keeps
-    the monitor within ``max_overhead`` (5%) and all monitors within 10% of the training time so
-    far; ``embed_every_n_epochs=n`` is a reproducible schedule instead. Recording and embedding
-    are charged to the budget shared with the other monitors. Neighbours are exact up to
-    ``exact_max_n`` (20 000) points, more than ``max_points``, so pynndescent and its 40–60 s
-    numba compilation are not reached by default.
+    :class:`~lightning_landscape.embeddings.trajectory.TrajectoryEmbedder` (burn-in, window,
+    at most ``max_points`` landmarks plus Nyström, each map rotated onto the previous one, which
+    is kept beside the store) on rank 0 at epoch ends and/or every ``embed_every_n_steps``
+    steps, and always at the end of fit. With ``embed_every_n_epochs="auto"`` (the default) an
+    epoch-end embedding runs only if its predicted cost, plus as much again in reserve for the
+    end of fit, keeps the monitor within ``max_overhead`` (5%) and all monitors within 10% of the
+    training time so far; ``embed_every_n_epochs=n`` is a reproducible schedule instead.
+    Recording and embedding are charged to the budget shared with the other monitors.
 
     Costs, for D trainable parameters, d = min(D, ``sketch_dim``) numbers per sample (D up to
-    ``exact_max_params``) and n samples: recording O(D) time per sample (the sketch recomputes
-    its hashes on the parameters' device; no D × d matrix), 8·d bytes per sample on disk and
-    nothing in memory; an embedding reads the n × d samples and costs O(m² d + (n − m) m d) for
-    m = min(n, ``max_points``); the projector files are rewritten at epoch ends and the end of
-    fit only.
+    ``exact_max_params``) and n samples: recording O(D) time per sample (no D × d matrix), 8·d
+    bytes per sample on disk, nothing in memory; an embedding O(m² d + (n − m) m d) for m =
+    min(n, ``max_points``) (neighbours exact up to ``exact_max_n`` = 20 000 points).
 
     DDP: parameters are replicated, so only rank 0 records and embeds; the only collective is
     one barrier that every rank reaches at the end of fit, so nothing can deadlock.
@@ -83,11 +74,9 @@ class DiffusionMapMonitor(ScheduledMonitor):
         sketch_dim: sketch size for models above ``exact_max_params`` parameters.
         exact_max_params: up to this many parameters the samples are exact.
         seed: seeds the sketch and the embedding.
-        max_overhead: the monitor's share of training time for the budget (None: 5%, applied
-            to the ``"auto"`` epoch-end embeddings only); given explicitly, it also gates the
-            scheduled embeddings (not the end-of-fit one).
-        log_projector: write the coordinates to the TensorBoard projector (epoch ends and the end
-            of fit only: they are files, not events).
+        max_overhead: the budget's share (None: 5%, for the ``"auto"`` embeddings only; given,
+            it also gates the scheduled embeddings, never the end-of-fit one).
+        log_projector: write the coordinates to the projector (epoch ends and end of fit).
         log_figure: write a figure of the trajectory in the first two coordinates.
         log_histogram: write the eigenvalues to the histogram dashboard.
         directory: folder for the trajectory store instead of the run's log directory.
@@ -141,7 +130,10 @@ class DiffusionMapMonitor(ScheduledMonitor):
             max_overhead=0.05 if max_overhead is None else max_overhead,
             clock=clock,
         )
-        _check_recording(every_n_steps, embed_every_n_epochs, embed_every_n_steps, sample)
+        _check_schedule(every_n_steps, embed_every_n_epochs, embed_every_n_steps)
+        self.recorder = TrajectoryRecorder(
+            sample=sample, sketch_dim=sketch_dim, exact_max_params=exact_max_params, seed=seed
+        )
         # Which samples, fitted how and aligned how: the core's options (it checks them).
         self.embedder = TrajectoryEmbedder(
             n_components=n_components,
@@ -155,34 +147,32 @@ class DiffusionMapMonitor(ScheduledMonitor):
             seed=seed,
             **diffusion_kwargs,
         )
-        _check_sketch(sketch_dim, exact_max_params)
         # "auto" (the default) puts the epoch-end embeddings on the budget; an explicit
         # schedule replaces it (DESIGN "Cost") unless max_overhead is given as well.
         self.embed_budget = max_overhead is not None
         self.embed_every_n_epochs = embed_every_n_epochs
         self.embed_every_n_steps = embed_every_n_steps
         self.sample = sample
-        self.sketch_dim, self.exact_max_params, self.seed = sketch_dim, exact_max_params, seed
         self.log_projector, self.log_figure = log_projector, log_figure
         self.log_histogram, self.directory = log_histogram, directory
         self._init_state()
 
     def _init_state(self) -> None:
         # Checkpointed state.
-        self.store_dir: str | None = None
-        self.store_rows = 0
-        self.param_names: list[str] | None = None
         self.num_embeddings = 0
         self.last_embedded_step: int | None = None
         # (seconds, samples) of the latest embedding: the budget's cost model for the next one.
         self.last_embed_cost: tuple[float, int] | None = None
         # Per-fit objects (ddp_spawn pickles callbacks: nothing opened here).
-        self._store: TrajectoryStore | None = None
-        self._sketch: ParameterSketch | None = None
         self._last_loss: float | torch.Tensor = math.nan
         self._last_result: DiffusionMap | None = None
         self._last: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._projector_written = False
+
+    @property
+    def store_dir(self) -> str | None:
+        """The folder of the trajectory store (None before the first fit)."""
+        return self.recorder.directory
 
     @property
     def last_result(self) -> DiffusionMap | None:
@@ -201,8 +191,13 @@ class DiffusionMapMonitor(ScheduledMonitor):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if trainer.is_global_zero:
-            self._open_store(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        key = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.state_key)[:120]
+        root = self.directory or _log_dir(trainer)
+        self.recorder.open(pl_module, os.path.join(root, "landscape_diffusion", key))
+        last = self.last_measured_step  # the saved embedding, cut back to the checkpoint
+        self.embedder.load(self._previous_path(), until_step=-1 if last is None else last)
 
     @override
     def on_train_batch_end(
@@ -217,20 +212,17 @@ class DiffusionMapMonitor(ScheduledMonitor):
         step, n = trainer.global_step, self.embed_every_n_steps
         if step != seen and n is not None and step % n == 0 and step > 0:
             if trainer.is_global_zero:  # the step schedule's embedding, after that step's sample
-                self._embed(trainer, step, final=False, budget=self.embed_budget)
+                self._embed(trainer, step, budget=self.embed_budget, projector=False)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        n = self.embed_every_n_epochs
-        if n is None or not trainer.is_global_zero:
+        n, step = self.embed_every_n_epochs, trainer.global_step
+        if n is None or not trainer.is_global_zero or step == self.last_embedded_step:
             return
-        if n != "auto" and (trainer.current_epoch + 1) % n:
-            return
-        if trainer.global_step == self.last_embedded_step:
-            return
-        budget = self.embed_budget or n == "auto"
-        self._embed(trainer, trainer.global_step, final=False, epoch_end=True, budget=budget)
+        if n == "auto" or (trainer.current_epoch + 1) % n == 0:
+            budget = self.embed_budget or n == "auto"
+            self._embed(trainer, step, budget=budget, projector=True)
 
     def _measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         """Record one sample (rank 0: parameters are replicated)."""
@@ -243,74 +235,15 @@ class DiffusionMapMonitor(ScheduledMonitor):
         step = trainer.global_step
         if trainer.is_global_zero:
             if step != self.last_embedded_step:
-                self._embed(trainer, step, final=True)
+                self._embed(trainer, step, budget=False, projector=True)  # always runs
             elif self._last_result is not None and not self._projector_written:
                 self._write(trainer, step, plots=False, projector=True)
-        self._store = None
-
-    # -- recording ---------------------------------------------------------------------------
-    def _open_store(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Open (or, on resume, reopen and cut back to the checkpoint) the trajectory store."""
-        if self.param_names is None:
-            self.param_names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        params = dict(pl_module.named_parameters())
-        missing = [n for n in self.param_names if n not in params]
-        if missing:
-            raise ValueError(
-                f"DiffusionMapMonitor: parameters {missing[:3]} of the recorded trajectory are "
-                "not in the module; resume with the same model"
-            )
-        self._sketch = ParameterSketch(
-            [params[n].numel() for n in self.param_names],
-            dim=self.sketch_dim,
-            seed=self.seed,
-            exact_max_params=self.exact_max_params,
-        )
-        resumed = self.store_dir is not None
-        if resumed and os.path.isdir(str(self.store_dir)):
-            directory = str(self.store_dir)
-        else:
-            if resumed:
-                warnings.warn(
-                    f"DiffusionMapMonitor: the trajectory store {self.store_dir} was not found; "
-                    "started a new one, so the samples before the resume are missing.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            key = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.state_key)[:120]
-            root = self.directory or _log_dir(trainer)
-            directory = os.path.join(root, "landscape_diffusion", key)
-            self.store_rows = 0
-        self._store = TrajectoryStore(
-            directory, self._sketch.output_dim, info={"sample": self.sample, **self._sketch.state()}
-        )
-        if len(self._store) > self.store_rows:  # samples taken after the checkpoint
-            self._store.truncate(self.store_rows)
-        elif len(self._store) < self.store_rows:
-            warnings.warn(
-                f"DiffusionMapMonitor: the trajectory store holds {len(self._store)} samples, the "
-                f"checkpoint counted {self.store_rows} (the unsaved tail of a crash is lost).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self.store_rows = len(self._store)
-        self.store_dir = os.path.abspath(directory)
-        last = self.last_measured_step
-        self.embedder.load(self._previous_path(), until_step=-1 if last is None else last)
+        self.recorder.close()
 
     def _record(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        if self._store is None or self._sketch is None or self.param_names is None:
-            return
-        clock = self._now
-        t0 = clock()
-        params = dict(pl_module.named_parameters())
-        tensors = [params[n] for n in self.param_names]
-        if self.sample == "gradients":
-            if all(p.grad is None for p in tensors):
-                return  # no gradient yet (step 0) or frozen
-            tensors = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
-        vector = self._sketch(tensors)
-        if not np.all(np.isfinite(vector)):
+        epoch, t0 = trainer.current_epoch, self._now()
+        done = self.recorder.record(pl_module, step=step, epoch=epoch, loss=self._last_loss)
+        if done is False:
             self.skipped += 1
             warn_once(
                 f"{self.name}-nonfinite",
@@ -318,30 +251,20 @@ class DiffusionMapMonitor(ScheduledMonitor):
                 f"is skipped (counted in {self.tag_prefix}/skipped), training goes on.",
                 category=RuntimeWarning,
             )
-            return
-        loss = float(self._last_loss)
-        self._store.append(vector, step=step, epoch=trainer.current_epoch, loss=loss)
-        self.store_rows = len(self._store)
-        self.num_measurements += 1
-        self._charge(clock() - t0)
+        elif done:
+            self.num_measurements += 1
+            self._charge(self._now() - t0)
 
-    # -- embedding ---------------------------------------------------------------------------
-    def _embed(
-        self,
-        trainer: Trainer,
-        step: int,
-        *,
-        final: bool,
-        epoch_end: bool = False,
-        budget: bool = False,
-    ) -> None:
-        if self._store is None:
+    # -- recording and embedding -------------------------------------------------------------
+    def _embed(self, trainer: Trainer, step: int, *, budget: bool, projector: bool) -> None:
+        """Embed the samples so far, if affordable when on the ``budget``; log the result."""
+        if not self.recorder.is_open:
             return
         clock = self._now
-        if budget and not final and not self._affordable():
+        if budget and not self._affordable():
             return
         t0 = clock()
-        traj = self._store.load()
+        traj = self.recorder.load()
         rows = self.embedder.select(traj.steps, step)
         if rows.size < self.embedder.min_samples:
             warn_once(
@@ -359,23 +282,21 @@ class DiffusionMapMonitor(ScheduledMonitor):
             self._skip(trainer, step, err, "embedding")
         seconds = clock() - t0
         if fitted is not None:
-            self._accept(trainer, step, traj, rows, *fitted, projector=final or epoch_end)
+            self._accept(trainer, step, traj, rows, fitted, projector=projector)
         self._log_cost(trainer, step, seconds)
         total = clock() - t0
         self.last_embed_cost = (total, int(rows.size))
         self._charge(total)
 
     def _affordable(self) -> bool:
-        """Whether a budgeted embedding runs now: when its predicted cost (the last
-        embedding's, scaled by the embedder's cost model to the samples there are now) and as
-        much again in reserve for the end of fit keep this monitor within ``max_overhead`` and
-        all monitors within the total cap (never before any training time has been counted)."""
+        """Whether the predicted cost (the last embedding's, scaled by the embedder's cost model)
+        and as much again for the end of fit fit in the budget (see ``Coordinator.affords``)."""
         if self._coord is None:
             return True
         cost = 0.0
         if self.last_embed_cost is not None:
             seconds, n_last = self.last_embed_cost
-            cost = seconds * self.embedder.cost(self.store_rows) / self.embedder.cost(n_last)
+            cost = seconds * self.embedder.cost(self.recorder.rows) / self.embedder.cost(n_last)
         return self._coord.affords(self.name, cost, self.max_overhead)
 
     def _accept(
@@ -384,15 +305,15 @@ class DiffusionMapMonitor(ScheduledMonitor):
         step: int,
         traj: Trajectory,
         rows: np.ndarray,
-        coords: np.ndarray,
-        result: DiffusionMap,
+        fitted: tuple[np.ndarray, DiffusionMap],
         *,
         projector: bool,
     ) -> None:
         """Align a new embedding to the previous one, keep it (beside the store too) and log it."""
+        coords, result = fitted
         steps = traj.steps[rows]
         coords = self.embedder.align(coords, steps, result.eigenvalues)
-        if self.store_dir is not None:
+        if self.recorder.directory is not None:
             try:
                 self.embedder.save(self._previous_path())
             except OSError as err:  # a read-only log directory must not stop training
@@ -401,39 +322,25 @@ class DiffusionMapMonitor(ScheduledMonitor):
         self._last = (coords, steps, traj.epochs[rows], traj.losses[rows])
         self.num_embeddings += 1
         values = {f"eigenvalue_{i:02d}": float(v) for i, v in enumerate(result.eigenvalues, 1)}
-        values.update(
-            intrinsic_dim=result.intrinsic_dim,
-            epsilon=result.epsilon,
-            num_samples=float(rows.size),
-            num_components=float(result.num_components),
-        )
+        values.update(intrinsic_dim=result.intrinsic_dim, epsilon=result.epsilon)
+        values.update(num_samples=float(rows.size), num_components=float(result.num_components))
         self._log_scalars(trainer, step, values)
         self._projector_written = False
         self._write(trainer, step, plots=True, projector=projector)
 
     def _previous_path(self) -> str:
         """The last aligned embedding, kept beside the store so a resumed run aligns to it."""
-        return os.path.join(str(self.store_dir), "last_embedding.npz")
+        return os.path.join(str(self.recorder.directory), "last_embedding.npz")
 
-    # -- logging -----------------------------------------------------------------------------
     def _write(self, trainer: Trainer, step: int, *, plots: bool, projector: bool) -> None:
         """The latest embedding to TensorBoard: histogram and figure (``plots``), projector."""
-        writer = tensorboard_writer(trainer)
-        if writer is None:
-            if plots and (self.log_histogram or self.log_figure or self.log_projector):
-                warn_once(
-                    "diffusion-no-tensorboard",
-                    "DiffusionMapMonitor: no TensorBoardLogger among trainer.loggers; scalars are "
-                    "logged, the histogram, figure and projector embedding are not.",
-                )
-            return
         if self._last is None or self._last_result is None:
             return
         coords, steps, epochs, losses = self._last
         projector = projector and self.log_projector
         meta = {"step": steps.tolist(), "epoch": epochs.tolist(), "loss": losses.tolist()}
-        write_diffusion_embedding(
-            writer,
+        written = write_diffusion_embedding(
+            tensorboard_writer(trainer),
             step,
             self._last_result.eigenvalues,
             coords,
@@ -443,68 +350,36 @@ class DiffusionMapMonitor(ScheduledMonitor):
             figure=plots and self.log_figure,
             projector=meta if projector else None,
         )
-        self._projector_written = self._projector_written or projector
+        self._projector_written = self._projector_written or (projector and written)
 
     # -- state -------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
         return {
-            "store_dir": self.store_dir,
-            "store_rows": self.store_rows,
-            "param_names": self.param_names,
+            **self.recorder.state_dict(),
             "num_embeddings": self.num_embeddings,
             "last_embedded_step": self.last_embedded_step,
             "last_embed_cost": self.last_embed_cost,
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.store_dir = state.get("store_dir")
-        self.store_rows = int(state.get("store_rows", 0))
-        self.param_names = state.get("param_names")
+        self.recorder.load_state_dict(state)
         self.num_embeddings = int(state.get("num_embeddings", 0))
         self.last_embedded_step = state.get("last_embedded_step")
         cost = state.get("last_embed_cost")
         self.last_embed_cost = (float(cost[0]), int(cost[1])) if cost is not None else None
 
 
-def _log_dir(trainer: Trainer) -> str:
-    """The first logger's directory, else ``default_root_dir``.
-
-    Not ``trainer.log_dir``: it broadcasts, and this runs on rank 0 only.
-    """
-    for logger in trainer.loggers:
-        directory = getattr(logger, "log_dir", None)
-        if directory:
-            return str(directory)
-    return str(trainer.default_root_dir)
-
-
-def _check_recording(
-    every_n_steps: int, embed_every_n_epochs: Any, embed_every_n_steps: int | None, sample: Any
-) -> None:
-    if embed_every_n_epochs != "auto" and (
-        isinstance(embed_every_n_epochs, bool)
-        or not isinstance(embed_every_n_epochs, (int, type(None)))
-        or (embed_every_n_epochs is not None and embed_every_n_epochs <= 0)
+def _check_schedule(every_n_steps: int, n_epochs: Any, n_steps: int | None) -> None:
+    """The embedding schedule: ``embed_every_n_epochs`` and ``embed_every_n_steps``."""
+    if n_epochs not in ("auto", None) and (
+        isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs <= 0
     ):
         raise ValueError(
-            "embed_every_n_epochs must be 'auto', a positive integer or None; "
-            f"got {embed_every_n_epochs!r}"
+            f"embed_every_n_epochs must be 'auto', a positive integer or None; got {n_epochs!r}"
         )
-    _check_positive_int("embed_every_n_steps", embed_every_n_steps, allow_none=True)
-    if embed_every_n_steps is not None and embed_every_n_steps % every_n_steps:
+    _check_positive_int("embed_every_n_steps", n_steps, allow_none=True)
+    if n_steps is not None and n_steps % every_n_steps:
         raise ValueError(
             "embed_every_n_steps must be a multiple of every_n_steps "
-            f"({every_n_steps}); got {embed_every_n_steps}"
+            f"({every_n_steps}); got {n_steps}"
         )
-    if sample not in ("parameters", "gradients"):
-        raise ValueError(f"sample must be 'parameters' or 'gradients'; got {sample!r}")
-
-
-def _check_sketch(sketch_dim: int, exact_max_params: int) -> None:
-    _check_positive_int("sketch_dim", sketch_dim)
-    if (
-        isinstance(exact_max_params, bool)
-        or not isinstance(exact_max_params, int)
-        or exact_max_params < 0
-    ):
-        raise ValueError(f"exact_max_params must be an integer >= 0; got {exact_max_params!r}")

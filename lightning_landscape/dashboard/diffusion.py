@@ -16,6 +16,7 @@ from numpy.typing import ArrayLike
 from .figures import write_figure
 from .layout import Layout
 from .projector import write_projector_embedding
+from .writer import warn_once
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -121,7 +122,7 @@ def trajectory_figure(
 
 
 def write_diffusion_embedding(
-    writer: SummaryWriter | Any,
+    writer: SummaryWriter | Any | None,
     step: int,
     eigenvalues: ArrayLike,
     coordinates: ArrayLike,
@@ -131,7 +132,7 @@ def write_diffusion_embedding(
     histogram: bool = True,
     figure: bool = True,
     projector: Mapping[str, Sequence[Any]] | None = None,
-) -> None:
+) -> bool:
     """Write one diffusion map of a trajectory: histogram, figure and projector embedding.
 
     Tags: histogram ``<prefix>/eigenvalues`` (the eigenvalues, automatic bins), image
@@ -140,7 +141,8 @@ def write_diffusion_embedding(
     epoch ends and at the end of fit.
 
     Args:
-        writer: The run's ``SummaryWriter``.
+        writer: The run's ``SummaryWriter``; None (no TensorBoardLogger) writes nothing and
+            warns once if anything was asked for.
         step: Step the embedding describes.
         eigenvalues: (k,) eigenvalues, descending.
         coordinates: (n, k) diffusion coordinates of the samples.
@@ -150,7 +152,18 @@ def write_diffusion_embedding(
         figure: Write the trajectory figure.
         projector: Metadata columns (e.g. step, epoch, loss; one value per sample) to write the
             coordinates to the projector with; None writes no projector embedding.
+
+    Returns:
+        Whether ``writer`` was there (so what was asked for is written).
     """
+    if writer is None:
+        if histogram or figure or projector is not None:
+            warn_once(
+                "diffusion-no-tensorboard",
+                "DiffusionMapMonitor: no TensorBoardLogger among trainer.loggers; scalars are "
+                "logged, the histogram, figure and projector embedding are not.",
+            )
+        return False
     if histogram:
         writer.add_histogram(f"{prefix}/eigenvalues", eigenvalues, global_step=step, bins="auto")
     if figure:
@@ -162,3 +175,4 @@ def write_diffusion_embedding(
         write_projector_embedding(
             writer, f"{prefix}/coordinates", coordinates, projector, global_step=step
         )
+    return True

@@ -55,7 +55,7 @@ def test_logged_spectrum_and_projector_match_the_parameter_trajectory(tmp_path, 
     trainer = make_trainer([monitor, recorder], max_steps=40)
     trainer.fit(DigitsModule(), loader(32))  # 16 batches per epoch: epoch ends at 16, 32
 
-    traj = TrajectoryStore(monitor.store_dir, monitor._sketch.output_dim).load()
+    traj = TrajectoryStore(monitor.store_dir, monitor.recorder.sketch.output_dim).load()
     assert monitor.store_dir.startswith(str(tmp_path))
     np.testing.assert_array_equal(traj.steps, np.arange(0, 41, 2))
     np.testing.assert_array_equal(traj.vectors, np.stack(recorder.vectors))
@@ -130,7 +130,7 @@ def test_gradient_samples_are_the_gradients_that_made_each_step(make_trainer):
     monitor = DiffusionMapMonitor(every_n_steps=1, sample="gradients", n_components=2)
     module = _PlainSGD(lr=0.1)
     make_trainer([monitor, recorder], max_steps=12).fit(module, loader(32))
-    traj = TrajectoryStore(monitor.store_dir, monitor._sketch.output_dim).load()
+    traj = TrajectoryStore(monitor.store_dir, monitor.recorder.sketch.output_dim).load()
     np.testing.assert_array_equal(traj.steps, np.arange(1, 13))  # no gradient at step 0
     w = np.stack(recorder.vectors)  # plain SGD: w_s = w_{s-1} - lr g_s
     np.testing.assert_allclose(traj.vectors, -(w[1:] - w[:-1]) / 0.1, rtol=1e-4, atol=1e-6)
