@@ -61,10 +61,11 @@ rotation in their eigenspace, so "the k-th coordinate" is not stable between two
 :func:`align_to` rotates a new embedding onto a previous one on their common points (orthogonal
 Procrustes, optionally only within groups of near-equal eigenvalues).
 
-**Window / burn-in.** This function embeds the points it is given; the early transient of a
-trajectory (which makes any trajectory look one-dimensional) and a sliding window are selected
-by :class:`~lightning_landscape.callbacks.diffusion.DiffusionMapMonitor` (``burn_in_steps``,
-``window_steps``) before calling it.
+**Window / burn-in, landmarks.** This function embeds the points it is given; the early
+transient of a trajectory (which makes any trajectory look one-dimensional) and a sliding window
+are selected by :class:`~lightning_landscape.embeddings.trajectory.TrajectoryEmbedder`
+(``burn_in_steps``, ``window_steps``) before calling it, which also fits large trajectories on
+:func:`select_landmarks` and places the rest by :func:`landmark_coordinates`.
 
 Costs, for n points in d dimensions and k = ``n_neighbors``: exact neighbours by a k-d tree for
 d ≤ 16, else O(n² d) flops in row blocks of 64 MiB; pynndescent above ``exact_max_n``; the graph
