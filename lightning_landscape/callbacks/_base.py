@@ -1,6 +1,12 @@
-"""The common Lightning adapter of all monitors: schedule, probe set, isolation, state, failure.
+"""The common Lightning adapters of the monitors.
 
-Subclasses supply ``_compute`` (call a core estimator) and ``_log`` (write what it returned).
+:class:`ScheduledMonitor` is what every monitor shares: the schedule and budget (through the
+trainer's :class:`~._schedule.Coordinator`), the checkpointed state, failure handling (warn once,
+count in ``skipped``), scalar logging and the end-of-fit barrier; a subclass supplies
+``_measure``. :class:`LandscapeMonitor` adds what the probe-based monitors need: the probe set
+(captured, saved, restored on resume), the loss, isolation of the measurement and the a-priori
+cost from a timed probe gradient; its subclasses supply ``_compute`` (call a core estimator) and
+``_log`` (write what it returned).
 """
 
 from __future__ import annotations
@@ -73,25 +79,26 @@ def _drop_unused_batch_hooks(cls: type) -> None:
             setattr(cls, hook, None)
 
 
-class LandscapeMonitor(Callback):
-    """Base class: decides when to measure, holds the probe set, isolates and logs.
+class ScheduledMonitor(Callback):
+    """Base class of every monitor: decides when to measure, counts failures, holds the state.
+
+    A subclass implements :meth:`_measure` (one scheduled unit of work at an optimizer step;
+    it sets ``last_measured_step``) and may override the other hooks below. Measurements run at
+    step 0 (with ``every_n_steps``), on the step or epoch schedule or the budget's placement, and
+    once at the end of fit (:meth:`_finish_fit`); every rank then waits at one barrier.
 
     The per-batch hooks a monitor class does not override are None rather than ``Callback``'s
     no-ops, so Lightning does not dispatch them (:data:`_BATCH_HOOKS`); a subclass may still
     define any of them, but has no base implementation to call.
 
     Args:
-        name: short name used in tags (``landscape/<name>/...``).
         every_n_steps: measure every ``n`` optimizer steps (step 0 included) instead of the budget.
         every_n_epochs: measure at the end of every ``n``-th epoch instead of the budget.
         max_overhead: share of training wall time this monitor may use (budget schedule).
-        num_probe_batches: batches per rank in the probe set.
-        probe_dataloader: take the probe set from this loader instead of the training loader.
-        loss_fn: ``loss_fn(model, batch) -> scalar``; default the module's ``training_step``.
-        train_mode: measure in train mode (dropout active, batch statistics) instead of eval.
         clock: seconds counter for the budget (tests inject a fake one).
     """
 
+    #: short name used in tags (``landscape/<name>/...``).
     name = "monitor"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -104,10 +111,6 @@ class LandscapeMonitor(Callback):
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         max_overhead: float = 0.05,
-        num_probe_batches: int = 4,
-        probe_dataloader: Iterable[Any] | None = None,
-        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
-        train_mode: bool = False,
         clock: Callable[[], float] | None = None,
     ) -> None:
         _check_positive_int("every_n_steps", every_n_steps, allow_none=True)
@@ -121,18 +124,9 @@ class LandscapeMonitor(Callback):
             isinstance(max_overhead, (int, float)) and 0 < max_overhead < 1
         ):
             raise ValueError(f"max_overhead must be a fraction in (0, 1); got {max_overhead!r}")
-        _check_positive_int("num_probe_batches", num_probe_batches)
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch); got {loss_fn!r}")
-        if not isinstance(train_mode, bool):
-            raise ValueError(f"train_mode must be a bool; got {train_mode!r}")
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.max_overhead = float(max_overhead)
-        self.num_probe_batches = num_probe_batches
-        self.probe_dataloader = probe_dataloader
-        self.loss_fn = loss_fn
-        self.train_mode = train_mode
         self._clock = clock
         # Checkpointed state.
         self.last_measured_step: int | None = None
@@ -140,48 +134,23 @@ class LandscapeMonitor(Callback):
         self.num_measurements = 0
         self.skipped = 0
         self.last_cost: float | None = None
-        self.probe_dir: str | None = None
         self._pending_coordinator: dict[str, Any] | None = None
         # Per-fit objects, created in setup/on_train_start (ddp_spawn pickles callbacks).
         self._coord: Coordinator | None = None
-        self._probe: list[Any] | None = None
         self._seen_step: int | None = None
 
     # -- subclass hooks ----------------------------------------------------------------------
-    def _compute(
-        self, pl_module: LightningModule, batches: list[Any], loss_fn: Any, reduce_fn: Any
-    ) -> Any:
-        raise NotImplementedError
-
-    def _log(self, trainer: Trainer, step: int, result: Any, seconds: float) -> None:
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """One scheduled measurement at ``step`` on every rank; sets ``last_measured_step``."""
         raise NotImplementedError
 
     def _layout(self) -> dict[str, dict[str, list[str]]]:
         return {}
 
-    def _gradient_equivalents(self) -> float:
-        """Cost of one measurement in gradient evaluations over the probe set (a priori)."""
-        return 300.0
-
     def _cost_guess(self, trainer: Trainer, pl_module: LightningModule) -> float:
-        """A priori cost of one measurement: one timed gradient over the probe set, scaled.
-
-        The training step time is a poor proxy (for small models it is mostly framework
-        overhead), so the probe gradient itself is timed, without touching ``.grad``.
-        """
-        clock = self._now
-        loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        times = []
-        with ctx.isolated(pl_module, train_mode=self.train_mode):
-            for _ in range(2):  # the first pass pays one-off initialisation: keep the faster
-                t0 = clock()
-                for batch in self._probe or []:
-                    torch.autograd.grad(loss_fn(pl_module, batch), params, allow_unused=True)
-                if pl_module.device.type == "cuda":
-                    torch.cuda.synchronize(pl_module.device)
-                times.append(clock() - t0)
-        return self._gradient_equivalents() * min(times)
+        """A priori cost of one measurement in seconds, for the budget's first placement (none
+        known here: the first measurement comes as soon as the budget allows, and times it)."""
+        return 0.0
 
     def _deferred_cost(self) -> float:
         """Seconds a measurement is expected to cost later, outside :meth:`_measure` (e.g. a
@@ -226,17 +195,6 @@ class LandscapeMonitor(Callback):
         if stage != "fit":
             return
         ctx.check_strategy(trainer, type(self).__name__)
-        if self.loss_fn is None and not pl_module.automatic_optimization:
-            raise ValueError(
-                f"{type(self).__name__}: loss_fn is required with manual optimisation "
-                "(calling training_step would step the optimiser); got loss_fn=None"
-            )
-        precision = str(getattr(trainer, "precision", ""))
-        if precision in ("16-true", "bf16-true", "16", "bf16"):
-            raise ValueError(
-                f"{type(self).__name__}: half-precision weights (precision={precision!r}) are not "
-                "supported; use a mixed precision setting such as 'bf16-mixed'"
-            )
         self._coord = coordinator_for(trainer, self.name, self._clock)
 
     @override
@@ -247,24 +205,10 @@ class LandscapeMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # After the strategy's setup, which is where sync_batchnorm=True converts the layers.
-        if self.train_mode and any(
-            isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules()
-        ):
-            raise ValueError(
-                f"{type(self).__name__}: train_mode=True is not supported with SyncBatchNorm "
-                "(its batch statistics would be synchronised across ranks inside every "
-                "measurement pass); use train_mode=False (eval mode, the default); got "
-                "train_mode=True"
-            )
-        t0 = self._coord.clock() if self._coord is not None else 0.0
-        self._probe = self._load_or_capture_probe(trainer)
-        if self._coord is not None:  # capturing (or loading) the probe set is overhead too
-            self._coord.record(self.name, self._coord.clock() - t0)
         if trainer.is_global_zero and self._coord is not None and not self._coord.layout_written:
             self._coord.layout_written = True
             writer = tensorboard_writer(trainer)
-            layouts = [cb._layout() for cb in trainer.callbacks if isinstance(cb, LandscapeMonitor)]
+            layouts = [cb._layout() for cb in trainer.callbacks if isinstance(cb, ScheduledMonitor)]
             if writer is not None:
                 write_custom_scalars_layout(writer, merge_layouts(*layouts))
         step = trainer.global_step
@@ -314,7 +258,6 @@ class LandscapeMonitor(Callback):
                         f"({self.max_overhead:.0%} of {self._coord.train_seconds:.1f} s of "
                         "training); the run was too short for this measurement.",
                     )
-        self._probe = None
 
     def _end_barrier(self, trainer: Trainer) -> None:
         """Hold every rank until rank 0 has finished logging the end of fit.
@@ -342,7 +285,7 @@ class LandscapeMonitor(Callback):
                 t0 = self._coord.clock()
                 guess = self._cost_guess(trainer, pl_module)
                 # The timing passes are overhead too: charge them.
-                self._coord.record(self.name, self._coord.clock() - t0)
+                self._charge(self._coord.clock() - t0)
             nxt = self._coord.next_step(
                 self.name, step, guess, self.max_overhead, _final_step(trainer)
             )
@@ -361,7 +304,189 @@ class LandscapeMonitor(Callback):
         # InPCAMonitor measure at every warm-up step).
         self.next_step = trainer.strategy.broadcast(nxt, 0)
 
+    def _charge(self, seconds: float) -> None:
+        """Count ``seconds`` of this monitor's work against its budget (and out of step time)."""
+        if self._coord is not None:
+            self._coord.record(self.name, seconds)
+
+    # -- failure and logging -----------------------------------------------------------------
+    def _skip(self, trainer: Trainer, step: int, err: BaseException, what: str) -> None:
+        """Count a numerically failed ``what`` (e.g. "measurement") and warn once per kind."""
+        self.skipped += 1
+        if trainer.is_global_zero:
+            warn_once(
+                f"{self.name}-skip-{type(err).__name__}",
+                f"{type(self).__name__}: skipped the {what} at step {step} "
+                f"({type(err).__name__}: {err}); training goes on. Further skips of this "
+                f"kind are counted in {self.tag_prefix}/skipped.",
+                category=RuntimeWarning,
+            )
+
+    def _log_cost(self, trainer: Trainer, step: int, seconds: float) -> None:
+        """Log ``seconds`` and the running count of skipped measurements."""
+        self._log_scalars(trainer, step, {"seconds": seconds, "skipped": float(self.skipped)})
+
+    def _log_scalars(self, trainer: Trainer, step: int, values: dict[str, float]) -> None:
+        metrics = {f"{self.tag_prefix}/{k}": float(v) for k, v in values.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # -- state -------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_measured_step": self.last_measured_step,
+            "next_step": self.next_step,
+            "num_measurements": self.num_measurements,
+            "skipped": self.skipped,
+            "last_cost": self.last_cost,
+            "coordinator": self._coord.state_dict() if self._coord is not None else None,
+            **self._extra_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_measured_step = state_dict.get("last_measured_step")
+        self.next_step = state_dict.get("next_step")
+        self.num_measurements = int(state_dict.get("num_measurements", 0))
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.last_cost = state_dict.get("last_cost")
+        self._pending_coordinator = state_dict.get("coordinator")
+        self._load_extra_state(state_dict)
+
+
+_drop_unused_batch_hooks(ScheduledMonitor)
+
+
+class LandscapeMonitor(ScheduledMonitor):
+    """Base class of the probe-based monitors: holds the probe set, isolates and logs.
+
+    On top of :class:`ScheduledMonitor`: the probe set (the first ``num_probe_batches``
+    training batches of each rank, or ``probe_dataloader``'s, saved beside the logs so that a
+    resumed run measures on the same samples), the loss, the isolation of every measurement
+    (training stays bitwise unchanged) and the a-priori cost from one timed probe gradient.
+    Subclasses supply ``_compute`` and ``_log``.
+
+    Args:
+        every_n_steps: measure every ``n`` optimizer steps (step 0 included) instead of the budget.
+        every_n_epochs: measure at the end of every ``n``-th epoch instead of the budget.
+        max_overhead: share of training wall time this monitor may use (budget schedule).
+        num_probe_batches: batches per rank in the probe set.
+        probe_dataloader: take the probe set from this loader instead of the training loader.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default the module's ``training_step``.
+        train_mode: measure in train mode (dropout active, batch statistics) instead of eval.
+        clock: seconds counter for the budget (tests inject a fake one).
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        max_overhead: float = 0.05,
+        num_probe_batches: int = 4,
+        probe_dataloader: Iterable[Any] | None = None,
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+        train_mode: bool = False,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            max_overhead=max_overhead,
+            clock=clock,
+        )
+        _check_positive_int("num_probe_batches", num_probe_batches)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch); got {loss_fn!r}")
+        if not isinstance(train_mode, bool):
+            raise ValueError(f"train_mode must be a bool; got {train_mode!r}")
+        self.num_probe_batches = num_probe_batches
+        self.probe_dataloader = probe_dataloader
+        self.loss_fn = loss_fn
+        self.train_mode = train_mode
+        # Checkpointed state.
+        self.probe_dir: str | None = None
+        # Per-fit objects, created in on_train_start (ddp_spawn pickles callbacks).
+        self._probe: list[Any] | None = None
+
+    # -- subclass hooks ----------------------------------------------------------------------
+    def _compute(
+        self, pl_module: LightningModule, batches: list[Any], loss_fn: Any, reduce_fn: Any
+    ) -> Any:
+        raise NotImplementedError
+
+    def _log(self, trainer: Trainer, step: int, result: Any, seconds: float) -> None:
+        raise NotImplementedError
+
+    def _gradient_equivalents(self) -> float:
+        """Cost of one measurement in gradient evaluations over the probe set (a priori)."""
+        return 300.0
+
+    @override
+    def _cost_guess(self, trainer: Trainer, pl_module: LightningModule) -> float:
+        """A priori cost of one measurement: one timed gradient over the probe set, scaled.
+
+        The training step time is a poor proxy (for small models it is mostly framework
+        overhead), so the probe gradient itself is timed, without touching ``.grad``.
+        """
+        clock = self._now
+        loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        times = []
+        with ctx.isolated(pl_module, train_mode=self.train_mode):
+            for _ in range(2):  # the first pass pays one-off initialisation: keep the faster
+                t0 = clock()
+                for batch in self._probe or []:
+                    torch.autograd.grad(loss_fn(pl_module, batch), params, allow_unused=True)
+                if pl_module.device.type == "cuda":
+                    torch.cuda.synchronize(pl_module.device)
+                times.append(clock() - t0)
+        return self._gradient_equivalents() * min(times)
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self.loss_fn is None and not pl_module.automatic_optimization:
+            raise ValueError(
+                f"{type(self).__name__}: loss_fn is required with manual optimisation "
+                "(calling training_step would step the optimiser); got loss_fn=None"
+            )
+        precision = str(getattr(trainer, "precision", ""))
+        if precision in ("16-true", "bf16-true", "16", "bf16"):
+            raise ValueError(
+                f"{type(self).__name__}: half-precision weights (precision={precision!r}) are not "
+                "supported; use a mixed precision setting such as 'bf16-mixed'"
+            )
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After the strategy's setup, which is where sync_batchnorm=True converts the layers.
+        if self.train_mode and any(
+            isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules()
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: train_mode=True is not supported with SyncBatchNorm "
+                "(its batch statistics would be synchronised across ranks inside every "
+                "measurement pass); use train_mode=False (eval mode, the default); got "
+                "train_mode=True"
+            )
+        t0 = self._coord.clock() if self._coord is not None else 0.0
+        self._probe = self._load_or_capture_probe(trainer)
+        if self._coord is not None:  # capturing (or loading) the probe set is overhead too
+            self._charge(self._coord.clock() - t0)
+        super().on_train_start(trainer, pl_module)
+
+    @override
+    def _finish_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super()._finish_fit(trainer, pl_module)
+        self._probe = None
+
     # -- measurement -------------------------------------------------------------------------
+    @override
     def _measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         clock = self._now
         t0 = clock()
@@ -376,15 +501,7 @@ class LandscapeMonitor(Callback):
             with ctx.isolated(pl_module, train_mode=self.train_mode):
                 result = self._compute(pl_module, batches, loss_fn, ctx.make_reduce(trainer))
         except NUMERICAL_FAILURES as err:
-            self.skipped += 1
-            if trainer.is_global_zero:
-                warn_once(
-                    f"{self.name}-skip-{type(err).__name__}",
-                    f"{type(self).__name__}: skipped the measurement at step {step} "
-                    f"({type(err).__name__}: {err}); training goes on. Further skips of this "
-                    f"kind are counted in {self.tag_prefix}/skipped.",
-                    category=RuntimeWarning,
-                )
+            self._skip(trainer, step, err, "measurement")
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         seconds = clock() - t0
@@ -394,18 +511,12 @@ class LandscapeMonitor(Callback):
         if trainer.is_global_zero:
             if result is not None:
                 self._log(trainer, step, result, seconds)
-            self._log_scalars(trainer, step, {"seconds": seconds, "skipped": float(self.skipped)})
+            self._log_cost(trainer, step, seconds)
         # Writing figures and histograms is overhead too: the budget is charged with it.
         total = clock() - t0
-        if self._coord is not None:
-            self._coord.record(self.name, total)
+        self._charge(total)
         self.last_cost = total + self._deferred_cost()
         self._reschedule(trainer, step, self.last_cost)
-
-    def _log_scalars(self, trainer: Trainer, step: int, values: dict[str, float]) -> None:
-        metrics = {f"{self.tag_prefix}/{k}": float(v) for k, v in values.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
 
     # -- probe set ---------------------------------------------------------------------------
     def _probe_file(self, trainer: Trainer) -> str:
@@ -444,30 +555,12 @@ class LandscapeMonitor(Callback):
     # -- state -------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "last_measured_step": self.last_measured_step,
-            "next_step": self.next_step,
-            "num_measurements": self.num_measurements,
-            "skipped": self.skipped,
-            "last_cost": self.last_cost,
-            "probe_dir": self.probe_dir,
-            "coordinator": self._coord.state_dict() if self._coord is not None else None,
-            **self._extra_state(),
-        }
+        return {**super().state_dict(), "probe_dir": self.probe_dir}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_measured_step = state_dict.get("last_measured_step")
-        self.next_step = state_dict.get("next_step")
-        self.num_measurements = int(state_dict.get("num_measurements", 0))
-        self.skipped = int(state_dict.get("skipped", 0))
-        self.last_cost = state_dict.get("last_cost")
         self.probe_dir = state_dict.get("probe_dir")
-        self._pending_coordinator = state_dict.get("coordinator")
-        self._load_extra_state(state_dict)
-
-
-_drop_unused_batch_hooks(LandscapeMonitor)
+        super().load_state_dict(state_dict)
 
 
 def _cpu(batch: Any) -> Any:
@@ -486,3 +579,15 @@ def _final_step(trainer: Trainer) -> int | None:
     if not np.isfinite(total) or total <= 0:
         return None
     return int(total)
+
+
+def _log_dir(trainer: Trainer) -> str:
+    """The first logger's directory, else ``default_root_dir``.
+
+    Not ``trainer.log_dir``: it broadcasts, and monitors call this on rank 0 only.
+    """
+    for logger in trainer.loggers:
+        directory = getattr(logger, "log_dir", None)
+        if directory:
+            return str(directory)
+    return str(trainer.default_root_dir)

@@ -1,4 +1,4 @@
-"""Figures and custom-scalars layout of the diffusion-map monitor.
+"""TensorBoard output of the diffusion-map monitor: its figure, histogram, projector and layout.
 
 Built on ``matplotlib.figure.Figure`` with the Agg canvas (never pyplot); matplotlib is imported
 when a figure is made.
@@ -7,17 +7,22 @@ when a figure is made.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .figures import write_figure
 from .layout import Layout
+from .projector import write_projector_embedding
+from .writer import warn_once
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["diffusion_layout", "trajectory_figure"]
+__all__ = ["diffusion_layout", "trajectory_figure", "write_diffusion_embedding"]
 
 
 def diffusion_layout(prefix: str = "landscape/diffusion") -> Layout:
@@ -114,3 +119,60 @@ def trajectory_figure(
     if title:
         fig.suptitle(title)
     return fig
+
+
+def write_diffusion_embedding(
+    writer: SummaryWriter | Any | None,
+    step: int,
+    eigenvalues: ArrayLike,
+    coordinates: ArrayLike,
+    steps: ArrayLike,
+    *,
+    prefix: str = "landscape/diffusion",
+    histogram: bool = True,
+    figure: bool = True,
+    projector: Mapping[str, Sequence[Any]] | None = None,
+) -> bool:
+    """Write one diffusion map of a trajectory: histogram, figure and projector embedding.
+
+    Tags: histogram ``<prefix>/eigenvalues`` (the eigenvalues, automatic bins), image
+    ``<prefix>/trajectory`` (:func:`trajectory_figure`) and projector embedding
+    ``<prefix>/coordinates``. The projector is files, not events: pass ``projector`` only at
+    epoch ends and at the end of fit.
+
+    Args:
+        writer: The run's ``SummaryWriter``; None (no TensorBoardLogger) writes nothing and
+            warns once if anything was asked for.
+        step: Step the embedding describes.
+        eigenvalues: (k,) eigenvalues, descending.
+        coordinates: (n, k) diffusion coordinates of the samples.
+        steps: (n,) step of each sample.
+        prefix: Tag prefix.
+        histogram: Write the eigenvalue histogram.
+        figure: Write the trajectory figure.
+        projector: Metadata columns (e.g. step, epoch, loss; one value per sample) to write the
+            coordinates to the projector with; None writes no projector embedding.
+
+    Returns:
+        Whether ``writer`` was there (so what was asked for is written).
+    """
+    if writer is None:
+        if histogram or figure or projector is not None:
+            warn_once(
+                "diffusion-no-tensorboard",
+                "DiffusionMapMonitor: no TensorBoardLogger among trainer.loggers; scalars are "
+                "logged, the histogram, figure and projector embedding are not.",
+            )
+        return False
+    if histogram:
+        writer.add_histogram(f"{prefix}/eigenvalues", eigenvalues, global_step=step, bins="auto")
+    if figure:
+        fig = trajectory_figure(
+            coordinates, steps, eigenvalues, title=f"diffusion map at step {step}"
+        )
+        write_figure(writer, f"{prefix}/trajectory", fig, step)
+    if projector is not None:
+        write_projector_embedding(
+            writer, f"{prefix}/coordinates", coordinates, projector, global_step=step
+        )
+    return True

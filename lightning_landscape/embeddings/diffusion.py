@@ -61,10 +61,11 @@ rotation in their eigenspace, so "the k-th coordinate" is not stable between two
 :func:`align_to` rotates a new embedding onto a previous one on their common points (orthogonal
 Procrustes, optionally only within groups of near-equal eigenvalues).
 
-**Window / burn-in.** This function embeds the points it is given; the early transient of a
-trajectory (which makes any trajectory look one-dimensional) and a sliding window are selected
-by :class:`~lightning_landscape.callbacks.diffusion.DiffusionMapMonitor` (``burn_in_steps``,
-``window_steps``) before calling it.
+**Window / burn-in, landmarks.** This function embeds the points it is given; the early
+transient of a trajectory (which makes any trajectory look one-dimensional) and a sliding window
+are selected by :class:`~lightning_landscape.embeddings.trajectory.TrajectoryEmbedder`
+(``burn_in_steps``, ``window_steps``) before calling it, which also fits large trajectories on
+:func:`select_landmarks` and places the rest by :func:`landmark_coordinates`.
 
 Costs, for n points in d dimensions and k = ``n_neighbors``: exact neighbours by a k-d tree for
 d ≤ 16, else O(n² d) flops in row blocks of 64 MiB; pynndescent above ``exact_max_n``; the graph
@@ -98,8 +99,12 @@ __all__ = [
     "DiffusionMap",
     "DisconnectedGraphError",
     "align_to",
+    "align_to_previous",
     "diffusion_map",
+    "landmark_coordinates",
+    "landmark_cost",
     "nystrom_extend",
+    "select_landmarks",
 ]
 
 #: Up to this many points (in the embedded component) the eigenproblem is solved densely.
@@ -660,3 +665,128 @@ def _eigen_groups(lam: np.ndarray, rtol: float) -> list[np.ndarray]:
         else:
             groups.append([i])
     return [np.asarray(g) for g in groups]
+
+
+def select_landmarks(n: int, max_points: int) -> np.ndarray:
+    """Indices of the points a map is fitted on when there are too many: evenly spaced in order.
+
+    A trajectory is sampled in step order, so evenly spaced indices keep its whole extent (the
+    first and the last point included) at a uniform density along it; the others are placed by
+    :func:`landmark_coordinates`. Cost O(max_points).
+
+    Args:
+        n: number of points, >= 0.
+        max_points: most points to fit on, >= 1.
+
+    Returns:
+        (m,) sorted unique indices, m = min(n, max_points) (all of ``range(n)`` when n <= m).
+
+    Raises:
+        ValueError: If ``n`` or ``max_points`` is not an integer in range.
+    """
+    n = _check_int("n", n, 0)
+    max_points = _check_int("max_points", max_points, 1)
+    if n <= max_points:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max_points).round().astype(np.int64))
+
+
+def landmark_cost(n: int, max_points: int) -> float:
+    """Relative cost of embedding ``n`` points on at most ``max_points`` landmarks: m² for the
+    exact neighbours among the m = min(n, max_points) fitted ones and (n − m)·m for the Nyström
+    placement of the others (the units cancel in a ratio of two costs).
+
+    Raises:
+        ValueError: If ``n`` or ``max_points`` is not an integer in range.
+    """
+    n = _check_int("n", n, 0)
+    m = max(min(n, _check_int("max_points", max_points, 1)), 1)
+    return float(m * m + max(n - m, 0) * m)
+
+
+def landmark_coordinates(result: DiffusionMap, X: Any, landmarks: Any) -> np.ndarray:
+    """Coordinates of every row of ``X`` from a map fitted on ``X[landmarks]``.
+
+    The landmarks keep their coordinates in ``result``; the other rows are placed by
+    :func:`nystrom_extend` (inside the sampled support only, see the module docstring). Cost
+    O((n − m) m d) for n rows, m landmarks, d dimensions.
+
+    Args:
+        result: the :class:`DiffusionMap` of ``X[landmarks]``.
+        X: (n, d) points.
+        landmarks: (m,) unique row indices of ``X``, in the order of ``result``'s rows.
+
+    Returns:
+        (n, k) coordinates at time ``result.t``.
+
+    Raises:
+        ValueError: If ``landmarks`` are not unique indices of ``X`` matching ``result``'s rows.
+    """
+    X = np.asarray(X.detach().cpu().numpy() if hasattr(X, "detach") else X)
+    idx = np.asarray(landmarks)
+    n, m = X.shape[0], result.coordinates.shape[0]
+    if (
+        idx.shape != (m,)
+        or not np.issubdtype(idx.dtype, np.integer)
+        or (idx.size and (idx.min() < 0 or idx.max() >= n))
+        or np.unique(idx).size != m
+    ):
+        raise ValueError(
+            f"landmarks must be {m} unique row indices of X (one per row of the map) in "
+            f"[0, {n}); got shape {idx.shape}"
+        )
+    coords = np.empty((n, result.coordinates.shape[1]))
+    others = np.setdiff1d(np.arange(n), idx)
+    coords[idx] = result.coordinates
+    coords[others] = result.extend(X[others])
+    return coords
+
+
+def align_to_previous(
+    coordinates: Any,
+    labels: Any,
+    previous: Any,
+    previous_labels: Any,
+    *,
+    eigenvalues: Any = None,
+    min_common: int | None = None,
+    rtol: float = 0.1,
+) -> Alignment | None:
+    """Rotate a new embedding onto the previous one on the points both contain.
+
+    Successive embeddings of a growing trajectory share most points (identified by ``labels``,
+    e.g. the step of each sample); :func:`align_to` rotates the new one onto the old one on
+    them, so that the axes do not jump between two computations. Cost O(n log n + n k²).
+
+    Args:
+        coordinates: (n, k) new coordinates.
+        labels: (n,) unique label of each new row.
+        previous: (r, k') previous coordinates.
+        previous_labels: (r,) unique label of each previous row.
+        eigenvalues: (k,) eigenvalues of the new columns, descending (rotate only within
+            near-equal ones, see :func:`align_to`), or None for a free rotation.
+        min_common: fewest common points to align on; default k + 1 (fewer leave the rotation
+            underdetermined).
+        rtol: relative gap of ``1 - λ`` under which eigenvalues are grouped.
+
+    Returns:
+        The :class:`Alignment`, or None (nothing to align to) when there are fewer than
+        ``min_common`` common labels or the column counts differ.
+
+    Raises:
+        ValueError: If a labels array does not have one entry per row.
+    """
+    C = np.asarray(coordinates, dtype=np.float64)
+    B = np.asarray(previous, dtype=np.float64)
+    new, old = np.asarray(labels).ravel(), np.asarray(previous_labels).ravel()
+    if C.ndim != 2 or B.ndim != 2 or new.size != C.shape[0] or old.size != B.shape[0]:
+        raise ValueError(
+            "coordinates and previous must be 2-D with one label per row; got shapes "
+            f"{C.shape}, {B.shape} and {new.size}, {old.size} labels"
+        )
+    k = C.shape[1]
+    minimum = k + 1 if min_common is None else min_common
+    common, new_idx, old_idx = np.intersect1d(new, old, return_indices=True)
+    if common.size < minimum or B.shape[1] != k:
+        return None
+    return align_to(C, B[old_idx], rows=new_idx, eigenvalues=eigenvalues, rtol=rtol)

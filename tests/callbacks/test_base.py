@@ -1,4 +1,5 @@
-"""The common adapter: hooks a monitor does not use are not dispatched by Lightning at all."""
+"""The common adapters: a monitor needs only ``_measure``; hooks a monitor does not use are not
+dispatched by Lightning at all."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from lightning_landscape import (
     HessianSpectrumMonitor,
     InPCAMonitor,
 )
-from lightning_landscape.callbacks._base import _BATCH_HOOKS
+from lightning_landscape.callbacks._base import _BATCH_HOOKS, LandscapeMonitor, ScheduledMonitor
 from tests.callbacks._models import DigitsModule, loader
 
 STEPS = 6
@@ -101,3 +102,35 @@ def test_a_subclass_that_overrides_a_dropped_hook_gets_it_called(tmp_path):
     assert monitor.backward_calls == STEPS
     assert _dispatched(profiler, monitor, "on_before_backward") == STEPS
     assert _dispatched(profiler, monitor, "on_after_backward") == 0
+
+
+class _StepLog(ScheduledMonitor):
+    """The least a monitor needs: a name and ``_measure``."""
+
+    name = "steps"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps: list[int] = []
+
+    def _measure(self, trainer, pl_module, step) -> None:
+        self.last_measured_step = step
+        self.steps.append(step)
+
+
+def test_a_scheduled_monitor_needs_only_measure(tmp_path):
+    monitor = _StepLog(every_n_steps=4)
+    profiler = _fit(tmp_path, [monitor])
+    assert monitor.steps == [0, 4, STEPS]  # step 0, the schedule, the end of fit (once)
+    assert monitor.state_dict()["last_measured_step"] == STEPS
+    assert "probe_dir" not in monitor.state_dict()  # no probe set: nothing captured or saved
+    assert not (tmp_path / ".landscape_probes").exists()
+    assert _dispatched(profiler, monitor, "on_before_backward") == 0
+    assert _StepLog.on_train_batch_start is None
+
+
+def test_only_the_probe_based_monitors_are_landscape_monitors():
+    for cls in (HessianSpectrumMonitor, GradientCovarianceMonitor, InPCAMonitor):
+        assert issubclass(cls, LandscapeMonitor), cls
+    assert issubclass(DiffusionMapMonitor, ScheduledMonitor)
+    assert not issubclass(DiffusionMapMonitor, LandscapeMonitor)

@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
-from lightning_landscape.callbacks import diffusion as monitor_module
 from lightning_landscape.callbacks.diffusion import DiffusionMapMonitor
+from lightning_landscape.embeddings import trajectory as embedder_module
 from lightning_landscape.embeddings.diffusion import diffusion_map
 from lightning_landscape.sampling.store import TrajectoryStore
 from tests.callbacks._clock import AdvanceClock, FakeClock
@@ -25,24 +25,6 @@ from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, DistributedDigits, loader
 
 TAG = "landscape/diffusion"
-
-
-def _trainer(tmp_path, callbacks, *, max_steps=40, logger=True, **kw) -> L.Trainer:
-    log = TensorBoardLogger(str(tmp_path), name="", version=0) if logger is True else logger
-    kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=log,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        default_root_dir=str(tmp_path),
-        **kw,
-    )
 
 
 class _Recorder(Callback):
@@ -65,15 +47,15 @@ class _Recorder(Callback):
         self._take(trainer, module)
 
 
-def test_logged_spectrum_and_projector_match_the_parameter_trajectory(tmp_path):
+def test_logged_spectrum_and_projector_match_the_parameter_trajectory(tmp_path, make_trainer):
     recorder = _Recorder(2)
     monitor = DiffusionMapMonitor(
         every_n_steps=2, n_components=4, n_neighbors=8, embed_every_n_epochs=1
     )
-    trainer = _trainer(tmp_path, [monitor, recorder], max_steps=40)
+    trainer = make_trainer([monitor, recorder], max_steps=40)
     trainer.fit(DigitsModule(), loader(32))  # 16 batches per epoch: epoch ends at 16, 32
 
-    traj = TrajectoryStore(monitor.store_dir, monitor._sketch.output_dim).load()
+    traj = TrajectoryStore(monitor.store_dir, monitor.recorder.sketch.output_dim).load()
     assert monitor.store_dir.startswith(str(tmp_path))
     np.testing.assert_array_equal(traj.steps, np.arange(0, 41, 2))
     np.testing.assert_array_equal(traj.vectors, np.stack(recorder.vectors))
@@ -117,7 +99,7 @@ def test_logged_spectrum_and_projector_match_the_parameter_trajectory(tmp_path):
 
 
 @pytest.mark.parametrize("sample", ["parameters", "gradients"])
-def test_training_is_bitwise_unchanged(tmp_path, sample):
+def test_training_is_bitwise_unchanged(tmp_path, make_trainer, sample):
     def run(with_monitor: bool) -> list[torch.Tensor]:
         L.seed_everything(1)
         module = DigitsModule(dropout=0.3)
@@ -126,7 +108,9 @@ def test_training_is_bitwise_unchanged(tmp_path, sample):
                 every_n_steps=1, n_components=2, sample=sample, embed_every_n_epochs=1
             )
         ]
-        trainer = _trainer(tmp_path / str(with_monitor), cbs if with_monitor else [], max_steps=20)
+        trainer = make_trainer(
+            cbs if with_monitor else [], max_steps=20, root=tmp_path / str(with_monitor)
+        )
         trainer.fit(module, loader(32, shuffle=True))
         if with_monitor:
             assert cbs[0].num_embeddings == 2  # epoch end at 16 and the end at 20
@@ -141,27 +125,29 @@ class _PlainSGD(DigitsModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def test_gradient_samples_are_the_gradients_that_made_each_step(tmp_path):
+def test_gradient_samples_are_the_gradients_that_made_each_step(make_trainer):
     recorder = _Recorder(1)
     monitor = DiffusionMapMonitor(every_n_steps=1, sample="gradients", n_components=2)
     module = _PlainSGD(lr=0.1)
-    _trainer(tmp_path, [monitor, recorder], max_steps=12).fit(module, loader(32))
-    traj = TrajectoryStore(monitor.store_dir, monitor._sketch.output_dim).load()
+    make_trainer([monitor, recorder], max_steps=12).fit(module, loader(32))
+    traj = TrajectoryStore(monitor.store_dir, monitor.recorder.sketch.output_dim).load()
     np.testing.assert_array_equal(traj.steps, np.arange(1, 13))  # no gradient at step 0
     w = np.stack(recorder.vectors)  # plain SGD: w_s = w_{s-1} - lr g_s
     np.testing.assert_allclose(traj.vectors, -(w[1:] - w[:-1]) / 0.1, rtol=1e-4, atol=1e-6)
 
 
-def test_resume_continues_the_trajectory_without_gaps_or_duplicates(tmp_path):
+def test_resume_continues_the_trajectory_without_gaps_or_duplicates(tmp_path, make_trainer):
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=10, save_top_k=-1)
     monitor = DiffusionMapMonitor(every_n_steps=2, n_components=3)
-    trainer = _trainer(tmp_path / "a", [monitor, ckpt], max_steps=20, enable_checkpointing=True)
+    trainer = make_trainer(
+        [monitor, ckpt], max_steps=20, root=tmp_path / "a", enable_checkpointing=True
+    )
     trainer.fit(DigitsModule(), loader(32))  # "crashes" after step 20, checkpoint at step 10
     store_dir = monitor.store_dir
     assert len(TrajectoryStore(store_dir, 1210)) == 11
 
     monitor2 = DiffusionMapMonitor(every_n_steps=2, n_components=3)
-    trainer2 = _trainer(tmp_path / "b", [monitor2], max_steps=30)
+    trainer2 = make_trainer([monitor2], max_steps=30, root=tmp_path / "b")
     trainer2.fit(
         DigitsModule(),
         loader(32),
@@ -176,15 +162,17 @@ def test_resume_continues_the_trajectory_without_gaps_or_duplicates(tmp_path):
         np.testing.assert_array_equal(saved["steps"], np.arange(0, 31, 2))
 
 
-def test_numerical_failure_warns_once_skips_and_training_goes_on(tmp_path, monkeypatch):
+def test_numerical_failure_warns_once_skips_and_training_goes_on(
+    tmp_path, make_trainer, monkeypatch
+):
     def broken(*args, **kwargs):
         raise np.linalg.LinAlgError("no convergence")
 
-    monkeypatch.setattr(monitor_module, "diffusion_map", broken)
+    monkeypatch.setattr(embedder_module, "diffusion_map", broken)
     monitor = DiffusionMapMonitor(every_n_steps=2, n_components=2, embed_every_n_epochs=1)
     module = DigitsModule()
     with pytest.warns(RuntimeWarning, match="skipped the embedding at step 16"):
-        _trainer(tmp_path, [monitor], max_steps=36).fit(module, loader(32))
+        make_trainer([monitor], max_steps=36).fit(module, loader(32))
     assert module.global_step == 36
     assert scalar_series(load_events(str(tmp_path)), f"{TAG}/skipped") == {
         16: 1.0,
@@ -193,50 +181,52 @@ def test_numerical_failure_warns_once_skips_and_training_goes_on(tmp_path, monke
     }
 
 
-def _budget_run(tmp_path, monkeypatch, **kwargs) -> tuple[list[int], float, float]:
+def _budget_run(make_trainer, root, monkeypatch, **kwargs) -> tuple[list[int], float, float]:
     """960 one-second steps in 16-step epochs; embedding n samples costs 1e-4·n² fake seconds
     (embedding at every epoch end would cost ~2.4x the whole 5% budget). Returns the sample
     counts of the embeddings, the fake seconds they took and the counted training seconds."""
     clock = FakeClock()
     sizes: list[int] = []
-    real = monitor_module.diffusion_map
+    real = embedder_module.diffusion_map
 
     def timed(X, **kw):
         sizes.append(X.shape[0])
         clock.now += 1e-4 * X.shape[0] ** 2
         return real(X, **kw)
 
-    monkeypatch.setattr(monitor_module, "diffusion_map", timed)
+    monkeypatch.setattr(embedder_module, "diffusion_map", timed)
     monitor = DiffusionMapMonitor(every_n_steps=4, n_components=2, clock=clock, **kwargs)
-    trainer = _trainer(tmp_path, [AdvanceClock(clock), monitor], max_steps=960, logger=False)
+    trainer = make_trainer([AdvanceClock(clock), monitor], max_steps=960, logger=False, root=root)
     trainer.fit(DigitsModule(hidden=4), loader(32))
     assert monitor.skipped == 0
     spent = sum(1e-4 * n**2 for n in sizes)
     return sizes, spent, trainer._landscape_coordinator.train_seconds
 
 
-def test_epoch_end_embeddings_follow_the_budget_by_default(tmp_path, monkeypatch):
-    sizes, spent, train = _budget_run(tmp_path / "auto", monkeypatch)
+def test_epoch_end_embeddings_follow_the_budget_by_default(tmp_path, make_trainer, monkeypatch):
+    sizes, spent, train = _budget_run(make_trainer, tmp_path / "auto", monkeypatch)
     assert train == pytest.approx(960 - 5)  # warm-up steps are not counted
     assert sizes[-1] == 241  # the end-of-fit embedding always runs, on every sample
     assert len(sizes) >= 4, sizes  # embeddings actually happen during training
     assert spent <= 0.05 * train, sizes  # within the monitor's 5% share
     assert spent >= 0.4 * 0.05 * train, sizes  # and the share is used, not wasted
     # An explicit schedule replaces the budget: one embedding per epoch, reproducibly.
-    sizes, spent, train = _budget_run(tmp_path / "fixed", monkeypatch, embed_every_n_epochs=1)
+    sizes, spent, train = _budget_run(
+        make_trainer, tmp_path / "fixed", monkeypatch, embed_every_n_epochs=1
+    )
     assert sizes == [16 * e // 4 + 1 for e in range(1, 61)]
     assert spent > 2 * 0.05 * train
 
 
-def test_window_and_burn_in_select_the_samples(tmp_path):
+def test_window_and_burn_in_select_the_samples(tmp_path, make_trainer):
     monitor = DiffusionMapMonitor(
         every_n_steps=1, n_components=2, burn_in_steps=4, window_steps=10, embed_every_n_epochs=None
     )
-    _trainer(tmp_path, [monitor], max_steps=20).fit(DigitsModule(), loader(32))
+    make_trainer([monitor], max_steps=20).fit(DigitsModule(), loader(32))
     coords, steps, _, _ = monitor._last
     np.testing.assert_array_equal(steps, np.arange(11, 21))
     monitor = DiffusionMapMonitor(every_n_steps=1, n_components=2, burn_in_steps=4, max_points=8)
-    _trainer(tmp_path / "b", [monitor], max_steps=20).fit(DigitsModule(), loader(32))
+    make_trainer([monitor], max_steps=20, root=tmp_path / "b").fit(DigitsModule(), loader(32))
     coords, steps, _, _ = monitor._last
     np.testing.assert_array_equal(steps, np.arange(4, 21))  # 8 landmarks, the rest by Nyström
     assert np.all(np.isfinite(coords))

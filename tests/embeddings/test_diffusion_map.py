@@ -289,3 +289,90 @@ def test_core_imports_neither_lightning_nor_tensorboard():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_landmarks_are_evenly_spaced_and_keep_both_ends():
+    np.testing.assert_array_equal(dm_module.select_landmarks(5, 8), np.arange(5))
+    np.testing.assert_array_equal(dm_module.select_landmarks(10, 4), [0, 3, 6, 9])
+    np.testing.assert_array_equal(dm_module.select_landmarks(9, 5), [0, 2, 4, 6, 8])
+    many = dm_module.select_landmarks(1001, 8)
+    assert many.size == 8 and many[0] == 0 and many[-1] == 1000
+    assert np.ptp(np.diff(many)) <= 1  # gaps differ by rounding only
+    # Cost model: m^2 for the fitted points plus (n - m) m for the placed ones.
+    assert dm_module.landmark_cost(5, 8) == 25.0
+    assert dm_module.landmark_cost(20, 8) == 64.0 + 12 * 8
+    assert dm_module.landmark_cost(0, 8) == 1.0
+
+
+def test_landmark_coordinates_keep_the_fit_and_place_the_rest_by_nystrom():
+    X = _uniform_circle(200)
+    landmarks = dm_module.select_landmarks(200, 50)
+    fit = diffusion_map(X[landmarks], n_components=2, n_neighbors=12, epsilon="median")
+    coords = dm_module.landmark_coordinates(fit, X, landmarks)
+    np.testing.assert_array_equal(coords[landmarks], fit.coordinates)
+    others = np.setdiff1d(np.arange(200), landmarks)
+    np.testing.assert_array_equal(coords[others], nystrom_extend(fit, X[others]))
+    # The placed points land on the circle the landmarks span, each between its neighbouring
+    # landmarks: the first two coordinates of a circle are r (cos θ, sin θ) up to an orthogonal
+    # map, so the angle runs monotonically through the samples in order.
+    angle = np.unwrap(np.arctan2(coords[:, 1], coords[:, 0]))
+    steps = np.diff(angle) * np.sign(angle[-1] - angle[0])
+    assert np.all(steps > 0) and abs(angle[-1] - angle[0]) > 1.9 * np.pi
+    radius = np.linalg.norm(fit.coordinates, axis=1).mean()
+    np.testing.assert_allclose(np.linalg.norm(coords, axis=1), radius, rtol=0.03)
+    # With every point a landmark the fit is returned as it is.
+    full = diffusion_map(X[:40], n_components=2, n_neighbors=12, epsilon="median")
+    np.testing.assert_array_equal(
+        dm_module.landmark_coordinates(full, X[:40], np.arange(40)), full.coordinates
+    )
+
+
+@pytest.mark.parametrize("reflect", [False, True], ids=["rotation", "reflection"])
+def test_align_to_previous_recovers_a_known_orthogonal_map(reflect):
+    rng = np.random.default_rng(3)
+    new = rng.standard_normal((30, 3))
+    Q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    if reflect != (np.linalg.det(Q) < 0):
+        Q[:, 0] *= -1
+    # The previous embedding: rows 10..39 of a longer run, shuffled, in the rotated frame.
+    labels = np.arange(100, 130)
+    old_rows = rng.permutation(np.arange(10, 30))
+    previous = new[old_rows] @ Q
+    previous_labels = labels[old_rows]
+    aligned = dm_module.align_to_previous(new, labels, previous, previous_labels)
+    assert aligned is not None
+    tol = 1e3 * np.finfo(np.float64).eps
+    np.testing.assert_allclose(aligned.rotation, Q, atol=tol)
+    np.testing.assert_allclose(aligned.coordinates, new @ Q, atol=tol)
+    assert aligned.rmsd <= tol
+    # Too few common labels (k + 1 = 4 needed by default), or other column counts: nothing.
+    assert dm_module.align_to_previous(new, labels, previous[:3], previous_labels[:3]) is None
+    assert dm_module.align_to_previous(new, labels, previous[:, :2], previous_labels) is None
+    assert (
+        dm_module.align_to_previous(new, labels, previous, previous_labels, min_common=21) is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: dm_module.select_landmarks(-1, 8), "n must be an integer >= 0"),
+        (lambda: dm_module.select_landmarks(10, 0), "max_points must be an integer >= 1"),
+        (lambda: dm_module.landmark_cost(10, True), "max_points must be an integer >= 1"),
+        (
+            lambda: dm_module.align_to_previous(np.zeros((3, 2)), [0, 1], np.zeros((3, 2)), [0]),
+            "one label per row",
+        ),
+    ],
+)
+def test_landmark_and_alignment_helpers_reject_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_landmark_coordinates_rejects_landmarks_that_do_not_match_the_fit():
+    X = _uniform_circle(30)
+    fit = diffusion_map(X[:20], n_components=2, n_neighbors=8, epsilon="median")
+    for bad in (np.arange(19), np.r_[np.arange(19), 0], np.arange(11, 31), np.linspace(0, 19, 20)):
+        with pytest.raises(ValueError, match="landmarks must be 20 unique row indices of X"):
+            dm_module.landmark_coordinates(fit, X, bad)
