@@ -2,8 +2,7 @@ r"""Signed-log axis for eigenvalue spectra.
 
 A Hessian spectrum is a bulk of thousands of eigenvalues within a hair of zero plus a few outliers
 orders of magnitude larger, of either sign. On a linear axis the histogram dashboard shows one spike
-at zero (see ``img/tensorboard-spectrum-linear-vs-signed-log.png`` in the design notes). The
-signed-log map
+at zero (``docs/science.md``, "Signed-log axis", shows both side by side). The signed-log map
 
 .. math::
 
