@@ -77,6 +77,13 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def check_nonempty_str(name: str, value: Any) -> str:
+    """``value`` is a string with at least one character (a tag, a name)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string; got {value!r}")
+    return value
+
+
 def check_callable(name: str, value: Any, *, allow_none: bool = False, call: str = "") -> Any:
     """``value`` is callable (or None when ``allow_none``).
 

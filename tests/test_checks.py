@@ -11,6 +11,7 @@ from lightning_landscape._checks import (
     check_choice,
     check_fraction,
     check_int,
+    check_nonempty_str,
     check_positive_float,
     check_positive_int,
     forward_options,
@@ -59,6 +60,8 @@ from lightning_landscape._checks import (
             lambda: check_positive_float("sigma", "x", allow_none=True),
             "sigma must be a positive finite number or None; got 'x'",
         ),
+        (lambda: check_nonempty_str("tag", ""), "tag must be a non-empty string; got ''"),
+        (lambda: check_nonempty_str("tag", 3), "tag must be a non-empty string; got 3"),
         (lambda: check_bool("train_mode", "yes"), "train_mode must be a bool; got 'yes'"),
         (lambda: check_bool("train_mode", 1), "train_mode must be a bool; got 1"),
         (
@@ -96,6 +99,7 @@ def test_validators_return_the_accepted_value():
     assert check_positive_float("tol", 1) == 1.0
     assert check_positive_float("tol", None, allow_none=True) is None
     assert check_bool("b", False) is False
+    assert check_nonempty_str("tag", "a/b") == "a/b"
     assert check_callable("f", len) is len
     assert check_callable("f", None, allow_none=True) is None
     assert check_choice("r", True, (True, False, "auto")) is True
