@@ -13,13 +13,6 @@ from tests.callbacks._events import load_events
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
 
-@pytest.fixture(autouse=True)
-def _examples_on_path(monkeypatch):
-    # A script's own folder is on sys.path when it runs (``python examples/x.py``), which is how
-    # the examples find their shared ``_digits`` module; loading them from a file path is not.
-    monkeypatch.syspath_prepend(EXAMPLES)
-
-
 def _load(name: str):
     path = os.path.join(EXAMPLES, f"{name}.py")
     spec = importlib.util.spec_from_file_location(name, path)
