@@ -81,7 +81,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 TARGET_RATIO = 1.05
-#: DESIGN.md ("Cost"): the Hessian monitor alone <= 5%, the four monitors together <= 10%.
+#: docs/design.md ("Cost"): the Hessian monitor alone <= 5%, the four monitors together <= 10%.
 TARGETS = {"hessian": 1.05, "all": 1.10}
 MONITORS = "hessian"  # set by --monitors
 EVERY_N_STEPS: int | None = None  # set by --every-n-steps (not the defaults: a diagnosis)

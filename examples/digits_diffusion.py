@@ -19,48 +19,10 @@ import argparse
 
 import lightning as L
 import numpy as np
-import torch
+from _digits import DigitsClassifier, digits_loader
 from lightning.pytorch.loggers import TensorBoardLogger
-from sklearn.datasets import load_digits
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_landscape.callbacks.diffusion import DiffusionMapMonitor
-
-
-class DigitsMLP(L.LightningModule):
-    """An ordinary classifier: nothing in it refers to the monitor."""
-
-    def __init__(self, hidden: int = 64, lr: float = 0.1) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Linear(64, hidden),
-            nn.Tanh(),
-            nn.Linear(hidden, hidden),
-            nn.Tanh(),
-            nn.Linear(hidden, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-
-
-def digits_loader(batch_size: int = 64, seed: int = 0) -> DataLoader:
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X / 16.0, dtype=torch.float32)
-    y = torch.tensor(y, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=True, generator=gen)
+from lightning_landscape import DiffusionMapMonitor
 
 
 def main(argv: list[str] | None = None) -> DiffusionMapMonitor:
@@ -98,7 +60,7 @@ def main(argv: list[str] | None = None) -> DiffusionMapMonitor:
         enable_model_summary=False,
         default_root_dir=args.logdir,
     )
-    trainer.fit(DigitsMLP(), digits_loader(seed=args.seed))
+    trainer.fit(DigitsClassifier(hidden=(64, 64), lr=0.1), digits_loader(seed=args.seed))
 
     result = monitor.last_result
     print(

@@ -20,15 +20,12 @@ import warnings
 
 import lightning as L
 import torch
+from _digits import DigitsClassifier, digits_split
 from lightning.pytorch.loggers import TensorBoardLogger
-from sklearn.datasets import load_digits
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_landscape.callbacks.inpca import InPCAMonitor
-from lightning_landscape.dashboard.inpca import write_joint_inpca
-from lightning_landscape.embeddings.joint import joint_inpca, resolve_runs
+from lightning_landscape import InPCAMonitor, joint_inpca, resolve_runs, write_joint_inpca
 
 #: (name, hidden widths, optimiser, learning rate, seed)
 CONFIGS = [
@@ -40,35 +37,6 @@ CONFIGS = [
 ]
 
 
-class Classifier(L.LightningModule):
-    """An ordinary MLP classifier: nothing in it refers to the monitor."""
-
-    def __init__(self, hidden: tuple[int, ...], optimizer: str, lr: float) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        layers: list[nn.Module] = []
-        width = 64
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.Tanh()]
-            width = h
-        layers.append(nn.Linear(width, 10))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.hparams.optimizer == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--logdir", default="runs/digits_inpca")
@@ -78,13 +46,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X / 16.0, dtype=torch.float32)
-    y = torch.tensor(y, dtype=torch.long)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    train = TensorDataset(X[perm[:1500]], y[perm[:1500]])
+    train, _ = digits_split(seed=0)
     # The same probe samples for every run (their ids are checked when embedding jointly).
-    probe = DataLoader(TensorDataset(X[perm[:512]], y[perm[:512]]), batch_size=256)
+    probe = DataLoader(TensorDataset(*train[:512]), batch_size=256)
 
     for name, hidden, optimizer, lr, seed in CONFIGS[: args.runs]:
         L.seed_everything(seed, verbose=False)
@@ -107,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         loader = DataLoader(
             train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
         )
-        trainer.fit(Classifier(hidden, optimizer, lr), loader)
+        trainer.fit(DigitsClassifier(hidden, lr, optimizer), loader)
 
     run_dirs = [os.path.join(args.logdir, c[0]) for c in CONFIGS[: args.runs]]
     paths, names = resolve_runs(run_dirs)

@@ -22,11 +22,8 @@ from __future__ import annotations
 import argparse
 
 import lightning as L
-import torch
+from _digits import DigitsClassifier, digits_loaders
 from lightning.pytorch.loggers import TensorBoardLogger
-from sklearn.datasets import load_digits
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import (
     DiffusionMapMonitor,
@@ -34,50 +31,6 @@ from lightning_landscape import (
     HessianSpectrumMonitor,
     InPCAMonitor,
 )
-
-
-class DigitsMLP(L.LightningModule):
-    """An ordinary classifier: nothing in it refers to the monitors."""
-
-    def __init__(self, hidden: int = 64, lr: float = 0.1) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Linear(64, hidden),
-            nn.Tanh(),
-            nn.Linear(hidden, hidden),
-            nn.Tanh(),
-            nn.Linear(hidden, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        acc = (self(x).argmax(-1) == y).float().mean()
-        self.log("val/acc", acc, prog_bar=True)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-
-
-def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X / 16.0, dtype=torch.float32)
-    y = torch.tensor(y, dtype=torch.long)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
-    train, val = perm[:1500], perm[1500:]
-    return (
-        DataLoader(TensorDataset(X[train], y[train]), batch_size=batch_size, shuffle=True),
-        DataLoader(TensorDataset(X[val], y[val]), batch_size=256),
-    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         default_root_dir=args.logdir,
         log_every_n_steps=10,
     )
-    trainer.fit(DigitsMLP(), train_loader, val_loader)
+    trainer.fit(DigitsClassifier(hidden=(64, 64), lr=0.1), train_loader, val_loader)
     print(
         f"{hessian.num_measurements} Hessian, {gradient.num_measurements} gradient, "
         f"{trajectory.num_measurements} trajectory, {predictions.num_measurements} InPCA "

@@ -1,15 +1,25 @@
 """lightning_landscape: watch the loss-landscape geometry of training from PyTorch Lightning.
 
 Every estimator is a plain function on any ``nn.Module``; the callbacks run them periodically
-during ``Trainer.fit`` and log to TensorBoard. The callbacks are imported lazily, so that
-``lightning_landscape.linalg`` works without importing Lightning or TensorBoard.
+during ``Trainer.fit`` and log to TensorBoard. The callbacks (and ``write_joint_inpca``) are
+imported lazily, so that ``lightning_landscape.linalg`` works without importing Lightning or
+TensorBoard.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .embeddings import DiffusionMap, InPCA, bhattacharyya_distances, diffusion_map, inpca
+from .embeddings import (
+    DiffusionMap,
+    InPCA,
+    JointInPCA,
+    bhattacharyya_distances,
+    diffusion_map,
+    inpca,
+    joint_inpca,
+    resolve_runs,
+)
 from .linalg import (
     ClassStructure,
     GradientCovariance,
@@ -27,6 +37,7 @@ if TYPE_CHECKING:
         HessianSpectrumMonitor,
         InPCAMonitor,
     )
+    from .dashboard import write_joint_inpca
 
 __version__ = "0.1.0.dev0"
 
@@ -40,6 +51,7 @@ __all__ = [
     "HessianSpectrumMonitor",
     "InPCA",
     "InPCAMonitor",
+    "JointInPCA",
     "__version__",
     "bhattacharyya_distances",
     "class_structure",
@@ -47,7 +59,10 @@ __all__ = [
     "gradient_covariance",
     "hessian_spectrum",
     "inpca",
+    "joint_inpca",
     "per_sample_gradients",
+    "resolve_runs",
+    "write_joint_inpca",
 ]
 
 _LAZY = {
@@ -55,6 +70,8 @@ _LAZY = {
     "HessianSpectrumMonitor": ".callbacks",
     "GradientCovarianceMonitor": ".callbacks",
     "InPCAMonitor": ".callbacks",
+    # Writes TensorBoard files: imported on first use, like the callbacks.
+    "write_joint_inpca": ".dashboard",
 }
 
 

@@ -1,9 +1,9 @@
-"""The one place where numerical tolerances come from (STYLE.md rule 5).
+"""The one place where numerical tolerances come from (docs/design.md, "Tests").
 
 Everything is a multiple of ``torch.finfo(dtype).eps`` so the same test reads the same in float32
 and float64. Tolerances are relative: multiply by the natural scale (``||A||``, ``||A|| ||v||``).
-Statistical targets (SCIENCE.md acceptance numbers such as W1/range <= 0.02) are not rounding
-tolerances and live in the tests that check them.
+Statistical targets (the acceptance numbers of docs/science.md, such as W1/range <= 0.02) are
+not rounding tolerances and live in the tests that check them.
 """
 
 from __future__ import annotations

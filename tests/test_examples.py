@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 
+import pytest
+
 from tests.callbacks._events import load_events
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
 
 def _load(name: str):
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", f"{name}.py")
+    path = os.path.join(EXAMPLES, f"{name}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -50,6 +55,27 @@ def test_inpca_example_embeds_runs_jointly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "joint InPCA of 2 runs" in out
     assert "explained stress, top 3 dims" in out
+
+
+@pytest.mark.parametrize(
+    "name", ["digits_landscape", "digits_gradient", "digits_diffusion", "digits_inpca"]
+)
+def test_examples_use_only_the_public_package(name):
+    with open(os.path.join(EXAMPLES, f"{name}.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    ours = [m for m in modules if m and m.startswith("lightning_landscape")]
+    assert ours == ["lightning_landscape"], ours
+    assert "_digits" in modules  # the model and data come from the one shared module
+
+
+def test_joint_inpca_writer_is_public_and_lazy():
+    import lightning_landscape
+    from lightning_landscape.dashboard import write_joint_inpca
+
+    assert lightning_landscape.write_joint_inpca is write_joint_inpca
+    assert "write_joint_inpca" in lightning_landscape.__all__
 
 
 def test_core_imports_neither_lightning_nor_tensorboard():

@@ -18,7 +18,7 @@ from typing import Any
 
 __all__: list[str] = []
 
-#: All monitors together stay under this share of wall time (DESIGN.md, "Cost").
+#: All monitors together stay under this share of wall time (docs/design.md, "Cost").
 TOTAL_OVERHEAD = 0.10
 
 #: Measurements are planned against this fraction of each budget: the rest is a margin for what

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
+from .._checks import check_bool, forward_options
 from ..dashboard import (
     SpectrumAxis,
     hessian_layout,
@@ -22,6 +23,7 @@ from ..dashboard import (
     write_text,
 )
 from ..linalg import HessianSpectrum, hessian_spectrum, parameter_groups
+from ..linalg._spectrum_options import check_spectrum_options
 from ._base import LandscapeMonitor
 
 #: A priori seconds to draw the spectrum figure and write the histogram (one CPU core).
@@ -46,6 +48,19 @@ def _row_pass_seconds(device: torch.device, dim: int) -> float:
 
 
 __all__ = ["HessianSpectrumMonitor"]
+
+#: Options of :func:`hessian_spectrum` the monitor sets itself (the rest are forwarded).
+_SET_HERE = (
+    "top_k",
+    "which",
+    "density",
+    "trace",
+    "seed",
+    "groups",
+    "return_eigenvectors",
+    "params",
+    "reduce_fn",
+)
 
 #: Display broadening of the spectrum histogram, in signed-log decades.
 HISTOGRAM_SIGMA = 0.02
@@ -144,37 +159,26 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             train_mode=train_mode,
             clock=clock,
         )
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
-        if groups is not None and groups != "layer" and not isinstance(groups, Mapping):
-            raise ValueError(f"groups must be None, 'layer' or a mapping; got {groups!r}")
-        allowed = {
-            "tol",
-            "max_iter",
-            "num_slq_probes",
-            "slq_steps",
-            "num_trace_probes",
-            "retain_graph",
-            "batch_size_fn",
-            "dtype",
-        }
-        unknown = sorted(set(spectrum_kwargs) - allowed)
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for HessianSpectrumMonitor; "
-                f"allowed: {sorted(allowed)}"
-            )
+        self.spectrum_kwargs = forward_options(
+            hessian_spectrum, spectrum_kwargs, owner=HessianSpectrumMonitor, exclude=_SET_HERE
+        )
+        # The core's own checker: a bad forwarded value fails here, not minutes into fit.
+        check_spectrum_options(
+            top_k=top_k,
+            groups=groups,
+            density=density,
+            trace=trace,
+            seed=seed,
+            **self.spectrum_kwargs,
+        )
         self.top_k = top_k
         self.groups = groups
         self.density = density
         self.trace = trace
         self.seed = seed
-        self.log_histogram = log_histogram
-        self.log_figure = log_figure
-        self.spectrum_kwargs = spectrum_kwargs
-        if not isinstance(keep_eigenvectors, bool):
-            raise ValueError(f"keep_eigenvectors must be a bool; got {keep_eigenvectors!r}")
-        self.keep_eigenvectors = keep_eigenvectors
+        self.log_histogram = check_bool("log_histogram", log_histogram)
+        self.log_figure = check_bool("log_figure", log_figure)
+        self.keep_eigenvectors = check_bool("keep_eigenvectors", keep_eigenvectors)
         self.last_eigenvectors: torch.Tensor | None = None
         self.last_eigenvalues: np.ndarray | None = None
         self.axis: SpectrumAxis | None = None

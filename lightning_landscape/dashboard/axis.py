@@ -2,8 +2,7 @@ r"""Signed-log axis for eigenvalue spectra.
 
 A Hessian spectrum is a bulk of thousands of eigenvalues within a hair of zero plus a few outliers
 orders of magnitude larger, of either sign. On a linear axis the histogram dashboard shows one spike
-at zero (see ``img/tensorboard-spectrum-linear-vs-signed-log.png`` in the design notes). The
-signed-log map
+at zero (``docs/science.md``, "Signed-log axis", shows both side by side). The signed-log map
 
 .. math::
 
@@ -26,18 +25,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from lightning_landscape._checks import check_int, check_positive_float
+
 __all__ = ["SpectrumAxis", "inverse_signed_log", "signed_log"]
 
 
 def _check_tau(tau: float) -> float:
-    """Return ``tau`` as a float after checking that it is finite and positive."""
-    try:
-        value = float(tau)
-    except (TypeError, ValueError):
-        raise ValueError(f"tau must be a finite positive number, got {tau!r}") from None
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"tau must be a finite positive number (tau > 0), got {tau!r}")
-    return value
+    return check_positive_float("tau", tau)
 
 
 def signed_log(x: ArrayLike, tau: float) -> np.ndarray:
@@ -93,12 +87,12 @@ class SpectrumAxis:
         edges = np.array(self.edges, dtype=np.float64)
         if edges.ndim != 1 or edges.size < 2:
             raise ValueError(
-                f"edges must be a 1-D array of at least 2 bin edges, got shape {edges.shape}"
+                f"edges must be a 1-D array of at least 2 bin edges; got shape {edges.shape}"
             )
         if not np.all(np.isfinite(edges)):
-            raise ValueError(f"edges must be finite, got {edges.tolist()!r}")
+            raise ValueError(f"edges must be finite; got {edges.tolist()!r}")
         if not np.all(np.diff(edges) > 0):
-            raise ValueError(f"edges must be strictly increasing, got {edges.tolist()!r}")
+            raise ValueError(f"edges must be strictly increasing; got {edges.tolist()!r}")
         edges.setflags(write=False)
         object.__setattr__(self, "edges", edges)
 
@@ -137,22 +131,13 @@ class SpectrumAxis:
             scale = float(lambda_abs_max)
         except (TypeError, ValueError):
             raise ValueError(
-                f"lambda_abs_max must be a finite number >= 0, got {lambda_abs_max!r}"
+                f"lambda_abs_max must be a finite number >= 0; got {lambda_abs_max!r}"
             ) from None
         if not math.isfinite(scale) or scale < 0.0:
-            raise ValueError(f"lambda_abs_max must be a finite number >= 0, got {lambda_abs_max!r}")
-        fraction = float(tau_fraction)
-        if not math.isfinite(fraction) or fraction <= 0.0:
-            raise ValueError(
-                f"tau_fraction must be a finite positive number (> 0), got {tau_fraction!r}"
-            )
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int | np.integer) or num_bins < 1:
-            raise ValueError(f"num_bins must be an integer >= 1, got {num_bins!r}")
-        width = float(half_width)
-        if not math.isfinite(width) or width <= 0.0:
-            raise ValueError(
-                f"half_width must be a finite positive number (> 0), got {half_width!r}"
-            )
+            raise ValueError(f"lambda_abs_max must be a finite number >= 0; got {lambda_abs_max!r}")
+        fraction = check_positive_float("tau_fraction", tau_fraction)
+        num_bins = check_int("num_bins", num_bins, minimum=1)
+        width = check_positive_float("half_width", half_width)
         tau = fraction * scale
         if tau <= 0.0 or not math.isfinite(tau):
             # lambda_abs_max == 0 (or an underflow): no scale information, assume unit scale.

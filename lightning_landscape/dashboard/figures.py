@@ -30,10 +30,10 @@ def _vector(name: str, value: ArrayLike, *, min_size: int = 1) -> np.ndarray:
     array = np.array(value, dtype=np.float64)
     if array.ndim != 1 or array.size < min_size:
         raise ValueError(
-            f"{name} must be a 1-D array with at least {min_size} entries, got shape {array.shape}"
+            f"{name} must be a 1-D array with at least {min_size} entries; got shape {array.shape}"
         )
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} must be finite, got {array.tolist()!r}")
+        raise ValueError(f"{name} must be finite; got {array.tolist()!r}")
     return array
 
 
@@ -43,11 +43,11 @@ def _optional_float(name: str, value: float | None) -> float | None:
     try:
         result = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number or None, got {value!r}") from None
+        raise ValueError(f"{name} must be a number or None; got {value!r}") from None
     if math.isnan(result):
         return None
     if math.isinf(result):
-        raise ValueError(f"{name} must be finite, NaN or None, got {value!r}")
+        raise ValueError(f"{name} must be finite, NaN or None; got {value!r}")
     return result
 
 
@@ -198,7 +198,7 @@ def spectrum_figure(
     density_arr = _vector("density", density, min_size=2)
     if grid_arr.shape != density_arr.shape:
         raise ValueError(
-            "grid and density must have the same shape, got grid "
+            "grid and density must have the same shape; got grid "
             f"{grid_arr.shape} and density {density_arr.shape}"
         )
     eig = _vector("eigenvalues", eigenvalues)
@@ -207,18 +207,18 @@ def spectrum_figure(
         res = _vector("residuals", residuals)
         if res.shape != eig.shape:
             raise ValueError(
-                "residuals must have the same shape as eigenvalues, got residuals "
+                "residuals must have the same shape as eigenvalues; got residuals "
                 f"{res.shape} and eigenvalues {eig.shape}"
             )
         if np.any(res < 0):
-            raise ValueError(f"residuals must be >= 0, got {res.tolist()!r}")
+            raise ValueError(f"residuals must be >= 0; got {res.tolist()!r}")
     if (
         isinstance(n_outliers, bool)
         or not isinstance(n_outliers, int | np.integer)
         or not 0 <= n_outliers <= eig.size
     ):
         raise ValueError(
-            f"n_outliers must be an integer with 0 <= n_outliers <= len(eigenvalues) = {eig.size}, "
+            f"n_outliers must be an integer with 0 <= n_outliers <= len(eigenvalues) = {eig.size}; "
             f"got {n_outliers!r}"
         )
     n_outliers = int(n_outliers)

@@ -38,6 +38,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.histogram import metadata as _histogram_metadata
 from tensorboard.util import tensor_util
 
+from lightning_landscape._checks import check_int, check_nonempty_str, check_positive_float
 from lightning_landscape.dashboard.axis import SpectrumAxis, inverse_signed_log, signed_log
 
 if TYPE_CHECKING:
@@ -66,47 +67,39 @@ def _as_measure(nodes: ArrayLike, weights: ArrayLike) -> tuple[np.ndarray, np.nd
         weights_arr = weights_arr[None, :]
     if nodes_arr.ndim != 2:
         raise ValueError(
-            f"nodes must have shape (P, m) (or (m,) for one probe), got shape {nodes_arr.shape}"
+            f"nodes must have shape (P, m) (or (m,) for one probe); got shape {nodes_arr.shape}"
         )
     if nodes_arr.shape != weights_arr.shape:
         raise ValueError(
-            "nodes and weights must have the same shape (P, m), got nodes "
+            "nodes and weights must have the same shape (P, m); got nodes "
             f"{nodes_arr.shape} and weights {weights_arr.shape}"
         )
     if nodes_arr.size == 0:
-        raise ValueError(f"nodes must hold at least one node, got shape {nodes_arr.shape}")
+        raise ValueError(f"nodes must hold at least one node; got shape {nodes_arr.shape}")
     if not np.all(np.isfinite(nodes_arr)):
-        raise ValueError(f"nodes must be finite, got {nodes_arr.tolist()!r}")
+        raise ValueError(f"nodes must be finite; got {nodes_arr.tolist()!r}")
     if not np.all(np.isfinite(weights_arr)) or np.any(weights_arr < 0):
-        raise ValueError(f"weights must be finite and >= 0, got {weights_arr.tolist()!r}")
+        raise ValueError(f"weights must be finite and >= 0; got {weights_arr.tolist()!r}")
     row_sums = weights_arr.sum(axis=1)
     if np.any(np.abs(row_sums - 1.0) > _ROW_SUM_ATOL):
         raise ValueError(
-            f"each row of weights must sum to 1 (|sum - 1| <= {_ROW_SUM_ATOL:g}), "
+            f"each row of weights must sum to 1 (|sum - 1| <= {_ROW_SUM_ATOL:g}); "
             f"got row sums {row_sums.tolist()!r}"
         )
     return nodes_arr, weights_arr
 
 
 def _check_dim(dim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
-        raise ValueError(f"dim must be an integer >= 1 (the matrix dimension), got {dim!r}")
-    return int(dim)
+    return check_int("dim", dim, minimum=1, what="1 (the matrix dimension)")
 
 
 def _check_sigma(sigma: float) -> float:
-    try:
-        value = float(sigma)
-    except (TypeError, ValueError):
-        raise ValueError(f"sigma must be a finite positive number, got {sigma!r}") from None
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"sigma must be a finite positive number (sigma > 0), got {sigma!r}")
-    return value
+    return check_positive_float("sigma", sigma)
 
 
 def _check_axis(axis: SpectrumAxis) -> SpectrumAxis:
     if not isinstance(axis, SpectrumAxis):
-        raise TypeError(f"axis must be a SpectrumAxis, got {type(axis).__name__}")
+        raise TypeError(f"axis must be a SpectrumAxis; got {type(axis).__name__}")
     return axis
 
 
@@ -251,8 +244,7 @@ def write_spectrum_histogram(
     Raises:
         ValueError: As :func:`spectrum_histogram`, or if ``tag`` is empty.
     """
-    if not isinstance(tag, str) or not tag:
-        raise ValueError(f"tag must be a non-empty string, got {tag!r}")
+    check_nonempty_str("tag", tag)
     edges, values = spectrum_histogram(nodes, weights, dim=dim, axis=axis, sigma=sigma)
     step = int(step)
     if not hasattr(writer, "_get_file_writer"):

@@ -26,16 +26,16 @@ def _check_layout(layout: Any, *, name: str) -> Layout:
     """Validate a layout and return a fresh copy with lists."""
     if not isinstance(layout, Mapping):
         raise ValueError(
-            f"{name} must be a mapping {{category: {{chart_title: [tag_regex, ...]}}}}, "
+            f"{name} must be a mapping {{category: {{chart_title: [tag_regex, ...]}}}}; "
             f"got {type(layout).__name__}"
         )
     result: Layout = {}
     for category, charts in layout.items():
         if not isinstance(category, str) or not category:
-            raise ValueError(f"{name}: categories must be non-empty strings, got {category!r}")
+            raise ValueError(f"{name}: categories must be non-empty strings; got {category!r}")
         if not isinstance(charts, Mapping) or not charts:
             raise ValueError(
-                f"{name}[{category!r}] must be a non-empty mapping {{chart_title: [tag_regex]}}, "
+                f"{name}[{category!r}] must be a non-empty mapping {{chart_title: [tag_regex]}}; "
                 f"got {charts!r}"
             )
         result[category] = {}
@@ -43,22 +43,22 @@ def _check_layout(layout: Any, *, name: str) -> Layout:
             where = f"{name}[{category!r}][{title!r}]"
             if not isinstance(title, str) or not title:
                 raise ValueError(
-                    f"{name}[{category!r}]: chart titles must be non-empty strings, got {title!r}"
+                    f"{name}[{category!r}]: chart titles must be non-empty strings; got {title!r}"
                 )
             if isinstance(regexes, str) or not isinstance(regexes, Sequence) or not regexes:
                 raise ValueError(
-                    f"{where} must be a non-empty list of tag regexes, got {regexes!r}"
+                    f"{where} must be a non-empty list of tag regexes; got {regexes!r}"
                 )
             for regex in regexes:
                 if not isinstance(regex, str) or not regex:
                     raise ValueError(
-                        f"{where}: tag regexes must be non-empty strings, got {regex!r}"
+                        f"{where}: tag regexes must be non-empty strings; got {regex!r}"
                     )
                 try:
                     re.compile(regex)
                 except re.error as error:
                     raise ValueError(
-                        f"{where}: tag regexes must compile as Python regexes, got {regex!r} "
+                        f"{where}: tag regexes must compile as Python regexes; got {regex!r} "
                         f"({error})"
                     ) from None
             result[category][title] = list(regexes)
@@ -111,7 +111,7 @@ def hessian_layout(prefix: str = "landscape/hessian", *, groups: Sequence[str] =
         ValueError: If ``prefix`` or a group name is empty.
     """
     if not isinstance(prefix, str) or not prefix.strip("/"):
-        raise ValueError(f"prefix must be a non-empty tag prefix, got {prefix!r}")
+        raise ValueError(f"prefix must be a non-empty tag prefix; got {prefix!r}")
     prefix = prefix.rstrip("/")
     p = re.escape(prefix)
     charts: dict[str, list[str]] = {
@@ -132,7 +132,7 @@ def hessian_layout(prefix: str = "landscape/hessian", *, groups: Sequence[str] =
     }
     for group in groups:
         if not isinstance(group, str) or not group:
-            raise ValueError(f"groups must hold non-empty strings, got {group!r}")
+            raise ValueError(f"groups must hold non-empty strings; got {group!r}")
         charts[f"top eigenvalues: {group}"] = [rf"{p}/{re.escape(group)}/eigenvalue_\d+$"]
     charts["cost: seconds per measurement"] = [rf"{p}/seconds$"]
     charts["cost: HVPs per measurement"] = [rf"{p}/num_hvps$"]

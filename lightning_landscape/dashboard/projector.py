@@ -2,7 +2,7 @@
 
 Projector embeddings are files beside the event files (``<logdir>/<step>/<tag>/tensors.tsv``,
 ``metadata.tsv`` and one entry in ``projector_config.pbtxt``), not events, so monitors rewrite them
-only at epoch ends or at the end of fit (DESIGN.md, "Logging").
+only at epoch ends or at the end of fit (docs/design.md, "Logging").
 """
 
 from __future__ import annotations

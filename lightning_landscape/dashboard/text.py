@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from lightning_landscape._checks import check_nonempty_str
+
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -22,8 +24,7 @@ def write_text(writer: SummaryWriter | Any, tag: str, markdown: str, step: int =
     Raises:
         ValueError: If ``tag`` is empty or ``markdown`` is not a string.
     """
-    if not isinstance(tag, str) or not tag:
-        raise ValueError(f"tag must be a non-empty string, got {tag!r}")
+    check_nonempty_str("tag", tag)
     if not isinstance(markdown, str):
-        raise ValueError(f"markdown must be a string, got {type(markdown).__name__}")
+        raise ValueError(f"markdown must be a string; got {type(markdown).__name__}")
     writer.add_text(tag, markdown, global_step=int(step))

@@ -420,7 +420,7 @@ def inpca(D: ArrayLike, *, n_components: int = 3) -> InPCA:
     :math:`W = -\tfrac12 L D L` with :math:`L = I - \mathbf{1}\mathbf{1}^\top/n`; its
     eigendecomposition :math:`W = \sum_i \lambda_i v_i v_i^\top`, sorted by :math:`|\lambda_i|`;
     coordinates :math:`v_i \sqrt{|\lambda_i|}`. Explained stress of the top k dimensions
-    (SCIENCE.md):
+    (docs/science.md):
 
     .. math::
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int, check_positive_int
 from .covariance import OutputsFn, _batched_grad, _default_outputs, _flat
 from .lanczos import lanczos
 from .operators import (
@@ -319,125 +320,159 @@ def class_structure(
         FloatingPointError: non-finite logits.
     """
     t0 = time.perf_counter()
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
-    if isinstance(max_classes, bool) or not isinstance(max_classes, int) or max_classes < 2:
-        raise ValueError(f"max_classes must be an integer >= 2; got {max_classes!r}")
+    check_positive_int("top_k", top_k)
+    check_int("max_classes", max_classes, minimum=2)
     if (hessian_eigenvalues is None) != (hessian_eigenvectors is None):
         raise ValueError("hessian_eigenvalues and hessian_eigenvectors must be given together")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches must hold at least one batch; got an empty iterable")
     outputs_fn = outputs_fn or _default_outputs
-    names, _ = _resolve_params(model, params)
-    model, batches = _working_copy(model, batches, dtype)
-    by_name = dict(model.named_parameters())
-    plist = [by_name[n] for n in names]
-
-    def ce_loss(m: nn.Module, batch: Any) -> Tensor:
-        z, y = outputs_fn(m, batch)
-        return nn.functional.cross_entropy(z, y)
-
-    if hessian_eigenvalues is None:
-        hs = hessian_spectrum(
-            model,
-            ce_loss,
-            batches,
-            top_k=top_k,
-            density=False,
-            trace=False,
-            seed=seed,
-            tol=tol,
-            return_eigenvectors=True,
-            params=plist,
-            reduce_fn=reduce_fn,
-            batch_size_fn=batch_size_fn,
-        )
-        h_vals, h_vecs = hs.eigenvalues, hs.eigenvectors
-        assert h_vecs is not None
+    model, batches, plist = _working_inputs(model, batches, params, dtype)
+    shared = {"params": plist, "reduce_fn": reduce_fn, "batch_size_fn": batch_size_fn}
+    if hessian_eigenvectors is None:
+        h_vals, h_vecs = _hessian_top(model, batches, outputs_fn, top_k, seed, tol, **shared)
     else:
-        assert hessian_eigenvectors is not None
-        h_vals = np.asarray(hessian_eigenvalues, dtype=np.float64)
-        h_vecs = hessian_eigenvectors
-        if h_vecs.dim() != 2 or h_vecs.shape[0] != len(h_vals):
-            raise ValueError(
-                "hessian_eigenvectors must have one row per eigenvalue; got shape "
-                f"{tuple(h_vecs.shape)} for {len(h_vals)} eigenvalues"
-            )
+        h_vals, h_vecs = _given_eigenpairs(hessian_eigenvalues, hessian_eigenvectors)
     k = len(h_vals)
-    op = GaussNewtonOperator(
-        model,
-        batches,
-        outputs_fn=outputs_fn,
-        params=plist,
-        reduce_fn=reduce_fn,
-        batch_size_fn=batch_size_fn,
-    )
+    op = GaussNewtonOperator(model, batches, outputs_fn=outputs_fn, **shared)
     if h_vecs.shape[1] != op.dim:
         raise ValueError(
             f"hessian_eigenvectors rows must have length D={op.dim}; got {h_vecs.shape[1]}"
         )
     try:
-        C = op.logits[0].shape[1]
-        for y in op.targets:
-            if y.is_floating_point() or y.dim() != 1:
-                raise ValueError(
-                    "class_structure needs integer class targets of shape (n,); got "
-                    f"{y.dtype} with shape {tuple(y.shape)}"
-                )
-        for z in op.logits:
-            if not bool(torch.isfinite(z).all()):
-                raise FloatingPointError("non-finite logits on the probe batches")
-        counts = torch.zeros(C, dtype=torch.float64, device=op.device)
-        for y in op.targets:
-            counts += torch.bincount(y, minlength=C).to(counts)
-        counts = reduce_fn(counts) if reduce_fn is not None else counts
-        present = torch.nonzero(counts > 0).flatten().cpu().numpy()
-        classes = present
-        if len(present) > max_classes:
-            rng = np.random.default_rng(seed)
-            classes = np.sort(rng.choice(present, size=max_classes, replace=False))
-            warnings.warn(
-                f"class_structure: {len(present)} classes present; the between-class part is "
-                f"built from a random subset of {max_classes} (max_classes), so its "
-                "eigenvalues and shares are those of that subset (a lower bound).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        W = _class_mean_vectors(op, classes, counts)  # (Cs, C, D), weighted by sqrt(n_c / N)
-        Cs = len(classes)
-        flat = W.reshape(Cs * C, -1).double()
-        gram = flat @ flat.T
-        lam_b = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0).cpu().numpy()
-        between = np.zeros(k)
-        between[: min(k, len(lam_b))] = lam_b[:k]
-        level = W.double().mean(dim=1)  # (Cs, D): (1/C) sum_c' of the weighted vectors
-        lam_c = torch.linalg.eigvalsh(level @ level.T).flip(0).clamp(min=0).cpu().numpy()
-        V = h_vecs.to(device=flat.device, dtype=torch.float64)
-        rayleigh = (V @ flat.T).pow(2).sum(dim=1).cpu().numpy()
+        counts, classes = _class_counts(op, max_classes, seed)
+        between, level, rayleigh = _between_class(op, classes, counts, h_vecs, k)
         ggn = lanczos(op, k=min(k, op.dim), tol=tol, seed=seed + 1)
     finally:
         op.release()
     ggn_vals = np.asarray(ggn.eigenvalues, dtype=np.float64)
-
-    def share(x: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(h_vals != 0, x / h_vals, math.nan)
-
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = [np.where(h_vals != 0, x / h_vals, math.nan) for x in (between, rayleigh, ggn_vals)]
     return ClassStructure(
         hessian_eigenvalues=np.asarray(h_vals, dtype=np.float64),
         ggn_eigenvalues=ggn_vals,
         between_class_eigenvalues=between,
-        class_level_eigenvalues=lam_c,
-        between_class_share=share(between),
-        between_class_rayleigh_share=share(rayleigh),
-        ggn_share=share(ggn_vals),
-        num_classes=int(C),
+        class_level_eigenvalues=level,
+        between_class_share=share[0],
+        between_class_rayleigh_share=share[1],
+        ggn_share=share[2],
+        num_classes=int(op.logits[0].shape[1]),
         classes=np.asarray(classes),
         class_counts=counts.cpu().numpy(),
         num_samples=op.num_samples,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _working_inputs(
+    model: nn.Module,
+    batches: Iterable[Any],
+    params: Sequence[nn.Parameter] | None,
+    dtype: torch.dtype | None,
+) -> tuple[nn.Module, list[Any], list[nn.Parameter]]:
+    """The model and batches to measure (a copy in ``dtype`` when given) and its parameters
+    that correspond to ``params``."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches must hold at least one batch; got an empty iterable")
+    names, _ = _resolve_params(model, params)
+    model, batches = _working_copy(model, batches, dtype)
+    by_name = dict(model.named_parameters())
+    return model, batches, [by_name[n] for n in names]
+
+
+def _hessian_top(
+    model: nn.Module,
+    batches: list[Any],
+    outputs_fn: OutputsFn,
+    top_k: int,
+    seed: int,
+    tol: float,
+    **options: Any,
+) -> tuple[np.ndarray, Tensor]:
+    """Top Hessian eigenpairs of the mean cross-entropy, eigenvectors converged too."""
+
+    def ce_loss(m: nn.Module, batch: Any) -> Tensor:
+        z, y = outputs_fn(m, batch)
+        return nn.functional.cross_entropy(z, y)
+
+    hs = hessian_spectrum(
+        model,
+        ce_loss,
+        batches,
+        top_k=top_k,
+        density=False,
+        trace=False,
+        seed=seed,
+        tol=tol,
+        return_eigenvectors=True,
+        **options,
+    )
+    assert hs.eigenvectors is not None
+    return hs.eigenvalues, hs.eigenvectors
+
+
+def _given_eigenpairs(
+    values: Sequence[float] | np.ndarray | None, vectors: Tensor
+) -> tuple[np.ndarray, Tensor]:
+    h_vals = np.asarray(values, dtype=np.float64)
+    if vectors.dim() != 2 or vectors.shape[0] != len(h_vals):
+        raise ValueError(
+            "hessian_eigenvectors must have one row per eigenvalue; got shape "
+            f"{tuple(vectors.shape)} for {len(h_vals)} eigenvalues"
+        )
+    return h_vals, vectors
+
+
+def _class_counts(
+    op: GaussNewtonOperator, max_classes: int, seed: int
+) -> tuple[Tensor, np.ndarray]:
+    """Samples per class over every process, and the classes the between-class part uses (a
+    seeded subset of ``max_classes`` when more are present, with a warning)."""
+    C = op.logits[0].shape[1]
+    for y in op.targets:
+        if y.is_floating_point() or y.dim() != 1:
+            raise ValueError(
+                "class_structure needs integer class targets of shape (n,); got "
+                f"{y.dtype} with shape {tuple(y.shape)}"
+            )
+    for z in op.logits:
+        if not bool(torch.isfinite(z).all()):
+            raise FloatingPointError("non-finite logits on the probe batches")
+    counts = torch.zeros(C, dtype=torch.float64, device=op.device)
+    for y in op.targets:
+        counts += torch.bincount(y, minlength=C).to(counts)
+    counts = op._reduce(counts) if op._reduce is not None else counts
+    present = torch.nonzero(counts > 0).flatten().cpu().numpy()
+    if len(present) <= max_classes:
+        return counts, present
+    rng = np.random.default_rng(seed)
+    classes = np.sort(rng.choice(present, size=max_classes, replace=False))
+    warnings.warn(
+        f"class_structure: {len(present)} classes present; the between-class part is "
+        f"built from a random subset of {max_classes} (max_classes), so its "
+        "eigenvalues and shares are those of that subset (a lower bound).",
+        RuntimeWarning,
+        stacklevel=3,  # the caller of class_structure
+    )
+    return counts, classes
+
+
+def _between_class(
+    op: GaussNewtonOperator, classes: np.ndarray, counts: Tensor, h_vecs: Tensor, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top ``k`` eigenvalues of the between-class part ``B``, the class-level eigenvalues, and
+    the Rayleigh quotients ``v^T B v`` at the rows of ``h_vecs``, from the Gram matrix of the
+    ``C^2`` weighted class-mean vectors (never a ``D x D`` matrix)."""
+    C = op.logits[0].shape[1]
+    W = _class_mean_vectors(op, classes, counts)  # (Cs, C, D), weighted by sqrt(n_c / N)
+    flat = W.reshape(len(classes) * C, -1).double()
+    lam_b = torch.linalg.eigvalsh(flat @ flat.T).flip(0).clamp(min=0).cpu().numpy()
+    between = np.zeros(k)
+    between[: min(k, len(lam_b))] = lam_b[:k]
+    level = W.double().mean(dim=1)  # (Cs, D): (1/C) sum_c' of the weighted vectors
+    lam_c = torch.linalg.eigvalsh(level @ level.T).flip(0).clamp(min=0).cpu().numpy()
+    V = h_vecs.to(device=flat.device, dtype=torch.float64)
+    rayleigh = (V @ flat.T).pow(2).sum(dim=1).cpu().numpy()
+    return between, lam_c, rayleigh
 
 
 def _class_mean_vectors(op: GaussNewtonOperator, classes: np.ndarray, counts: Tensor) -> Tensor:

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from .._checks import check_int
+
 __all__ = ["ParameterSketch", "sketch_distortion_bound"]
 
 #: Entries per hash chunk: the memory of the hashes at any moment.
@@ -77,18 +79,10 @@ class ParameterSketch:
         exact_max_params: int = 8192,
     ) -> None:
         sizes = list(sizes)
-        for name, value, minimum in (
-            ("dim", dim, 1),
-            ("nnz", nnz, 1),
-            ("seed", seed, 0),
-            ("exact_max_params", exact_max_params, 0),
-        ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Integral)
-                or value < minimum
-            ):
-                raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+        dim = check_int("dim", dim, minimum=1)
+        nnz = check_int("nnz", nnz, minimum=1)
+        seed = check_int("seed", seed, minimum=0)
+        exact_max_params = check_int("exact_max_params", exact_max_params, minimum=0)
         if dim % nnz:
             raise ValueError(f"dim must be a multiple of nnz ({nnz}); got dim={dim}")
         if not sizes or any(

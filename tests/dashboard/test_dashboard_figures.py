@@ -62,15 +62,15 @@ def test_mixed_signs_use_symlog_and_plt_state_is_untouched() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"grid": np.zeros(3)}, r"grid and density must have the same shape, got grid \(3,\)"),
+        ({"grid": np.zeros(3)}, r"grid and density must have the same shape; got grid \(3,\)"),
         (
             {"n_outliers": 11},
-            r"n_outliers must be .*0 <= n_outliers <= .* = 10, got 11",
+            r"n_outliers must be .*0 <= n_outliers <= .* = 10; got 11",
         ),
         ({"residuals": -np.ones(10)}, r"residuals must be >= 0"),
         ({"residuals": np.ones(3)}, r"residuals must have the same shape as eigenvalues"),
         ({"eigenvalues": [np.nan]}, r"eigenvalues must be finite"),
-        ({"bulk_edge": np.inf}, r"bulk_edge must be finite, NaN or None, got inf"),
+        ({"bulk_edge": np.inf}, r"bulk_edge must be finite, NaN or None; got inf"),
     ],
 )
 def test_bad_inputs_raise(kwargs: dict, match: str) -> None:

@@ -105,8 +105,8 @@ def test_merge_layouts_unites_and_dedupes_without_mutating() -> None:
             r"sections\['cat'\]\['chart'\]: tag regexes must compile .*'\('",
         ),
         ({"cat": {"chart": []}}, r"sections\['cat'\]\['chart'\] must be a non-empty list .*\[\]"),
-        ({"cat": {"chart": "a$"}}, r"must be a non-empty list of tag regexes, got 'a\$'"),
-        ({"": {"chart": ["a"]}}, r"sections: categories must be non-empty strings, got ''"),
+        ({"cat": {"chart": "a$"}}, r"must be a non-empty list of tag regexes; got 'a\$'"),
+        ({"": {"chart": ["a"]}}, r"sections: categories must be non-empty strings; got ''"),
         ({"cat": {}}, r"sections\['cat'\] must be a non-empty mapping"),
         (["a"], r"sections must be a mapping"),
     ],
@@ -117,7 +117,7 @@ def test_bad_layouts_raise(writer, sections, match: str) -> None:
 
 
 def test_hessian_layout_rejects_bad_names() -> None:
-    with pytest.raises(ValueError, match="prefix must be a non-empty tag prefix, got '/'"):
+    with pytest.raises(ValueError, match="prefix must be a non-empty tag prefix; got '/'"):
         hessian_layout("/")
-    with pytest.raises(ValueError, match="groups must hold non-empty strings, got ''"):
+    with pytest.raises(ValueError, match="groups must hold non-empty strings; got ''"):
         hessian_layout(groups=[""])

@@ -19,9 +19,9 @@ def test_write_text_reads_back(writer, read_events) -> None:
     (event,) = read_events().Tensors("landscape/hessian/spectrum_axis/text_summary")
     assert event.step == 2
     assert event.tensor_proto.string_val[0].decode() == "**x**: signed log"
-    with pytest.raises(ValueError, match="tag must be a non-empty string, got ''"):
+    with pytest.raises(ValueError, match="tag must be a non-empty string; got ''"):
         write_text(writer, "", "x")
-    with pytest.raises(ValueError, match="markdown must be a string, got int"):
+    with pytest.raises(ValueError, match="markdown must be a string; got int"):
         write_text(writer, "t", 3)  # type: ignore[arg-type]
 
 

@@ -21,7 +21,7 @@ from tests._tolerances import tolerances
 
 F64 = torch.float64
 TOL = tolerances(F64)
-W1_TARGET = 0.02  # SCIENCE.md: Wasserstein-1 / spectral range at defaults
+W1_TARGET = 0.02  # docs/science.md: Wasserstein-1 / spectral range at defaults
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from tests._reference import (
 from tests._tolerances import tolerances
 
 F32, F64 = torch.float32, torch.float64
-# SCIENCE.md acceptance targets at defaults.
+# Acceptance targets at defaults (docs/science.md, "Acceptance definitions").
 TOP_K_RTOL = 1e-4
 W1_TARGET = 0.02
 TRACE_TARGET = 0.05
