@@ -1,5 +1,5 @@
 """Numerical core: operators, Lanczos, quadrature, trace, outlier split, per-sample gradients and
-their covariance, class structure. No Lightning imports."""
+their covariance, the gradient noise scale, class structure. No Lightning imports."""
 
 from .class_structure import (
     ClassStructure,
@@ -11,12 +11,22 @@ from .class_structure import (
 from .covariance import (
     CovarianceOperator,
     GradientCovariance,
+    HessianAlignment,
     gradient_covariance,
-    per_sample_gradients,
+    hessian_alignment,
 )
 from .lanczos import LanczosResult, lanczos
+from .noise_scale import (
+    GradientNoiseTracker,
+    NoiseScale,
+    TrainingNoise,
+    TwoBatchEstimate,
+    noise_scale,
+    two_batch_estimate,
+)
 from .operators import HessianOperator, HVPFailedError, MatrixOperator
 from .outliers import OutlierSplit, split_outliers
+from .per_sample import per_sample_gradients
 from .slq import QuadratureResult, slq, spectral_density
 from .spectrum import HessianSpectrum, hessian_spectrum, parameter_groups
 from .trace import TraceEstimate, hutchinson_trace, hutchpp_trace
@@ -26,25 +36,33 @@ __all__ = [
     "CovarianceOperator",
     "GaussNewtonOperator",
     "GradientCovariance",
+    "GradientNoiseTracker",
     "HVPFailedError",
+    "HessianAlignment",
     "HessianOperator",
     "HessianSpectrum",
     "LanczosResult",
     "MatrixOperator",
+    "NoiseScale",
     "OutlierSplit",
     "QuadratureResult",
     "TraceEstimate",
+    "TrainingNoise",
+    "TwoBatchEstimate",
     "class_structure",
     "gradient_covariance",
     "gradient_overlap",
+    "hessian_alignment",
     "hessian_spectrum",
     "hutchinson_trace",
     "hutchpp_trace",
     "lanczos",
+    "noise_scale",
     "parameter_groups",
     "per_sample_gradients",
     "principal_angles",
     "slq",
     "spectral_density",
     "split_outliers",
+    "two_batch_estimate",
 ]

@@ -3,6 +3,7 @@ computed one sample at a time in float64 and a dense Hessian, read back from the
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -19,7 +20,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
-from lightning_landscape.callbacks import gradient as gradient_module
 from lightning_landscape.callbacks.gradient import GradientCovarianceMonitor
 from lightning_landscape.callbacks.hessian import HessianSpectrumMonitor
 from lightning_landscape.dashboard.gradient import gradient_layout
@@ -218,7 +218,9 @@ class _InjectInf(Callback):
 
 @pytest.mark.parametrize("buffer_rows", [256, 2])  # 2: the step buffer fills and folds
 def test_non_finite_training_steps_are_left_out_and_counted(tmp_path, monkeypatch, buffer_rows):
-    monkeypatch.setattr(gradient_module, "_NORM_ROWS", buffer_rows)
+    # The module (the package attribute of that name is the function noise_scale).
+    tracker_module = importlib.import_module("lightning_landscape.linalg.noise_scale")
+    monkeypatch.setattr(tracker_module, "_NORM_ROWS", buffer_rows)
     monitor = GradientCovarianceMonitor(every_n_steps=100, top_k=2)
     norms = _GradNorms()
     # inf before the monitor reads the gradients, zeros after, so the weights stay finite.
