@@ -1,6 +1,7 @@
 """Numerical core: operators, Lanczos, quadrature, trace, outlier split, per-sample gradients and
 their covariance, the gradient noise scale, class structure. No Lightning imports."""
 
+from .alignment import HessianAlignment, hessian_alignment
 from .class_structure import (
     ClassStructure,
     GaussNewtonOperator,
@@ -8,13 +9,7 @@ from .class_structure import (
     gradient_overlap,
     principal_angles,
 )
-from .covariance import (
-    CovarianceOperator,
-    GradientCovariance,
-    HessianAlignment,
-    gradient_covariance,
-    hessian_alignment,
-)
+from .covariance import CovarianceOperator, GradientCovariance, gradient_covariance
 from .lanczos import LanczosResult, lanczos
 from .noise_scale import (
     GradientNoiseTracker,

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .covariance import OutputsFn, _batched_grad, _default_outputs, _flat
 from .lanczos import lanczos
 from .operators import (
     ReduceFn,
@@ -48,7 +49,6 @@ from .operators import (
     curvature_context,
     default_batch_size,
 )
-from .per_sample import OutputsFn, _batched_grad, _default_outputs, _flat
 from .spectrum import hessian_spectrum
 
 __all__ = [

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .class_structure import gradient_overlap, principal_angles
 from .lanczos import lanczos
 from .noise_scale import noise_scale
 from .operators import (
@@ -74,11 +73,9 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "CovarianceOperator",
     "GradientCovariance",
-    "HessianAlignment",
     "OutputsFn",
     "PerSampleLossFn",
     "gradient_covariance",
-    "hessian_alignment",
     "per_sample_gradients",  # re-exported: it lived here before linalg/per_sample.py
 ]
 
@@ -306,20 +303,9 @@ def gradient_covariance(
         raise ValueError("batches must hold at least one batch; got an empty iterable")
     if outputs_fn is None and per_sample != "vmap":
         outputs_fn = _default_outputs
-    names, _ = _resolve_params(model, params)
-    model, batches = _working_copy(model, batches, dtype)
-    by_name = dict(model.named_parameters())
-    plist = [by_name[n] for n in names]
-    if not plist:
-        raise ValueError("params: no trainable parameters (none has requires_grad=True)")
+    model, batches, names, plist = _prepare(model, batches, params, dtype, top_k)
+    sizes, N = _sample_counts(batches, batch_size_fn, reduce_fn, plist[0].device)
     D = sum(p.numel() for p in plist)
-    if top_k > D:
-        raise ValueError(f"top_k must be at most the dimension D={D}; got top_k={top_k}")
-    sizes = [int((batch_size_fn or default_batch_size)(b)) for b in batches]
-    if any(s <= 0 for s in sizes):
-        raise ValueError(f"batch_size_fn: every batch must hold > 0 samples; got {sizes}")
-    reduce = reduce_fn or (lambda t: t)
-    N = int(reduce(torch.tensor([float(sum(sizes))], device=plist[0].device)).item())
     chunk = _chunk(chunk_size, D)
     if method == "auto":
         method = "gram" if reduce_fn is None and N * D <= gram_max_elements else "lanczos"
@@ -332,6 +318,53 @@ def gradient_covariance(
             op, gbar, loss, trace = _operator_pass(ps, batches, sizes, N, D, chunk, reduce_fn)
             lanczos_kw = {"tol": tol, "max_iter": max_iter, "seed": seed}
             s = _lanczos_route(op, gbar, loss, trace, top_k, return_eigenvectors, lanczos_kw)
+    return _result(s, ps, N, D, method, return_eigenvectors, time.perf_counter() - t0)
+
+
+def _prepare(
+    model: nn.Module,
+    batches: list[Any],
+    params: Sequence[nn.Parameter] | None,
+    dtype: torch.dtype | None,
+    top_k: int,
+) -> tuple[nn.Module, list[Any], list[str], list[nn.Parameter]]:
+    """The model (a working copy in ``dtype``), its batches, and the parameters measured."""
+    names, _ = _resolve_params(model, params)
+    model, batches = _working_copy(model, batches, dtype)
+    by_name = dict(model.named_parameters())
+    plist = [by_name[n] for n in names]
+    if not plist:
+        raise ValueError("params: no trainable parameters (none has requires_grad=True)")
+    D = sum(p.numel() for p in plist)
+    if top_k > D:
+        raise ValueError(f"top_k must be at most the dimension D={D}; got top_k={top_k}")
+    return model, batches, names, plist
+
+
+def _sample_counts(
+    batches: list[Any],
+    batch_size_fn: Callable[[Any], int] | None,
+    reduce_fn: ReduceFn | None,
+    device: torch.device,
+) -> tuple[list[int], int]:
+    """Samples per local batch, and ``N`` over all batches of all processes."""
+    sizes = [int((batch_size_fn or default_batch_size)(b)) for b in batches]
+    if any(s <= 0 for s in sizes):
+        raise ValueError(f"batch_size_fn: every batch must hold > 0 samples; got {sizes}")
+    reduce = reduce_fn or (lambda t: t)
+    return sizes, int(reduce(torch.tensor([float(sum(sizes))], device=device)).item())
+
+
+def _result(
+    s: _Spectrum,
+    ps: _PerSample,
+    N: int,
+    D: int,
+    method: str,
+    vectors: bool,
+    seconds: float,
+) -> GradientCovariance:
+    """The result, with the noise scale of the probe set (its mean gradient over N samples)."""
     gnorm2 = float(s.gradient.double().pow(2).sum())
     scale = noise_scale(s.trace, gnorm2, num_samples=N, inv_batch=1.0 / N)
     return GradientCovariance(
@@ -346,11 +379,11 @@ def gradient_covariance(
         method=method,
         per_sample=ps.path,
         loss=s.loss,
-        eigenvectors=s.eigenvectors if return_eigenvectors else None,
-        gradient=s.gradient.detach().to(plist[0].dtype) if return_eigenvectors else None,
+        eigenvectors=s.eigenvectors if vectors else None,
+        gradient=s.gradient.detach().to(ps.params[0].dtype) if vectors else None,
         num_products=s.num_products,
         converged=s.converged,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
     )
 
 
@@ -546,49 +579,3 @@ def _operator_pass(
         op.release()
         _check_finite(math.nan)
     return op, gbar64, loss, float(total[0]) / N
-
-
-# -- comparison with the Hessian ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class HessianAlignment:
-    """How the gradient statistics sit in the top Hessian subspace.
-
-    Attributes:
-        overlap: cumulative shares of :math:`\\|\\bar g\\|^2` in the span of the first
-            ``1, ..., k`` Hessian eigenvectors (Gur-Ari et al. 2018), in [0, 1].
-        principal_angles: principal angles in degrees, ascending, between the covariance's
-            top eigenvectors of non-zero eigenvalue and the Hessian's; None when Σ is 0.
-    """
-
-    overlap: np.ndarray
-    principal_angles: np.ndarray | None
-
-
-def hessian_alignment(covariance: GradientCovariance, eigenvectors: Tensor) -> HessianAlignment:
-    """Compare a :func:`gradient_covariance` result with top Hessian eigenvectors.
-
-    Args:
-        covariance: a result with ``return_eigenvectors=True`` (it needs :math:`\\bar g` and
-            the covariance eigenvectors).
-        eigenvectors: ``(k, D)`` orthonormal Hessian eigenvectors as rows.
-
-    Returns:
-        :class:`HessianAlignment`. Cost: ``O((k + top_k)^2 D)``, no gradient evaluation.
-
-    Raises:
-        ValueError: if ``covariance`` holds no eigenvectors or gradient.
-    """
-    if covariance.gradient is None or covariance.eigenvectors is None:
-        raise ValueError(
-            "covariance must come from gradient_covariance(..., return_eigenvectors=True); "
-            "got a result without eigenvectors or gradient"
-        )
-    V = eigenvectors.to(device=covariance.gradient.device, dtype=torch.float64)
-    overlap = gradient_overlap(V, covariance.gradient, cumulative=True)
-    nonzero = covariance.eigenvectors[covariance.eigenvalues > 0]
-    angles = None
-    if nonzero.shape[0] > 0:
-        angles = np.degrees(principal_angles(nonzero, V))
-    return HessianAlignment(overlap=np.asarray(overlap), principal_angles=angles)
