@@ -118,7 +118,7 @@ def _scalars(
             )
     if noise is not None:
         values["train_grad_norm_sq"] = noise.grad_norm_sq
-        values["train_nonfinite_steps"] = noise.nonfinite_steps
+        values["train_nonfinite_steps"] = float(noise.num_nonfinite_steps)
         for name in (
             "grad_norm_sq_local",
             "trace_two_batch",

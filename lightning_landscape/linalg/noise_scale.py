@@ -146,7 +146,7 @@ class TrainingNoise:
 
     Attributes:
         grad_norm_sq: bias-corrected EMA of :math:`\\|g_B\\|^2` over the finite steps.
-        nonfinite_steps: steps left out because their gradient was not finite.
+        num_nonfinite_steps: steps left out because their gradient was not finite.
         noise_scale: :func:`noise_scale` of the given trace over ``grad_norm_sq`` (None without
             a trace).
         noise_scale_unbiased: its unbiased variant with the EMA of :math:`1/B` (None without a
@@ -158,7 +158,7 @@ class TrainingNoise:
     """
 
     grad_norm_sq: float
-    nonfinite_steps: float
+    num_nonfinite_steps: int
     noise_scale: float | None = None
     noise_scale_unbiased: float | None = None
     grad_norm_sq_local: float | None = None
@@ -258,7 +258,8 @@ class GradientNoiseTracker:
                     self.buffer_rows, dtype=torch.float64, device=self._local.sq.device
                 )
         # Per-tensor norms by one fused reduction, written straight into the buffer's row.
-        torch.stack(torch._foreach_norm(list(grads)), out=buf[self._rows])
+        tensors = grads if isinstance(grads, list) else list(grads)
+        torch.stack(torch._foreach_norm(tensors), out=buf[self._rows])
         if self._local is not None and self._local_buf is not None:
             # This rank's gradient before DDP's average, summed over buckets by the comm hook.
             self._local_buf[self._rows].copy_(self._local.sq)
@@ -353,7 +354,8 @@ class GradientNoiseTracker:
         if trace is not None:
             scale = noise_scale(trace, norm_sq, num_samples=num_samples or 1, inv_batch=inv_big)
             out["noise_scale"], out["noise_scale_unbiased"] = scale.simple, scale.unbiased
-        return TrainingNoise(grad_norm_sq=norm_sq, nonfinite_steps=s["nonfinite"], **out)
+        nonfinite = int(s["nonfinite"])
+        return TrainingNoise(grad_norm_sq=norm_sq, num_nonfinite_steps=nonfinite, **out)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -152,7 +152,7 @@ def scalar_steps(acc, tag: str) -> list[int]:
 
 def test_training_noise_scalars_skip_what_is_not_known(tmp_path):
     trainer, recorder = _trainer(tmp_path)
-    noise = TrainingNoise(grad_norm_sq=3.0, nonfinite_steps=1.0, noise_scale=2.0)
+    noise = TrainingNoise(grad_norm_sq=3.0, num_nonfinite_steps=1, noise_scale=2.0)
     axis = log_gradient_covariance(trainer, 4, training_noise=noise, prefix="x/g")
     assert axis is None
     assert recorder.calls == [
@@ -165,7 +165,7 @@ def test_training_noise_scalars_skip_what_is_not_known(tmp_path):
             },
         )
     ]
-    full = TrainingNoise(1.0, 0.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    full = TrainingNoise(1.0, 0, 2.0, 3.0, 4.0, 5.0, 6.0)
     log_gradient_covariance(trainer, 5, training_noise=full, prefix="x/g")
     assert recorder.calls[1][1] == {
         "x/g/train_grad_norm_sq": 1.0,

@@ -68,7 +68,7 @@ def test_tracker_matches_loop_reference(dtype, buffer_rows):
     # Per-tensor norms are taken in the gradients' dtype, the rest in float64.
     rel = 16 * tolerances(dtype).eps
     assert got.grad_norm_sq == pytest.approx(ref["norm_sq"], rel=rel)
-    assert got.nonfinite_steps == ref["nonfinite"] == 2
+    assert got.num_nonfinite_steps == ref["nonfinite"] == 2
     assert got.noise_scale == pytest.approx(trace / ref["norm_sq"], rel=rel)
     trace_pop = n / (n - 1) * trace
     signal = ref["norm_sq"] - trace_pop * ref["inv_batch"]
@@ -97,7 +97,7 @@ def test_state_round_trip_folds_the_buffer_and_continues():
         resumed.update(grads, batch_size=b)
     a, b = whole.compute(trace=1.0, num_samples=10), resumed.compute(trace=1.0, num_samples=10)
     assert a is not None and b is not None
-    for field in ("grad_norm_sq", "nonfinite_steps", "noise_scale", "noise_scale_unbiased"):
+    for field in ("grad_norm_sq", "num_nonfinite_steps", "noise_scale", "noise_scale_unbiased"):
         assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-14), field
 
 
