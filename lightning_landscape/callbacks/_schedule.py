@@ -7,13 +7,18 @@ cost of the monitors' hooks (:data:`HOOK_SECONDS` a step each). Step time is mea
 warm-up (first steps, compilation), excluding the time spent measuring. Decisions are made on
 rank 0 and broadcast, and the coordinator's state is checkpointed so a resumed run continues the
 same schedule.
+
+Monitors also share results through the coordinator (:meth:`Coordinator.publish` /
+:meth:`Coordinator.latest`, :meth:`Coordinator.request` / :meth:`Coordinator.requested`) rather
+than through each other's attributes, and :func:`dependency_order` runs a monitor that provides a
+result before the monitors that use it, whatever order the user gave the callbacks in.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__: list[str] = []
@@ -39,6 +44,10 @@ PLANNING_SHARE = 0.9
 #: four runs. The budget charges it as a rate, ``HOOK_SECONDS / step time`` per monitor, before
 #: planning measurements.
 HOOK_SECONDS = 25e-6
+
+#: The result :class:`~lightning_landscape.HessianSpectrumMonitor` publishes on request: its
+#: :class:`~lightning_landscape.HessianSpectrum`, with the top-k eigenvectors.
+HESSIAN_EIGENPAIRS = "hessian/eigenpairs"
 
 #: However fast the steps, measurements keep at least this fraction of the planned rate (else a
 #: monitor on sub-millisecond steps would measure only at the end of fit).
@@ -71,6 +80,33 @@ class Coordinator:
         self._last_step: int | None = None
         self._measuring_since_tick = 0.0
         self.layout_written = False
+        # Results shared between monitors (not checkpointed: each names the step it is of).
+        self._board: dict[str, tuple[int, Any]] = {}
+        self._requests: set[str] = set()
+
+    # -- results shared between monitors -----------------------------------------------------
+    def publish(self, name: str, step: int, value: Any) -> None:
+        """Make ``value``, measured at ``step``, the latest result called ``name``."""
+        self._board[name] = (step, value)
+
+    def withdraw(self, name: str) -> None:
+        """Forget the result called ``name`` (its measurement is being redone or failed)."""
+        self._board.pop(name, None)
+
+    def latest(self, name: str, step: int | None = None) -> Any | None:
+        """The latest result called ``name``; with ``step``, only if it was measured then."""
+        entry = self._board.get(name)
+        if entry is None or (step is not None and entry[0] != step):
+            return None
+        return entry[1]
+
+    def request(self, name: str) -> None:
+        """Ask whichever monitor can provide ``name`` to publish it at each measurement."""
+        self._requests.add(name)
+
+    def requested(self, name: str) -> bool:
+        """Whether some monitor asked for ``name`` (read by its provider when it measures)."""
+        return name in self._requests
 
     # -- timing ------------------------------------------------------------------------------
     def tick(self, step: int) -> None:
@@ -197,3 +233,24 @@ def coordinator_for(
         coord.clock = clock
     coord.register(monitor)
     return coord
+
+
+def dependency_order(callbacks: Sequence[Any]) -> list[Any]:
+    """``callbacks`` with every monitor that provides a result (class attribute ``provides``, a
+    tuple of names) moved just before the first monitor that uses it (``uses``), the rest in
+    the given order: Lightning calls the hooks in list order, so under one step the provider
+    measures first. Stable, and the same list when it is already in that order."""
+    order = list(callbacks)
+    for _ in range(len(order)):  # a provider moves at most once per pass; no cycles here
+        moved = False
+        for i, cb in enumerate(order):
+            wanted = set(getattr(cb, "uses", ()))
+            later = [c for c in order[i + 1 :] if wanted & set(getattr(c, "provides", ()))]
+            if later:
+                rest = [c for c in order if all(c is not m for m in later)]
+                at = next(j for j, c in enumerate(rest) if c is cb)
+                order, moved = rest[:at] + later + rest[at:], True
+                break
+        if not moved:
+            return order
+    return order

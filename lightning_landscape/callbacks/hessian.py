@@ -25,6 +25,7 @@ from ..dashboard import (
 from ..linalg import HessianSpectrum, hessian_spectrum, parameter_groups
 from ..linalg._spectrum_options import check_spectrum_options
 from ._base import LandscapeMonitor
+from ._schedule import HESSIAN_EIGENPAIRS
 
 #: A priori seconds to draw the spectrum figure and write the histogram (one CPU core).
 _LOG_SECONDS_GUESS = 0.25
@@ -98,9 +99,10 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         log_figure: write a figure of the density with the outliers marked.
         keep_eigenvectors: keep the top-k Ritz vectors of the last measurement on the callback
             (``last_eigenvectors``, ``(top_k, D)`` on the model's device, and
-            ``last_eigenvalues``; None after a skipped measurement) for other monitors to
-            share; their residuals are then converged too, which costs more products. A
-            :class:`GradientCovarianceMonitor` in the same trainer switches it on.
+            ``last_eigenvalues``; None after a skipped measurement); their residuals are then
+            converged too, which costs more products. They are also kept when another monitor
+            asks the trainer's coordinator for them (a :class:`GradientCovarianceMonitor` in
+            the same trainer does), and then published there with the step they are of.
         clock: time source for the budget (tests).
         **spectrum_kwargs: further options of :func:`~lightning_landscape.hessian_spectrum`
             (``tol``, ``max_iter``, ``num_slq_probes``, ``slq_steps``, ``num_trace_probes``,
@@ -127,6 +129,8 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     """
 
     name = "hessian"
+    #: Results this monitor shares through the coordinator (measured before their users).
+    provides = (HESSIAN_EIGENPAIRS,)
 
     def __init__(
         self,
@@ -238,6 +242,11 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         self, pl_module: LightningModule, batches: list[Any], loss_fn: Any, reduce_fn: Any
     ) -> HessianSpectrum:
         self.last_eigenvectors = self.last_eigenvalues = None
+        # Another monitor asked for the eigenpairs: compute and publish them.
+        coord = self._coord
+        share = coord if coord is not None and coord.requested(HESSIAN_EIGENPAIRS) else None
+        if share is not None:
+            share.withdraw(HESSIAN_EIGENPAIRS)  # a failed measurement shares nothing
         result = hessian_spectrum(
             pl_module,
             loss_fn,
@@ -248,11 +257,13 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             seed=self.seed,
             groups=self.groups,
             reduce_fn=reduce_fn,
-            return_eigenvectors=self.keep_eigenvectors,
+            return_eigenvectors=self.keep_eigenvectors or share is not None,
             **self.spectrum_kwargs,
         )
         self.last_eigenvectors = result.eigenvectors
         self.last_eigenvalues = result.eigenvalues
+        if share is not None and result.eigenvectors is not None:
+            share.publish(HESSIAN_EIGENPAIRS, pl_module.trainer.global_step, result)
         return result
 
     def _log(self, trainer: Trainer, step: int, result: HessianSpectrum, seconds: float) -> None:

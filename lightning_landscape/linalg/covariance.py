@@ -1,4 +1,5 @@
-r"""Covariance of per-sample gradients: spectrum, trace and gradient noise scale.
+r"""Covariance of per-sample gradients: the operator and the estimator of its spectrum, trace and
+gradient noise scale.
 
 With per-sample gradients :math:`g_i = \nabla_\theta \ell_i` over the :math:`N` probe samples and
 their mean :math:`\bar g`, the gradient covariance is
@@ -10,7 +11,7 @@ their mean :math:`\bar g`, the gradient covariance is
 the population covariance is :math:`\frac{N}{N-1}\Sigma`). McCandlish et al. (2018, "An Empirical
 Model of Large-Batch Training", arXiv 1812.06162) call :math:`B_{\rm simple} = \operatorname{tr}
 \Sigma / \|\bar g\|^2` the simple gradient noise scale: the batch size at which the gradient noise
-and the signal are of the same size.
+and the signal are of the same size (:func:`~lightning_landscape.linalg.noise_scale.noise_scale`).
 
 Two routes to the top eigenvalues:
 
@@ -24,19 +25,16 @@ Two routes to the top eigenvalues:
   through the retained graph) and one vector-Jacobian product (:math:`G^\top u`), and
   :func:`~lightning_landscape.linalg.lanczos` finds the top eigenvalues.
 
-Per-sample gradients come from ``torch.func``: ``vmap`` over single-sample calls of ``loss_fn``
-(``grad`` inside), in chunks so memory stays at ``chunk_size * D`` numbers. Where single-sample
-calls are ill-defined or ``vmap`` fails (batch norm in train mode, data-dependent control flow),
-the per-sample losses are taken inside the full batch from ``outputs_fn(model, batch) -> (logits,
-targets)`` and a per-sample loss (cross-entropy by default); the rows of their Jacobian are the
-per-sample gradients. A warning says which path ran and the result records it.
+Per-sample gradients come from :mod:`~lightning_landscape.linalg.per_sample` (``vmap`` over
+single-sample calls, or the per-sample losses of the full batch from ``outputs_fn``); a warning
+says which path ran and the result records it. :func:`hessian_alignment` compares the result with
+top Hessian eigenvectors (Gur-Ari et al. 2018, "Gradient Descent Happens in a Tiny Subspace").
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,9 +42,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
 from .lanczos import lanczos
+from .noise_scale import noise_scale
 from .operators import (
     HVPFailedError,
     LossFn,
@@ -58,21 +56,31 @@ from .operators import (
     curvature_context,
     default_batch_size,
 )
+from .per_sample import (
+    CHUNK_ELEMENTS,
+    OutputsFn,
+    PerSampleLossFn,
+    _batched_grad,
+    _check_per_sample,
+    _chunk,
+    _default_outputs,
+    _flat,
+    _PerSample,
+    per_sample_gradients,
+)
 
 __all__ = [
+    "CHUNK_ELEMENTS",
     "CovarianceOperator",
     "GradientCovariance",
+    "OutputsFn",
+    "PerSampleLossFn",
     "gradient_covariance",
-    "per_sample_gradients",
+    "per_sample_gradients",  # re-exported: it lived here before linalg/per_sample.py
 ]
-
-OutputsFn = Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
-PerSampleLossFn = Callable[[Tensor, Tensor], Tensor]
 
 #: Default limit of the Gram route: N * D numbers kept (256 MiB in float64).
 GRAM_MAX_ELEMENTS = 2**25
-#: Default budget of one chunk of per-sample gradients, in numbers (chunk_size * D).
-CHUNK_ELEMENTS = 2**23
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,312 +131,6 @@ class GradientCovariance:
     num_products: int
     converged: bool
     seconds: float
-
-
-# -- batches ---------------------------------------------------------------------------------
-
-
-def _split_batch(batch: Any, n: int) -> tuple[list[Any], Any, list[int]]:
-    """Leaves, tree spec and the indices of the per-sample leaves (tensors of length ``n``)."""
-    leaves, spec = pytree.tree_flatten(batch)
-    idx = [
-        j
-        for j, leaf in enumerate(leaves)
-        if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == n
-    ]
-    if not idx:
-        raise ValueError(
-            f"batches: no tensor of length {n} (the batch size) found in the batch, so it cannot "
-            "be split into samples; pass batch_size_fn= if the size is wrong"
-        )
-    return leaves, spec, idx
-
-
-def _default_per_sample_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    if targets.is_floating_point():
-        raise ValueError(
-            "per_sample_loss_fn: the default is cross-entropy with integer class targets; got "
-            f"targets of dtype {targets.dtype}. Pass per_sample_loss_fn=(logits, targets) -> (n,)"
-        )
-    return nn.functional.cross_entropy(logits, targets, reduction="none")
-
-
-class _LossModule(nn.Module):
-    """``loss_fn(model, batch)`` as a module, so that ``functional_call`` can swap parameters."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch)
-
-
-def _flat(tensors: Sequence[Tensor | None], params: Sequence[Tensor], lead: int) -> Tensor:
-    """Concatenate per-parameter tensors with ``lead`` leading rows into ``(lead, D)``."""
-    p0 = params[0]
-    return torch.cat(
-        [
-            torch.zeros(lead, p.numel(), dtype=p0.dtype, device=p0.device)
-            if t is None
-            else t.reshape(lead, -1).to(p0.dtype)
-            for p, t in zip(params, tensors, strict=True)
-        ],
-        dim=1,
-    )
-
-
-def _batched_grad(
-    outputs: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    grad_outputs: Sequence[Tensor],
-    state: dict[str, bool],
-) -> tuple[Tensor | None, ...]:
-    """``B`` vector-Jacobian products at once (rows of ``grad_outputs``), graph retained.
-
-    One vmapped backward when the operators support it, else a loop (``state`` remembers).
-    """
-    B = grad_outputs[0].shape[0]
-    if B > 1 and state.get("batched", True):
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*performance drop.*")
-                return torch.autograd.grad(
-                    list(outputs),
-                    list(inputs),
-                    grad_outputs=list(grad_outputs),
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-        except RuntimeError as err:
-            if "out of memory" in str(err):
-                raise
-            state["batched"] = False
-    rows = [
-        torch.autograd.grad(
-            list(outputs),
-            list(inputs),
-            grad_outputs=[go[b] for go in grad_outputs],
-            retain_graph=True,
-            allow_unused=True,
-        )
-        for b in range(B)
-    ]
-    return tuple(
-        None if rows[0][i] is None else torch.stack([r[i] for r in rows])
-        for i in range(len(inputs))
-    )
-
-
-# -- per-sample losses and gradients ---------------------------------------------------------
-
-
-class _PerSample:
-    """Per-sample losses and gradients of one model over its batches, by either path."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn | None,
-        names: list[str],
-        params: list[nn.Parameter],
-        outputs_fn: OutputsFn | None,
-        per_sample_loss_fn: PerSampleLossFn | None,
-        path: str,
-    ) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
-        self.names = names
-        self.params = params
-        self.outputs_fn = outputs_fn
-        self.per_sample_loss_fn = per_sample_loss_fn or _default_per_sample_loss
-        self.path = path  # "auto" until decided, then "vmap" or "outputs"
-        self.wrapper = _LossModule(model, loss_fn) if loss_fn is not None else None
-        self.grad_state: dict[str, bool] = {}
-        self._decided = False
-        self._first: tuple[int, tuple[Tensor, Tensor]] | None = None
-
-    # vmap path ---------------------------------------------------------------------------
-    def _single(self, leaves: list[Any], spec: Any, idx: list[int]) -> Callable[..., Tensor]:
-        wrapper = self.wrapper
-        assert wrapper is not None
-
-        def f(pdict: dict[str, Tensor], *samples: Tensor) -> Tensor:
-            items = list(leaves)
-            for j, s in zip(idx, samples, strict=True):
-                items[j] = s.unsqueeze(0)
-            batch = pytree.tree_unflatten(items, spec)
-            loss = torch.func.functional_call(wrapper, pdict, (batch,))
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(
-                    f"loss_fn must return a scalar tensor; got {type(loss).__name__} "
-                    f"with shape {getattr(loss, 'shape', None)}"
-                )
-            return loss.reshape(())
-
-        return f
-
-    def _vmap_grads(self, batch: Any, n: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        leaves, spec, idx = _split_batch(batch, n)
-        f = self._single(leaves, spec, idx)
-        pdict = {f"model.{k}": p.detach() for k, p in zip(self.names, self.params, strict=True)}
-        samples = [leaves[j][start:stop] for j in idx]
-        in_dims = (None, *([0] * len(samples)))
-        grads, losses = torch.func.vmap(
-            torch.func.grad_and_value(f), in_dims=in_dims, randomness="different"
-        )(pdict, *samples)
-        rows = _flat([grads[f"model.{k}"] for k in self.names], self.params, stop - start)
-        return rows.detach(), losses.detach()
-
-    def _vmap_losses(self, batch: Any, n: int) -> Tensor:
-        """Per-sample losses with the autograd graph to the real parameters."""
-        leaves, spec, idx = _split_batch(batch, n)
-        f = self._single(leaves, spec, idx)
-        pdict = {f"model.{k}": p for k, p in zip(self.names, self.params, strict=True)}
-        in_dims = (None, *([0] * len(idx)))
-        return torch.func.vmap(f, in_dims=in_dims, randomness="different")(
-            pdict, *[leaves[j] for j in idx]
-        )
-
-    # outputs path ------------------------------------------------------------------------
-    def _outputs_losses(self, batch: Any, n: int) -> Tensor:
-        if self.outputs_fn is None:
-            raise ValueError("outputs_fn is required for the per-sample-loss path")
-        logits, targets = self.outputs_fn(self.model, batch)
-        losses = self.per_sample_loss_fn(logits, targets)
-        if not isinstance(losses, Tensor) or losses.shape != (n,):
-            raise ValueError(
-                f"per_sample_loss_fn must return a vector of the {n} per-sample losses; got "
-                f"shape {getattr(losses, 'shape', None)}"
-            )
-        return losses
-
-    def _jacobian_rows(self, losses: Tensor, start: int, stop: int) -> Tensor:
-        n = losses.shape[0]
-        eye = torch.zeros(stop - start, n, dtype=losses.dtype, device=losses.device)
-        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
-        res = _batched_grad([losses], self.params, [eye], self.grad_state)
-        return _flat(res, self.params, stop - start).detach()
-
-    # decide ------------------------------------------------------------------------------
-    def decide(self, batch: Any, n: int, chunk: int) -> None:
-        """Try the ``vmap`` path on the first chunk; fall back to ``outputs_fn`` with a notice.
-
-        The first chunk's result is kept for :meth:`gradient_chunks`, so trying costs nothing.
-        """
-        if self.path == "outputs" or self._decided:
-            return
-        self._decided = True
-        if self.wrapper is None:
-            self.path = "outputs"
-            return
-        try:
-            self._first = (id(batch), self._vmap_grads(batch, n, 0, min(n, chunk)))
-            self.path = "vmap"
-        except (ValueError, torch.OutOfMemoryError):
-            raise
-        except Exception as err:  # vmap has no rule, or single-sample calls are ill-defined
-            if self.outputs_fn is None or self.path == "vmap":
-                raise ValueError(
-                    "per-sample gradients by torch.func.vmap over single-sample calls of "
-                    f"loss_fn failed ({type(err).__name__}: {err}); use per_sample='auto' or "
-                    "'outputs' with outputs_fn=(model, batch) -> (logits, targets) to take "
-                    "per-sample losses of the full batch instead"
-                ) from err
-            self.path = "outputs"
-            warnings.warn(
-                "gradient_covariance: torch.func.vmap over single-sample calls failed "
-                f"({type(err).__name__}: {str(err)[:200]}); per-sample gradients are taken "
-                "from the per-sample losses of the full batch (outputs_fn), one Jacobian row "
-                "per sample (slower: each row is a backward through the whole batch).",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-
-    def losses(self, batch: Any, n: int) -> Tensor:
-        if self.path == "vmap":
-            return self._vmap_losses(batch, n)
-        return self._outputs_losses(batch, n)
-
-    def gradient_chunks(
-        self, batch: Any, n: int, chunk: int, losses: Tensor | None = None
-    ) -> Iterable[tuple[Tensor, Tensor]]:
-        """``(rows, losses)`` per chunk of samples: per-sample gradients ``(c, D)``."""
-        if self.path == "outputs" and losses is None:
-            losses = self._outputs_losses(batch, n)
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            first, self._first = self._first, None
-            if start == 0 and first is not None and first[0] == id(batch):
-                yield first[1]
-            elif self.path == "vmap":
-                yield self._vmap_grads(batch, n, start, stop)
-            else:
-                assert losses is not None
-                yield self._jacobian_rows(losses, start, stop), losses[start:stop].detach()
-
-
-def per_sample_gradients(
-    model: nn.Module,
-    loss_fn: LossFn | None,
-    batch: Any,
-    *,
-    params: Sequence[nn.Parameter] | None = None,
-    chunk_size: int | None = None,
-    per_sample: Literal["auto", "vmap", "outputs"] = "auto",
-    outputs_fn: OutputsFn | None = None,
-    per_sample_loss_fn: PerSampleLossFn | None = None,
-    batch_size_fn: Callable[[Any], int] | None = None,
-) -> Tensor:
-    """Per-sample gradients of one batch as an ``(n, D)`` matrix (rows in parameter order).
-
-    Args:
-        model: the network (used as it is: mode, dtype, device).
-        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss; called on single samples
-            (``vmap`` path).
-        batch: one batch; tensors whose first dimension is the batch size are split.
-        params: restrict to these parameters (default: all with ``requires_grad``).
-        chunk_size: samples per ``vmap`` call (memory ``chunk_size * D`` plus activations).
-        per_sample: ``"vmap"``, ``"outputs"`` or ``"auto"`` (vmap, else outputs with a notice).
-        outputs_fn: ``(model, batch) -> (logits, targets)`` for the ``"outputs"`` path.
-        per_sample_loss_fn: ``(logits, targets) -> (n,)``; default cross-entropy.
-        batch_size_fn: samples in the batch; default length of its first tensor.
-
-    Returns:
-        ``(n, D)`` tensor; memory ``n * D`` numbers (use :func:`gradient_covariance` for
-        statistics that never store it).
-    """
-    _check_per_sample(per_sample)
-    names, plist = _resolve_params(model, params)
-    if not plist:
-        raise ValueError("params: no trainable parameters (none has requires_grad=True)")
-    n = int((batch_size_fn or default_batch_size)(batch))
-    ps = _PerSample(model, loss_fn, names, plist, outputs_fn, per_sample_loss_fn, per_sample)
-    D = sum(p.numel() for p in plist)
-    chunk = _chunk(chunk_size, D)
-    with curvature_context(plist[0].device):
-        ps.decide(batch, n, chunk)
-        out = torch.empty(n, D, dtype=plist[0].dtype, device=plist[0].device)
-        i = 0
-        for rows, _ in ps.gradient_chunks(batch, n, chunk):
-            out[i : i + len(rows)] = rows
-            i += len(rows)
-        return out
-
-
-def _check_per_sample(per_sample: Any) -> None:
-    if per_sample not in ("auto", "vmap", "outputs"):
-        raise ValueError(f"per_sample must be 'auto', 'vmap' or 'outputs'; got {per_sample!r}")
-
-
-def _chunk(chunk_size: int | None, D: int) -> int:
-    if chunk_size is None:
-        return max(1, CHUNK_ELEMENTS // max(D, 1))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}")
-    return chunk_size
 
 
 # -- the covariance operator -----------------------------------------------------------------
@@ -595,6 +297,106 @@ def gradient_covariance(
         FloatingPointError: the loss or a per-sample gradient is not finite.
     """
     t0 = time.perf_counter()
+    _check_options(top_k, method, per_sample, loss_fn, gram_max_elements, dtype, reduce_fn)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches must hold at least one batch; got an empty iterable")
+    if outputs_fn is None and per_sample != "vmap":
+        outputs_fn = _default_outputs
+    model, batches, names, plist = _prepare(model, batches, params, dtype, top_k)
+    sizes, N = _sample_counts(batches, batch_size_fn, reduce_fn, plist[0].device)
+    D = sum(p.numel() for p in plist)
+    chunk = _chunk(chunk_size, D)
+    if method == "auto":
+        method = "gram" if reduce_fn is None and N * D <= gram_max_elements else "lanczos"
+    ps = _PerSample(model, loss_fn, names, plist, outputs_fn, per_sample_loss_fn, per_sample)
+    with curvature_context(plist[0].device):
+        ps.decide(batches[0], sizes[0], chunk)
+        if method == "gram":
+            s = _gram_route(ps, batches, sizes, N, D, chunk, top_k, return_eigenvectors)
+        else:
+            op, gbar, loss, trace = _operator_pass(ps, batches, sizes, N, D, chunk, reduce_fn)
+            lanczos_kw = {"tol": tol, "max_iter": max_iter, "seed": seed}
+            s = _lanczos_route(op, gbar, loss, trace, top_k, return_eigenvectors, lanczos_kw)
+    return _result(s, ps, N, D, method, return_eigenvectors, time.perf_counter() - t0)
+
+
+def _prepare(
+    model: nn.Module,
+    batches: list[Any],
+    params: Sequence[nn.Parameter] | None,
+    dtype: torch.dtype | None,
+    top_k: int,
+) -> tuple[nn.Module, list[Any], list[str], list[nn.Parameter]]:
+    """The model (a working copy in ``dtype``), its batches, and the parameters measured."""
+    names, _ = _resolve_params(model, params)
+    model, batches = _working_copy(model, batches, dtype)
+    by_name = dict(model.named_parameters())
+    plist = [by_name[n] for n in names]
+    if not plist:
+        raise ValueError("params: no trainable parameters (none has requires_grad=True)")
+    D = sum(p.numel() for p in plist)
+    if top_k > D:
+        raise ValueError(f"top_k must be at most the dimension D={D}; got top_k={top_k}")
+    return model, batches, names, plist
+
+
+def _sample_counts(
+    batches: list[Any],
+    batch_size_fn: Callable[[Any], int] | None,
+    reduce_fn: ReduceFn | None,
+    device: torch.device,
+) -> tuple[list[int], int]:
+    """Samples per local batch, and ``N`` over all batches of all processes."""
+    sizes = [int((batch_size_fn or default_batch_size)(b)) for b in batches]
+    if any(s <= 0 for s in sizes):
+        raise ValueError(f"batch_size_fn: every batch must hold > 0 samples; got {sizes}")
+    reduce = reduce_fn or (lambda t: t)
+    return sizes, int(reduce(torch.tensor([float(sum(sizes))], device=device)).item())
+
+
+def _result(
+    s: _Spectrum,
+    ps: _PerSample,
+    N: int,
+    D: int,
+    method: str,
+    vectors: bool,
+    seconds: float,
+) -> GradientCovariance:
+    """The result, with the noise scale of the probe set (its mean gradient over N samples)."""
+    gnorm2 = float(s.gradient.double().pow(2).sum())
+    scale = noise_scale(s.trace, gnorm2, num_samples=N, inv_batch=1.0 / N)
+    return GradientCovariance(
+        eigenvalues=s.eigenvalues,
+        residuals=s.residuals,
+        trace=s.trace,
+        mean_gradient_norm=math.sqrt(gnorm2),
+        noise_scale=scale.simple,
+        noise_scale_unbiased=scale.unbiased,
+        num_samples=N,
+        num_params=D,
+        method=method,
+        per_sample=ps.path,
+        loss=s.loss,
+        eigenvectors=s.eigenvectors if vectors else None,
+        gradient=s.gradient.detach().to(ps.params[0].dtype) if vectors else None,
+        num_products=s.num_products,
+        converged=s.converged,
+        seconds=seconds,
+    )
+
+
+def _check_options(
+    top_k: Any,
+    method: Any,
+    per_sample: Any,
+    loss_fn: Any,
+    gram_max_elements: Any,
+    dtype: Any,
+    reduce_fn: Any,
+) -> None:
+    """The argument checks of :func:`gradient_covariance` that need no model or batch."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
         raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
     if method not in ("auto", "gram", "lanczos"):
@@ -612,102 +414,76 @@ def gradient_covariance(
         raise ValueError(f"dtype must be a floating torch.dtype or None; got {dtype!r}")
     if method == "gram" and reduce_fn is not None:
         raise ValueError("method='gram' is single-process only; got a reduce_fn (use 'lanczos')")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches must hold at least one batch; got an empty iterable")
-    if outputs_fn is None and per_sample != "vmap":
-        outputs_fn = _default_outputs
-    names, _ = _resolve_params(model, params)
-    model, batches = _working_copy(model, batches, dtype)
-    by_name = dict(model.named_parameters())
-    plist = [by_name[n] for n in names]
-    if not plist:
-        raise ValueError("params: no trainable parameters (none has requires_grad=True)")
-    D = sum(p.numel() for p in plist)
-    if top_k > D:
-        raise ValueError(f"top_k must be at most the dimension D={D}; got top_k={top_k}")
-    device, pdtype = plist[0].device, plist[0].dtype
-    size_fn = batch_size_fn or default_batch_size
-    sizes = [int(size_fn(b)) for b in batches]
-    if any(s <= 0 for s in sizes):
-        raise ValueError(f"batch_size_fn: every batch must hold > 0 samples; got {sizes}")
-    reduce = reduce_fn or (lambda t: t)
-    N = int(reduce(torch.tensor([float(sum(sizes))], device=device)).item())
-    chunk = _chunk(chunk_size, D)
-    if method == "auto":
-        method = "gram" if reduce_fn is None and N * D <= gram_max_elements else "lanczos"
-    ps = _PerSample(model, loss_fn, names, plist, outputs_fn, per_sample_loss_fn, per_sample)
 
-    with curvature_context(device):
-        ps.decide(batches[0], sizes[0], chunk)
-        if method == "gram":
-            G = torch.empty(N, D, dtype=pdtype, device=device)
-            losses = torch.empty(N, dtype=torch.float64, device=device)
-            i = 0
-            for batch, n in zip(batches, sizes, strict=True):
-                for r, ell in ps.gradient_chunks(batch, n, chunk):
-                    G[i : i + len(r)] = r
-                    losses[i : i + len(r)] = ell.double()
-                    i += len(r)
-            loss = float(losses.mean())
-            _check_finite(loss)
-            gbar, K = _centre_and_gram(G)
-            eigvals, eigvecs = _gram_eigen(K, G, top_k, return_eigenvectors)
-            trace = float(K.diagonal().sum())
-            residuals = np.zeros(top_k)
-            num_products, converged = 0, True
-        else:
-            op, gbar, loss, trace = _operator_pass(ps, batches, sizes, N, D, chunk, reduce_fn)
-            try:
-                res = lanczos(
-                    op,
-                    k=top_k,
-                    tol=tol,
-                    max_iter=max_iter,
-                    seed=seed,
-                    return_eigenvectors=return_eigenvectors,
-                )
-            finally:
-                op.release()
-            eigvals = np.asarray(res.eigenvalues, dtype=np.float64)
-            eigvecs = res.eigenvectors.to(pdtype) if res.eigenvectors is not None else None
-            residuals = np.asarray(res.residuals, dtype=np.float64)
-            num_products, converged = res.num_matvecs, res.converged
-    gnorm2 = float(gbar.double().pow(2).sum())
-    noise = trace / gnorm2 if gnorm2 > 0 else math.inf
-    unbiased = math.nan
-    if N > 1:
-        signal = gnorm2 - trace / (N - 1)
-        if signal > 0:
-            unbiased = N / (N - 1) * trace / signal
-    return GradientCovariance(
-        eigenvalues=eigvals,
-        residuals=residuals,
-        trace=trace,
-        mean_gradient_norm=math.sqrt(gnorm2),
-        noise_scale=noise,
-        noise_scale_unbiased=unbiased,
-        num_samples=N,
-        num_params=D,
-        method=method,
-        per_sample=ps.path,
+
+@dataclass(frozen=True, eq=False)
+class _Spectrum:
+    """What either route returns: the top eigenpairs, the mean gradient (float64), the mean
+    loss and the exact trace."""
+
+    eigenvalues: np.ndarray
+    eigenvectors: Tensor | None
+    residuals: np.ndarray
+    gradient: Tensor
+    loss: float
+    trace: float
+    num_products: int
+    converged: bool
+
+
+def _gram_route(
+    ps: _PerSample,
+    batches: list[Any],
+    sizes: list[int],
+    N: int,
+    D: int,
+    chunk: int,
+    top_k: int,
+    vectors: bool,
+) -> _Spectrum:
+    """Keep the ``N x D`` per-sample gradients, diagonalise their ``N x N`` Gram matrix."""
+    p0 = ps.params[0]
+    G = torch.empty(N, D, dtype=p0.dtype, device=p0.device)
+    losses = torch.empty(N, dtype=torch.float64, device=p0.device)
+    i = 0
+    for batch, n in zip(batches, sizes, strict=True):
+        for r, ell in ps.gradient_chunks(batch, n, chunk):
+            G[i : i + len(r)] = r
+            losses[i : i + len(r)] = ell.double()
+            i += len(r)
+    loss = float(losses.mean())
+    _check_finite(loss)
+    gbar, K = _centre_and_gram(G)
+    eigvals, eigvecs = _gram_eigen(K, G, top_k, vectors)
+    trace = float(K.diagonal().sum())
+    return _Spectrum(eigvals, eigvecs, np.zeros(top_k), gbar, loss, trace, 0, True)
+
+
+def _lanczos_route(
+    op: CovarianceOperator,
+    gbar: Tensor,
+    loss: float,
+    trace: float,
+    top_k: int,
+    vectors: bool,
+    lanczos_kw: dict[str, Any],
+) -> _Spectrum:
+    """Lanczos on the operator built by :func:`_operator_pass` (its graphs released after)."""
+    try:
+        res = lanczos(op, k=top_k, return_eigenvectors=vectors, **lanczos_kw)
+    finally:
+        op.release()
+    eigvecs = res.eigenvectors.to(op.dtype) if res.eigenvectors is not None else None
+    return _Spectrum(
+        eigenvalues=np.asarray(res.eigenvalues, dtype=np.float64),
+        eigenvectors=eigvecs,
+        residuals=np.asarray(res.residuals, dtype=np.float64),
+        gradient=gbar,
         loss=loss,
-        eigenvectors=eigvecs if return_eigenvectors else None,
-        gradient=gbar.detach().to(pdtype) if return_eigenvectors else None,
-        num_products=num_products,
-        converged=converged,
-        seconds=time.perf_counter() - t0,
+        trace=trace,
+        num_products=res.num_matvecs,
+        converged=res.converged,
     )
-
-
-def _default_outputs(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
-    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        raise ValueError(
-            "outputs_fn: the default (model(batch[0]), batch[1]) needs (inputs, targets) "
-            f"batches; got {type(batch).__name__}. Pass outputs_fn=(model, batch) -> "
-            "(logits, targets)"
-        )
-    return model(batch[0]), batch[1]
 
 
 def _check_finite(loss: float, G: Tensor | None = None) -> None:

@@ -3,6 +3,7 @@ computed one sample at a time in float64 and a dense Hessian, read back from the
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -19,7 +20,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
-from lightning_landscape.callbacks import gradient as gradient_module
 from lightning_landscape.callbacks.gradient import GradientCovarianceMonitor
 from lightning_landscape.callbacks.hessian import HessianSpectrumMonitor
 from lightning_landscape.dashboard.gradient import gradient_layout
@@ -27,23 +27,6 @@ from lightning_landscape.linalg.class_structure import class_structure
 from tests._reference import cross_entropy_loss, dense_hessian
 from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, DistributedDigits, loader
-
-
-def _trainer(tmp_path, callbacks, *, max_steps=10, **kw) -> L.Trainer:
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=TensorBoardLogger(str(tmp_path), name="", version=0),
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        default_root_dir=str(tmp_path),
-        **kw,
-    )
 
 
 def _per_sample_reference(module: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +51,10 @@ class _GradNorms(Callback):
         self.values.append(sum(float(p.grad.double().pow(2).sum()) for p in pl_module.parameters()))
 
 
-def test_logged_values_match_loop_reference_and_hessian_subspace(tmp_path):
+@pytest.mark.parametrize("hessian_first", [True, False])
+def test_logged_values_match_loop_reference_and_hessian_subspace(
+    tmp_path, make_trainer, hessian_first
+):
     module = DigitsModule(hidden=6, dtype=torch.float64)
     hessian = HessianSpectrumMonitor(
         every_n_steps=5, top_k=3, num_probe_batches=2, density=False, trace=False
@@ -77,8 +63,16 @@ def test_logged_values_match_loop_reference_and_hessian_subspace(tmp_path):
         every_n_steps=5, top_k=4, num_probe_batches=2, log_class_structure=True
     )
     norms = _GradNorms()
-    trainer = _trainer(tmp_path, [hessian, monitor, norms], log_every_n_steps=2)
-    trainer.fit(module, loader(16, dtype=torch.float64))
+    # The eigenvectors are shared whatever the order: the Hessian monitor is run first.
+    callbacks = [hessian, monitor, norms] if hessian_first else [monitor, norms, hessian]
+    trainer = make_trainer(callbacks, max_steps=10, log_every_n_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader(16, dtype=torch.float64))
+    assert not [w for w in caught if "HessianSpectrumMonitor" in str(w.message)]  # no notice
+    assert trainer.callbacks.index(hessian) < trainer.callbacks.index(monitor)
+    # Asked through the coordinator, not switched on: the public attributes stay as given.
+    assert hessian.keep_eigenvectors is False and hessian.last_eigenvectors is not None
 
     it = iter(loader(16, dtype=torch.float64))  # unshuffled: the probe set is the first batches
     probe = [next(it), next(it)]
@@ -165,13 +159,31 @@ def test_logged_values_match_loop_reference_and_hessian_subspace(tmp_path):
     assert "custom_scalars__config__" in tags["tensors"]
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_hessian_keeps_eigenvectors_when_asked_and_only_then_without_a_user(make_trainer, keep):
+    hessian = HessianSpectrumMonitor(
+        every_n_steps=2, top_k=2, density=False, trace=False, keep_eigenvectors=keep
+    )
+    module = DigitsModule(hidden=4)
+    make_trainer([hessian], max_steps=2, logger=False).fit(module, loader(32))
+    assert hessian.num_measurements == 2 and hessian.last_eigenvalues is not None
+    if keep:
+        D = sum(p.numel() for p in module.parameters())
+        assert hessian.last_eigenvectors is not None
+        assert hessian.last_eigenvectors.shape == (2, D)
+    else:  # no monitor asked for them through the coordinator
+        assert hessian.last_eigenvectors is None
+
+
 @pytest.mark.parametrize(("dropout", "train_mode"), [(0.0, False), (0.3, True)])
-def test_training_is_bitwise_unchanged(tmp_path, dropout, train_mode):
+def test_training_is_bitwise_unchanged(tmp_path, make_trainer, dropout, train_mode):
     def run(with_monitor: bool) -> list[torch.Tensor]:
         L.seed_everything(1)
         module = DigitsModule(hidden=8, dropout=dropout)
         cbs = [GradientCovarianceMonitor(every_n_steps=3, top_k=3, train_mode=train_mode)]
-        trainer = _trainer(tmp_path / str(with_monitor), cbs if with_monitor else [], max_steps=7)
+        trainer = make_trainer(
+            cbs if with_monitor else [], max_steps=7, root=tmp_path / str(with_monitor)
+        )
         trainer.fit(module, loader(32, shuffle=True))
         if with_monitor:
             assert cbs[0].num_measurements == 4  # steps 0, 3, 6 and the end (7)
@@ -187,13 +199,15 @@ class _BNModule(DigitsModule):
         self.net = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 10))
 
 
-def test_batchnorm_in_train_mode_falls_back_once_and_leaves_training_unchanged(tmp_path):
+def test_batchnorm_in_train_mode_falls_back_once_and_leaves_training_unchanged(
+    tmp_path, make_trainer
+):
     def run(with_monitor: bool) -> tuple[list[torch.Tensor], GradientCovarianceMonitor]:
         L.seed_everything(2)
         module = _BNModule()
         monitor = GradientCovarianceMonitor(every_n_steps=2, top_k=2, train_mode=True)
         cbs = [monitor] if with_monitor else []
-        _trainer(tmp_path / str(with_monitor), cbs, max_steps=5).fit(module, loader(32))
+        make_trainer(cbs, max_steps=5, root=tmp_path / str(with_monitor)).fit(module, loader(32))
         return [t.detach().clone() for t in module.state_dict().values()], monitor
 
     with pytest.warns(RuntimeWarning, match="outputs_fn") as record:
@@ -217,13 +231,17 @@ class _InjectInf(Callback):
 
 
 @pytest.mark.parametrize("buffer_rows", [256, 2])  # 2: the step buffer fills and folds
-def test_non_finite_training_steps_are_left_out_and_counted(tmp_path, monkeypatch, buffer_rows):
-    monkeypatch.setattr(gradient_module, "_NORM_ROWS", buffer_rows)
+def test_non_finite_training_steps_are_left_out_and_counted(
+    tmp_path, make_trainer, monkeypatch, buffer_rows
+):
+    # The module (the package attribute of that name is the function noise_scale).
+    tracker_module = importlib.import_module("lightning_landscape.linalg.noise_scale")
+    monkeypatch.setattr(tracker_module, "_NORM_ROWS", buffer_rows)
     monitor = GradientCovarianceMonitor(every_n_steps=100, top_k=2)
     norms = _GradNorms()
     # inf before the monitor reads the gradients, zeros after, so the weights stay finite.
     cbs = [_InjectInf(2, math.inf), monitor, _InjectInf(2, 0.0), norms]
-    _trainer(tmp_path, cbs, max_steps=6, log_every_n_steps=3).fit(DigitsModule(), loader(32))
+    make_trainer(cbs, max_steps=6, log_every_n_steps=3).fit(DigitsModule(), loader(32))
     acc = load_events(str(tmp_path))
     assert scalar_series(acc, "landscape/gradient/train_nonfinite_steps") == {3: 1.0, 6: 1.0}
     finite = [v for i, v in enumerate(norms.values) if i != 2]
@@ -234,14 +252,14 @@ def test_non_finite_training_steps_are_left_out_and_counted(tmp_path, monkeypatc
     assert got == pytest.approx(num / w, rel=1e-5)
 
 
-def test_nan_loss_warns_once_skips_and_training_goes_on(tmp_path):
+def test_nan_loss_warns_once_skips_and_training_goes_on(tmp_path, make_trainer):
     def loss_fn(model, batch):
         return cross_entropy_loss(model, batch) * float("nan")
 
     module = DigitsModule()
     monitor = GradientCovarianceMonitor(every_n_steps=2, top_k=3, loss_fn=loss_fn)
     with pytest.warns(RuntimeWarning, match="skipped the measurement") as record:
-        _trainer(tmp_path, [monitor], max_steps=4).fit(module, loader(32))
+        make_trainer([monitor], max_steps=4).fit(module, loader(32))
     assert len([w for w in record if "skipped the measurement" in str(w.message)]) == 1
     assert monitor.skipped == 3 and monitor.num_measurements == 0
     assert module.global_step == 4
@@ -249,12 +267,12 @@ def test_nan_loss_warns_once_skips_and_training_goes_on(tmp_path):
     assert scalar_series(acc, "landscape/gradient/skipped")[4] == 3
 
 
-def test_works_with_no_arguments_and_state_round_trips(tmp_path):
+def test_works_with_no_arguments_and_state_round_trips(tmp_path, make_trainer):
     module = DigitsModule()
     monitor = GradientCovarianceMonitor()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the end-of-fit measurement may overshoot the budget
-        _trainer(tmp_path, [monitor], max_steps=12).fit(module, loader(32))
+        make_trainer([monitor], max_steps=12).fit(module, loader(32))
     acc = load_events(str(tmp_path))
     assert 12 in scalar_series(acc, "landscape/gradient/eigenvalue_10")
     assert monitor.skipped == 0 and monitor.num_measurements >= 1
@@ -403,19 +421,14 @@ def test_ddp_spawn_equals_single_process_and_nan_on_one_rank_skips_on_all(tmp_pa
     )
 
 
-def test_resume_continues_schedule_and_probe_set(tmp_path):
+def test_resume_continues_schedule_and_probe_set(tmp_path, make_trainer):
     """A run resumed from a checkpoint measures the same probe set at the steps still due."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def trainer(max_steps, callbacks, logdir):
-        return L.Trainer(
-            max_steps=max_steps,
-            accelerator="cpu",
-            callbacks=callbacks,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            logger=TensorBoardLogger(str(tmp_path / logdir), name="", version=0),
-            default_root_dir=str(tmp_path),
+        logger = TensorBoardLogger(str(tmp_path / logdir), name="", version=0)
+        return make_trainer(
+            callbacks, max_steps=max_steps, logger=logger, enable_checkpointing=True
         )
 
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=10, save_top_k=-1)

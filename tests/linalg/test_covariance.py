@@ -1,5 +1,5 @@
-"""gradient_covariance and per_sample_gradients against per-sample gradients computed one sample
-at a time in float64 and a dense covariance matrix."""
+"""gradient_covariance against per-sample gradients computed one sample at a time in float64 and a
+dense covariance matrix."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_landscape.linalg.covariance import gradient_covariance, per_sample_gradients
+from lightning_landscape.linalg.covariance import gradient_covariance
 from tests._reference import cross_entropy_loss, digits_batches, make_mlp
 
 
@@ -97,12 +97,6 @@ def test_auto_picks_gram_for_small_problems_and_lanczos_above_limit(problem):
     assert small.eigenvectors is None and small.gradient is None
     # Values only: Lanczos stops when the error bound is below tol * ||Sigma|| (tol = 1e-8).
     np.testing.assert_allclose(big.eigenvalues, exact[:3], rtol=1e-7)
-
-
-def test_per_sample_gradients_match_loop_in_chunks(problem):
-    model, batches, G = problem
-    rows = per_sample_gradients(model, cross_entropy_loss, batches[0], chunk_size=3)
-    torch.testing.assert_close(rows, G[:20], atol=1e-14, rtol=1e-12)
 
 
 def test_top_k_beyond_rank_gives_zeros_and_noisy_mean_gives_nan_unbiased_scale():
