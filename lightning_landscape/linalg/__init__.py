@@ -14,7 +14,7 @@ from .covariance import (
     gradient_covariance,
     per_sample_gradients,
 )
-from .lanczos import LanczosResult, lanczos
+from .lanczos import LanczosResult, lanczos, lanczos_memory
 from .operators import HessianOperator, HVPFailedError, MatrixOperator
 from .outliers import OutlierSplit, split_outliers
 from .slq import QuadratureResult, slq, spectral_density
@@ -41,6 +41,7 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "lanczos",
+    "lanczos_memory",
     "parameter_groups",
     "per_sample_gradients",
     "principal_angles",

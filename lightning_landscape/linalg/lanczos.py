@@ -11,7 +11,8 @@ eigenvalue of :math:`H` lies within that distance of :math:`\\theta_i`.
 Memory follows the steps taken: bases grow in chunks (:class:`Rows`), never reserved for
 ``max_iter`` up front. When even the worst case of a full basis exceeds a memory budget, the
 eigenvalue run switches to thick-restart Lanczos (Wu & Simon 2000) on a basis of bounded size
-(:func:`thick_restart_lanczos`); :func:`lanczos_memory` is the memory model in bytes.
+(:func:`thick_restart_lanczos`); :func:`lanczos_memory` is the memory model in bytes. A warm
+start begins from the previous measurement's top subspace (:func:`warm_start_vector`).
 """
 
 from __future__ import annotations
@@ -813,91 +814,22 @@ def _finish(
     )
 
 
-def _orthonormal_rows(Q: Rows, V: Tensor, rel: float = 1e-8) -> Tensor:
-    """Rows of ``V`` orthonormalised against ``Q`` and each other; near-dependent ones dropped."""
-    kept = Rows(Q.dim, Q.dtype, Q.device)
-    for v in V.to(device=Q.device, dtype=Q.dtype):
-        norm0 = float(torch.linalg.vector_norm(v))
-        for _ in range(2):
-            v = v - Q.combine(Q.coeffs(v))
-            v = v - kept.combine(kept.coeffs(v))
-        norm = float(torch.linalg.vector_norm(v))
-        if norm > rel * norm0 and norm > 0:
-            kept.append(v / norm)
-    return kept[:]
+#: Share of a random direction in a warm start vector (insurance for eigenvectors the previous
+#: subspace missed; small, so the previous subspace dominates the Krylov space's first steps).
+WARM_NOISE = 0.05
 
 
-def block_krylov(
-    operator: Any,
-    start: Tensor,
-    *,
-    k: int,
-    which: Which,
-    tol: float,
-    max_hvps: int,
-    generator: torch.Generator,
-    dtype: torch.dtype,
-    device: torch.device,
-    vectors: bool = False,
-) -> EigenRun:
-    """Rayleigh-Ritz on a block Krylov space grown from ``start`` (rows), for warm starts.
+def warm_start_vector(previous: Tensor, generator: torch.Generator) -> Tensor:
+    """Start vector from a previous top subspace (rows): the sum of an orthonormal basis of it
+    (equal weight on every previous direction) plus :data:`WARM_NOISE` of a random unit vector.
 
-    The first block is ``start`` (e.g. the previous measurement's Ritz vectors) plus one random
-    vector, so that an eigenvector the previous subspace missed can still be found; each further
-    block is the residuals ``H y - theta y`` of the wanted Ritz pairs that have not converged.
-    When ``start`` is close to the wanted eigenvectors, one or two blocks suffice. Same stopping
-    rule as :func:`lanczos` (bounds from explicit residuals). Cost: the rows of every block, at
-    most about ``max_hvps``; memory: the basis and its products, ``2 n D`` numbers for ``n``
-    products.
+    When the operator changed little, the first ``l`` Lanczos steps nearly span the new top
+    subspace, so the run converges in a few more steps instead of finding it from scratch.
     """
-    dim = start.shape[1]
-    Q, W = Rows(dim, dtype, device), Rows(dim, dtype, device)
-    noise = torch.randn(1, dim, generator=generator, dtype=torch.float64)
-    block = torch.cat([start.to(device=device, dtype=dtype), noise.to(device, dtype)])
-    T = np.zeros((0, 0))
-    used, anorm = 0, 0.0
-    while True:
-        B = _orthonormal_rows(Q, block)[: max(0, max_hvps - used)]
-        if B.shape[0] == 0:
-            break
-        HB = _products(operator, B)
-        used += B.shape[0]
-        for b, hb in zip(B, HB, strict=True):
-            Q.append(b)
-            W.append(hb)
-        T = _grow_projection(T, Q.coeffs(HB.T).double().cpu().numpy())
-        theta, S = np.linalg.eigh(T)
-        anorm = max(anorm, float(np.abs(theta).max()))
-        idx = _select(theta, min(k + 1, len(theta)), which)
-        Sk = torch.as_tensor(S[:, idx].T.copy(), dtype=dtype, device=device)
-        Y, HY = Q.combine(Sk), W.combine(Sk)
-        R = HY - torch.as_tensor(theta[idx], dtype=dtype, device=device)[:, None] * Y
-        res_all = np.full(len(theta), np.inf)
-        res_all[idx] = torch.linalg.vector_norm(R, dim=1).cpu().numpy()
-        want = idx[:k]
-        bounds = res_all[want] if vectors else value_bounds(theta, res_all, want)
-        if len(want) == k and bool(np.all(bounds <= tol * anorm)):
-            break
-        block = R[: len(want)][torch.as_tensor(bounds > tol * anorm)]
-    converged = len(want) == k and bool(np.all(bounds <= tol * anorm))
-    kk = len(want)
-    rounded = None
-    if operator.dtype != dtype:
-        rounded = Q.combine(Sk[:kk], rounded_to=operator.dtype)
-    return _finish(
-        theta[want], res_all[want], Y[:kk], HY[:kk], converged, Q, W, None, 2 * len(Q), rounded
-    )
-
-
-def _grow_projection(T: np.ndarray, C: np.ndarray) -> np.ndarray:
-    """``Q H Q^T`` after appending ``b`` rows: ``C`` is ``Q_new H B^T`` (``(n + b) x b``)."""
-    n, b = T.shape[0], C.shape[1]
-    out = np.zeros((n + b, n + b))
-    out[:n, :n] = T
-    out[:, n:] = C
-    out[n:, :] = C.T
-    out[n:, n:] = 0.5 * (C[n:] + C[n:].T)
-    return out
+    P = torch.linalg.qr(previous.double().T).Q.T
+    v = P.sum(dim=0) / math.sqrt(P.shape[0])
+    z = torch.randn(P.shape[1], generator=generator, dtype=torch.float64).to(v.device)
+    return v + WARM_NOISE * z / torch.linalg.vector_norm(z)
 
 
 #: Step limit of a bounded (thick-restart) run, as a multiple of ``max_iter``: restarts discard
@@ -920,9 +852,12 @@ def eigen_run(
     min_steps: int = 0,
     max_basis_bytes: int | None = None,
 ) -> EigenRun:
-    """The eigenvalue run of a measurement: plain Lanczos on a growing basis, thick restart
-    when the worst case of that basis exceeds ``max_basis_bytes``, or a block Krylov run from
-    ``warm_start`` (rows). See :func:`lanczos` for the arguments."""
+    """The eigenvalue run of a measurement: plain Lanczos on a growing basis, or thick restart
+    when the worst case of that basis exceeds ``max_basis_bytes``; from ``v0``, from the
+    :func:`warm_start_vector` of ``warm_start`` (rows), or from a Rademacher vector. See
+    :func:`lanczos` for the arguments. ``proc`` is set only when the run is a quadrature probe
+    (plain run from a Rademacher start): its tridiagonal matrix is then that probe's Gauss rule.
+    """
     dim = int(operator.dim)
     m = min(dim, max(max_iter or default_max_iter(k, dim), min_steps))
     plan = plan_storage(
@@ -930,13 +865,13 @@ def eigen_run(
         max_basis_bytes=max_basis_bytes,
     )  # fmt: skip
     common = dict(k=k, which=which, tol=tol, generator=generator, dtype=plan.dtype)
+    probe = v0 is None and warm_start is None
     if warm_start is not None:
-        return block_krylov(operator, warm_start, max_hvps=m, device=plan.device, vectors=vectors,
-                            **common)  # fmt: skip
+        v0 = warm_start_vector(warm_start, generator)
     if v0 is None:
-        v0 = rademacher(1, dim, generator=generator, dtype=operator.dtype, device=operator.device)[
-            0
-        ]
+        v0 = rademacher(1, dim, generator=generator, dtype=operator.dtype, device=operator.device)
+        v0 = v0[0]
+    v0 = v0.to(device=operator.device, dtype=operator.dtype)
     if plan.max_rows is not None:
         return thick_restart_lanczos(
             operator, v0, cap=plan.max_rows, max_hvps=BOUNDED_STEP_FACTOR * m,
@@ -947,7 +882,8 @@ def eigen_run(
         stop=converged_stop(k, which, tol, min_steps, vectors=vectors),
         generator=generator, basis_dtype=plan.dtype, basis_device=plan.device,
     )  # fmt: skip
-    return ritz_run(proc, k=k, which=which, tol=tol, vectors=vectors, products=products)
+    run = ritz_run(proc, k=k, which=which, tol=tol, vectors=vectors, products=products)
+    return run if probe else dataclasses.replace(run, proc=None)
 
 
 def ritz_run(

@@ -132,7 +132,7 @@ TRACE_TARGET = 0.025
 #: Limits of the adaptive choices (a measurement never exceeds them).
 MAX_SLQ_PROBES = 16
 MAX_SLQ_STEPS = 240
-MIN_SLQ_STEPS = 30
+MIN_SLQ_STEPS = 20
 MIN_TRACE_PROBES = 6
 MAX_TRACE_PROBES = 64
 
@@ -221,7 +221,7 @@ def hessian_spectrum(
         num_slq_probes: quadrature probes, the eigenvalue run included; None (default): as
             many as the density's error bound needs (1 to 16).
         slq_steps: Lanczos steps per quadrature probe (m); None (default): the eigenvalue
-            run's steps (at least 30), more only while the error bound needs them (up to 240).
+            run's steps (at least 20), more only while the error bound needs them (up to 240).
         num_trace_probes: Hutchinson probes on the complement of the Krylov basis; None
             (default): until the standard error is below 2.5% of ``sum |lambda|`` (estimated
             from the quadrature), at least 6, at most 64.
@@ -271,34 +271,20 @@ def hessian_spectrum(
     )
     group_names = parameter_groups(model, groups) if groups is not None else None
     op = HessianOperator(
-        model,
-        loss_fn,
-        batches,
-        params=params,
-        retain_graph=retain_graph,
-        reduce_fn=reduce_fn,
-        batch_size_fn=batch_size_fn,
-        dtype=dtype,
-    )
+        model, loss_fn, batches, params=params, retain_graph=retain_graph, reduce_fn=reduce_fn,
+        batch_size_fn=batch_size_fn, dtype=dtype,
+    )  # fmt: skip
     _validate(top_k, which, tol, op.dim, max_iter, name="top_k")
     start_vectors = _warm_vectors(warm_start, op.dim)
     loss = op.loss()
     if not np.isfinite(loss):
         raise FloatingPointError(f"the loss over the probe batches is not finite ({loss})")
     opts = dict(
-        top_k=top_k,
-        which=which,
-        density=density,
-        trace=trace,
-        seed=seed,
-        tol=tol,
-        max_iter=max_iter,
-        num_slq_probes=num_slq_probes,
-        slq_steps=slq_steps,
-        num_trace_probes=num_trace_probes,
-        return_eigenvectors=return_eigenvectors,
+        top_k=top_k, which=which, density=density, trace=trace, seed=seed, tol=tol,
+        max_iter=max_iter, num_slq_probes=num_slq_probes, slq_steps=slq_steps,
+        num_trace_probes=num_trace_probes, return_eigenvectors=return_eigenvectors,
         max_basis_bytes=max_basis_bytes,
-    )
+    )  # fmt: skip
     try:
         result = _spectrum(op, warm_start=start_vectors, **opts)
         sub = None
@@ -334,55 +320,74 @@ def _spectrum(
 ) -> HessianSpectrum:
     t0 = time.perf_counter()
     start = op.num_hvps
-    D = op.dim
     gen = torch.Generator().manual_seed(int(seed))
     run = eigen_run(
-        op, k=min(top_k, D), which=which, tol=tol, max_iter=max_iter, generator=gen,
+        op, k=min(top_k, op.dim), which=which, tol=tol, max_iter=max_iter, generator=gen,
         vectors=return_eigenvectors, warm_start=warm_start, max_basis_bytes=max_basis_bytes,
     )  # fmt: skip
     probes: list[_Process] = [run.proc] if run.proc is not None else []
-    nodes = weights = grid = dens = n_out = edge = lam_min = w1 = None
+    fields: dict[str, Any] = {}
+    nodes = weights = None
     if density:
-        before = run.proc.steps if run.proc is not None else 0
-        nodes, weights, w1 = _quadrature(op, run, probes, gen, num_slq_probes, slq_steps)
-        if run.proc is not None and run.proc.steps > before:  # the extended run is more accurate
-            run = ritz_run(
-                run.proc, k=len(run.theta), which=which, tol=tol, vectors=return_eigenvectors
-            )
-        grid, dens = spectral_density(nodes, weights)
-        lam_min = float(nodes.min())
-        if which == "LA":
-            split = split_outliers(run.theta, nodes, weights, dim=D)
-            n_out, edge = split.n_outliers, split.bulk_edge
+        run, fields = _density(op, run, probes, gen, which, tol, return_eigenvectors,
+                               num_slq_probes, slq_steps)  # fmt: skip
+        nodes, weights = fields["ritz_nodes"], fields["ritz_weights"]
     elif trace and probes:
         nodes, weights = quadrature_rows(probes, probes[0].steps)  # free: for sum |lambda|
-    tr = tr_se = None
     if trace:
         extra = [p for p in probes if p is not run.proc]
-        tr, tr_se = _trace(op, run, extra, gen, num_trace_probes, nodes, weights)
-    overlap, angles = _overlap(warm_start, run.Y) if warm_start is not None else (None, None)
+        fields["trace"], fields["trace_stderr"] = _trace(
+            op, run, extra, gen, num_trace_probes, nodes, weights
+        )
+    if warm_start is not None:
+        fields["subspace_overlap"], fields["principal_angles"] = _overlap(warm_start, run.Y)
+    vectors = run.Y.to(device=op.device, dtype=op.dtype) if return_eigenvectors else None
     return HessianSpectrum(
+        **{**dict.fromkeys(_OPTIONAL_FIELDS), **fields},
         eigenvalues=run.theta,
         residuals=run.residuals,
-        trace=tr,
-        trace_stderr=tr_se,
-        density_grid=grid,
-        density=dens,
-        ritz_nodes=nodes if density else None,
-        ritz_weights=weights if density else None,
-        n_outliers=n_out,
-        bulk_edge=edge,
-        lambda_min=lam_min,
         num_hvps=op.num_hvps - start,
-        num_params=D,
-        eigenvectors=run.Y.to(device=op.device, dtype=op.dtype) if return_eigenvectors else None,
+        num_params=op.dim,
+        eigenvectors=vectors,
         converged=run.converged,
         groups=None,
         seconds=time.perf_counter() - t0,
-        subspace_overlap=overlap,
-        principal_angles=angles,
-        density_error=w1,
     )
+
+
+_OPTIONAL_FIELDS = (
+    "trace", "trace_stderr", "density_grid", "density", "ritz_nodes", "ritz_weights",
+    "n_outliers", "bulk_edge", "lambda_min", "subspace_overlap", "principal_angles",
+    "density_error",
+)  # fmt: skip
+
+
+def _density(
+    op: HessianOperator,
+    run: EigenRun,
+    probes: list[_Process],
+    gen: torch.Generator,
+    which: Which,
+    tol: float,
+    vectors: bool,
+    num_probes: int | None,
+    num_steps: int | None,
+) -> tuple[EigenRun, dict[str, Any]]:
+    """Density fields from the quadrature (:func:`_quadrature`), the outlier split, and the
+    eigenvalue run again when the quadrature extended it (more steps, more accurate)."""
+    before = run.proc.steps if run.proc is not None else 0
+    nodes, weights, w1 = _quadrature(op, run, probes, gen, num_probes, num_steps)
+    if run.proc is not None and run.proc.steps > before:
+        run = ritz_run(run.proc, k=len(run.theta), which=which, tol=tol, vectors=vectors)
+    grid, dens = spectral_density(nodes, weights)
+    fields = dict(
+        ritz_nodes=nodes, ritz_weights=weights, density_grid=grid, density=dens,
+        lambda_min=float(nodes.min()), density_error=w1,
+    )  # fmt: skip
+    if which == "LA":
+        split = split_outliers(run.theta, nodes, weights, dim=op.dim)
+        fields["n_outliers"], fields["bulk_edge"] = split.n_outliers, split.bulk_edge
+    return run, fields
 
 
 def _quadrature(
