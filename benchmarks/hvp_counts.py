@@ -10,8 +10,8 @@ a time, so the table reads the same on any machine. For each model the script me
 * ``old defaults``: the fixed settings of the previous release (``tol=1e-6``, 4 quadrature
   probes of 80 steps, 16 trace probes), for comparison;
 * ``warm top-10``: top 10 after the weights moved by 1e-3 of their mean magnitude (seeded
-  noise), started from the previous measurement's Ritz vectors, next to a cold top 10 on the
-  same moved weights;
+  noise), started from the previous measurement's Ritz vectors (measured with
+  ``return_eigenvectors=True``), next to a cold top 10 on the same moved weights;
 * ``bounded top-10``: top 10 with a basis budget of 24 vectors (thick restart), and the bytes
   of the bases by the memory model :func:`~lightning_landscape.linalg.lanczos_memory`.
 
@@ -166,12 +166,13 @@ def measure(name: str) -> dict[str, Any]:
     model, batches, loss_fn = MODELS[name]()
     D = sum(p.numel() for p in model.parameters() if p.requires_grad)
     top = dict(top_k=10, density=False, trace=False)
-    alone = hessian_spectrum(model, loss_fn, batches, return_eigenvectors=True, **top)
+    alone = hessian_spectrum(model, loss_fn, batches, **top)
+    prev = hessian_spectrum(model, loss_fn, batches, return_eigenvectors=True, **top)
     defaults = hessian_spectrum(model, loss_fn, batches)
     old = hessian_spectrum(model, loss_fn, batches, **OLD_DEFAULTS)
     moved = _moved(model)
     cold = hessian_spectrum(moved, loss_fn, batches, **top)
-    warm = hessian_spectrum(moved, loss_fn, batches, warm_start=alone, **top)
+    warm = hessian_spectrum(moved, loss_fn, batches, warm_start=prev, **top)
     budget = 24 * D * 4
     bounded = hessian_spectrum(model, loss_fn, batches, max_basis_bytes=budget, **top)
     steps = alone.num_hvps
