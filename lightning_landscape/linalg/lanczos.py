@@ -473,7 +473,10 @@ def extend(operator: Any, procs: list[_Process], steps: int) -> None:
     """Continue the processes to ``steps`` steps each (those that can), in lockstep."""
     live = []
     for p in procs:
-        exhausted = p.steps >= p.Q.dim or (p.betas and p.betas[-1] == 0.0 and not p.restart)
+        # Exhausted: full dimension, an exact quadrature, or no next vector (a breakdown at
+        # the step limit leaves none).
+        exhausted = p.steps >= p.Q.dim or len(p.Q) <= p.steps
+        exhausted = exhausted or bool(p.betas and p.betas[-1] == 0.0 and not p.restart)
         if p.steps < steps and not exhausted:
             p.max_steps, p.done = steps, False
             live.append(p)
