@@ -10,7 +10,7 @@ from .class_structure import (
     principal_angles,
 )
 from .covariance import CovarianceOperator, GradientCovariance, gradient_covariance
-from .lanczos import LanczosResult, lanczos
+from .lanczos import LanczosResult, lanczos, lanczos_memory
 from .noise_scale import (
     GradientNoiseTracker,
     NoiseScale,
@@ -52,6 +52,7 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "lanczos",
+    "lanczos_memory",
     "noise_scale",
     "parameter_groups",
     "per_sample_gradients",

@@ -44,6 +44,30 @@ def _optional_callable(name: str, value: Any) -> None:
     check_callable(name, value, allow_none=True)
 
 
+def _adaptive(minimum: int) -> Callable[[str, Any], None]:
+    """None (the estimator adds probes or steps until its error target is met) or an int."""
+    rule = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def check(name: str, value: Any) -> None:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < minimum
+        ):
+            raise ValueError(f"{name} must be None (adaptive) or {rule}; got {value!r}")
+
+    return check
+
+
+def _warm_start(name: str, value: Any) -> None:
+    # The shape against the model's dimension is checked by the core.
+    if value is not None and not (
+        isinstance(value, torch.Tensor) or hasattr(value, "eigenvectors")
+    ):
+        raise ValueError(
+            f"{name} must be None, a HessianSpectrum or a (k, D) tensor of vectors; got "
+            f"{type(value).__name__}"
+        )
+
+
 #: One rule per option; ``max_iter`` is checked against ``top_k`` below, ``params`` by the core.
 _RULES: dict[str, Callable[[str, Any], Any]] = {
     "top_k": check_positive_int,
@@ -52,9 +76,11 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "trace": check_bool,
     "seed": check_int,
     "tol": check_positive_float,
-    "num_slq_probes": check_positive_int,
-    "slq_steps": check_positive_int,
-    "num_trace_probes": lambda name, v: check_int(name, v, minimum=2),
+    "num_slq_probes": _adaptive(1),
+    "slq_steps": _adaptive(1),
+    "num_trace_probes": _adaptive(2),
+    "warm_start": _warm_start,
+    "max_basis_bytes": lambda name, v: check_positive_int(name, v, allow_none=True),
     "groups": _groups,
     "return_eigenvectors": check_bool,
     "retain_graph": lambda name, v: check_choice(name, v, (True, False, "auto")),

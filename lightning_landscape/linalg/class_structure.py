@@ -340,7 +340,7 @@ def class_structure(
     try:
         counts, classes = _class_counts(op, max_classes, seed)
         between, level, rayleigh = _between_class(op, classes, counts, h_vecs, k)
-        ggn = lanczos(op, k=min(k, op.dim), tol=tol, seed=seed + 1)
+        ggn = lanczos(op, top_k=min(k, op.dim), tol=tol, seed=seed + 1)
     finally:
         op.release()
     ggn_vals = np.asarray(ggn.eigenvalues, dtype=np.float64)

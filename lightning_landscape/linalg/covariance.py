@@ -470,7 +470,7 @@ def _lanczos_route(
 ) -> _Spectrum:
     """Lanczos on the operator built by :func:`_operator_pass` (its graphs released after)."""
     try:
-        res = lanczos(op, k=top_k, return_eigenvectors=vectors, **lanczos_kw)
+        res = lanczos(op, top_k=top_k, return_eigenvectors=vectors, **lanczos_kw)
     finally:
         op.release()
     eigvecs = res.eigenvectors.to(op.dtype) if res.eigenvectors is not None else None
@@ -481,7 +481,7 @@ def _lanczos_route(
         gradient=gbar,
         loss=loss,
         trace=trace,
-        num_products=res.num_matvecs,
+        num_products=res.num_hvps,
         converged=res.converged,
     )
 

@@ -7,11 +7,21 @@ the eigenvalue run and the stochastic Lanczos quadrature probes share every call
 Each Ritz pair :math:`(\\theta_i, y_i)` of the tridiagonal :math:`T_m = S \\Theta S^\\top` has the
 residual :math:`\\|H y_i - \\theta_i y_i\\| = |\\beta_m s_{m,i}|` in exact arithmetic, and some
 eigenvalue of :math:`H` lies within that distance of :math:`\\theta_i`.
+
+Memory follows the steps taken: bases grow in chunks (:class:`Rows`), never reserved for
+``max_iter`` up front. When even the worst case of a full basis exceeds a memory budget, the
+eigenvalue run switches to thick-restart Lanczos (Wu & Simon 2000) on a basis of bounded size
+(:func:`thick_restart_lanczos`); :func:`lanczos_memory` is the memory model in bytes. A warm
+start begins from the previous measurement's top subspace (:func:`warm_start_vector`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,7 +30,7 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
-__all__ = ["LanczosResult", "lanczos"]
+__all__ = ["LanczosResult", "lanczos", "lanczos_memory"]
 
 Which = Literal["LA", "SA"]
 
@@ -30,15 +40,17 @@ class LanczosResult:
     """Ritz approximations of the wanted end of the spectrum.
 
     Attributes:
-        eigenvalues: the ``k`` wanted Ritz values; descending for ``"LA"``, ascending for ``"SA"``.
+        eigenvalues: the ``top_k`` wanted Ritz values; descending for ``"LA"``, ascending for
+            ``"SA"``.
         residuals: ``||H y_i - theta_i y_i||`` for each Ritz pair, an error bound on each value.
             Measured with explicit products when ``explicit_residuals`` is on (includes the
             rounding of the products themselves), else the Lanczos estimate ``|beta_m s_mi|``.
-        eigenvectors: Ritz vectors as rows, shape ``(k, D)``, or None unless requested.
-        alphas: diagonal of the tridiagonal matrix.
+        eigenvectors: Ritz vectors as rows, shape ``(top_k, D)``, or None unless requested.
+        alphas: diagonal of the tridiagonal matrix (empty after a thick restart).
         betas: off-diagonal of the tridiagonal matrix (a zero marks a restart after breakdown).
-        num_matvecs: operator products spent.
+        num_hvps: operator products spent.
         converged: whether every wanted eigenvalue met the tolerance (by its error bound).
+        basis_rows: basis vectors (and stored products) the run allocated, the memory it used.
     """
 
     eigenvalues: np.ndarray
@@ -46,14 +58,36 @@ class LanczosResult:
     eigenvectors: Tensor | None
     alphas: np.ndarray
     betas: np.ndarray
-    num_matvecs: int
+    num_hvps: int
     converged: bool
+    basis_rows: int = 0
+
+    @property
+    def num_matvecs(self) -> int:
+        """Deprecated name of :attr:`num_hvps`."""
+        warnings.warn(
+            "LanczosResult.num_matvecs is deprecated; use num_hvps", DeprecationWarning, 2
+        )
+        return self.num_hvps
 
 
-def rademacher(num: int, dim: int, *, seed: int, dtype: torch.dtype, device: Any) -> Tensor:
-    """``num`` Rademacher vectors (rows) from a seeded generator on the CPU (device-independent)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    signs = torch.randint(0, 2, (num, dim), generator=gen, dtype=torch.int8)
+def rademacher(
+    num: int,
+    dim: int,
+    *,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype,
+    device: Any,
+) -> Tensor:
+    """``num`` Rademacher vectors (rows) drawn on the CPU (device-independent results).
+
+    One ``generator`` threaded through a measurement keeps every draw deterministic for a seed;
+    ``seed`` makes a fresh generator (for standalone calls).
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(seed or 0))
+    signs = torch.randint(0, 2, (num, dim), generator=generator, dtype=torch.int8)
     return (2 * signs - 1).to(dtype=dtype, device=device)
 
 
@@ -66,6 +100,145 @@ def _ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarr
     return scipy.linalg.eigh_tridiagonal(a, b)
 
 
+#: Bytes of one storage chunk: the basis grows by this much at a time (at least one row).
+CHUNK_BYTES = 32 * 2**20
+#: Rows of one chunk at most (small models: few, cheap allocations).
+CHUNK_ROWS = 16
+
+
+class Rows:
+    """Rows of length ``dim`` stored in chunks allocated as rows are appended.
+
+    The storage holds ``len(self)`` rows rounded up to a chunk, never a reserved maximum.
+    """
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.dim, self.dtype, self.device = dim, dtype, torch.device(device)
+        size = torch.empty((), dtype=dtype).element_size()
+        self.chunk = max(1, min(CHUNK_ROWS, CHUNK_BYTES // max(1, dim * size)))
+        self.chunks: list[Tensor] = []
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated."""
+        return sum(c.numel() * c.element_size() for c in self.chunks)
+
+    @property
+    def allocated_rows(self) -> int:
+        return len(self.chunks) * self.chunk
+
+    def append(self, v: Tensor) -> None:
+        if self.n == self.allocated_rows:
+            self.chunks.append(
+                torch.empty(self.chunk, self.dim, dtype=self.dtype, device=self.device)
+            )
+        self.chunks[-1][self.n % self.chunk] = v
+        self.n += 1
+
+    def views(self, n: int | None = None) -> Iterator[tuple[int, Tensor]]:
+        """``(first row, view)`` of each chunk's filled rows, up to ``n`` rows."""
+        n = self.n if n is None else min(n, self.n)
+        for i, c in enumerate(self.chunks):
+            start = i * self.chunk
+            if start >= n:
+                return
+            yield start, c[: min(self.chunk, n - start)]
+
+    def __getitem__(self, idx: int | slice) -> Tensor:
+        if isinstance(idx, slice):
+            rows = range(*idx.indices(self.n))
+            if not len(rows):
+                return torch.empty(0, self.dim, dtype=self.dtype, device=self.device)
+            return torch.stack([self[i] for i in rows])
+        if idx < 0:
+            idx += self.n
+        return self.chunks[idx // self.chunk][idx % self.chunk]
+
+    def coeffs(self, w: Tensor, n: int | None = None) -> Tensor:
+        """Inner products of the first ``n`` rows with ``w`` (or with the rows of a block)."""
+        parts = [v @ w for _, v in self.views(n)]
+        return torch.cat(parts) if parts else w.new_zeros((0, *w.shape[1:]))
+
+    def combine(self, c: Tensor, rounded_to: torch.dtype | None = None) -> Tensor:
+        """``c @ rows[:len(c)]`` for a vector (or a ``(b, n)`` block) of coefficients.
+
+        ``rounded_to``: combine the rows as rounded to that dtype (the vectors an operator in
+        that dtype actually multiplied).
+        """
+        n = c.shape[-1]
+        out = c.new_zeros((*c.shape[:-1], self.dim))
+        for start, v in self.views(n):
+            if rounded_to is not None:
+                v = v.to(rounded_to).to(v.dtype)
+            out += c[..., start : start + v.shape[0]] @ v
+        return out
+
+
+class Ring:
+    """The last two rows only: storage of a quadrature probe without full reorthogonalisation.
+
+    Same interface as :class:`Rows` for what a process needs; ``coeffs``/``combine`` act on the
+    two kept rows (local reorthogonalisation). Used when the bases must stay bounded: the
+    quadrature of a Lanczos run in finite precision stays close to the exact one (Greenbaum
+    1989) even though ghost copies of converged Ritz values appear.
+    """
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.dim, self.dtype, self.device = dim, dtype, torch.device(device)
+        self.rows: dict[int, Tensor] = {}
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def allocated_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.numel() * r.element_size() for r in self.rows.values())
+
+    def append(self, v: Tensor) -> None:
+        self.rows[self.n] = v.to(device=self.device, dtype=self.dtype).clone()
+        self.n += 1
+        self.rows.pop(self.n - 3, None)
+
+    def __getitem__(self, idx: int) -> Tensor:
+        return self.rows[idx if idx >= 0 else self.n + idx]
+
+    def _kept(self) -> Tensor:
+        return torch.stack([self.rows[i] for i in sorted(self.rows)])
+
+    def coeffs(self, w: Tensor, n: int | None = None) -> Tensor:
+        return self._kept() @ w
+
+    def combine(self, c: Tensor) -> Tensor:
+        return c @ self._kept()
+
+
+def _reorthogonalise(basis: Rows, w: Tensor, n: int | None = None) -> tuple[Tensor, float]:
+    """``w`` minus its part in the first ``n`` rows (classical Gram-Schmidt, DGKS second pass).
+
+    After the three-term recurrence ``w`` is nearly orthogonal already, so one pass usually keeps
+    it orthogonal to working precision; a second pass runs only when the first removed a large
+    share of ``w`` (then rounding may have left components along the basis).
+    """
+    before = float(torch.linalg.vector_norm(w))
+    beta = before
+    for _ in range(2):
+        w = w - basis.combine(basis.coeffs(w, n))
+        beta = float(torch.linalg.vector_norm(w))
+        if beta > DGKS_ETA * before:
+            break
+        before = beta
+    return w, beta
+
+
 class _Process:
     """State of one Lanczos process: basis, coefficients, stopping rule."""
 
@@ -75,25 +248,31 @@ class _Process:
         max_steps: int,
         basis_dtype: torch.dtype,
         restart: bool,
-        seed: int,
+        generator: torch.Generator,
         device: torch.device | None = None,
+        keep_first_product: bool = False,
+        full_reorth: bool = True,
     ) -> None:
         dim = v0.shape[0]
         device = v0.device if device is None else device
         self.max_steps = max_steps
-        self.Q = torch.empty(max_steps + 1, dim, dtype=basis_dtype, device=device)
+        self.Q: Rows | Ring = (Rows if full_reorth else Ring)(dim, basis_dtype, device)
         # The eigenvalue run keeps the products H q_j: then H y = (HQ) s for every Ritz vector
         # y = Q s, so residuals are measured on the products actually computed, at no extra cost.
-        self.W = torch.empty(max_steps, dim, dtype=basis_dtype, device=device) if restart else None
+        self.W = Rows(dim, basis_dtype, device) if restart else None
         v0 = v0.to(device=device, dtype=basis_dtype)
-        self.Q[0] = v0 / torch.linalg.vector_norm(v0)
+        self.Q.append(v0 / torch.linalg.vector_norm(v0))
         self.alphas: list[float] = []
         self.betas: list[float] = []
         self.done = False
         self.restart = restart
-        self.seed = seed
+        self.generator = generator
         self.anorm = 0.0
         self.block_start = 0  # first step of the current Krylov block (after the last restart)
+        # H q_0 of a quadrature probe: a free Hutchinson sample of the trace.
+        self.first_product: Tensor | None = None
+        self.keep_first_product = keep_first_product
+        self.product_dtype: torch.dtype | None = None  # the operator's dtype (basis rounded)
 
     @property
     def steps(self) -> int:
@@ -102,33 +281,24 @@ class _Process:
     def step(self, w: Tensor) -> None:
         j = self.steps
         q = self.Q[j]
-        w = w.to(device=self.Q.device, dtype=self.Q.dtype)
+        w = w.to(device=q.device, dtype=q.dtype)
         if self.W is not None:
-            self.W[j] = w
+            self.W.append(w)
+        if j == 0 and self.keep_first_product:
+            self.first_product = w.clone()
+            self.start = q.clone()
         alpha = float(torch.dot(q, w))
         w = w - alpha * q
         if j > 0:
             w = w - self.betas[-1] * self.Q[j - 1]
-        basis = self.Q[: j + 1]
-        # Classical Gram-Schmidt with the DGKS test: a second pass only when the first removed
-        # a large share of w (then rounding may have left components along the basis). After
-        # the three-term recurrence w is nearly orthogonal already, so one pass usually keeps
-        # it orthogonal to working precision, at half the memory traffic of always two.
-        before = float(torch.linalg.vector_norm(w))
-        for _ in range(2):
-            w = w - (basis @ w) @ basis
-            beta = float(torch.linalg.vector_norm(w))
-            if beta > DGKS_ETA * before:
-                break
-            before = beta
+        w, beta = _reorthogonalise(self.Q, w)
         self.alphas.append(alpha)
         self.anorm = max(self.anorm, abs(alpha) + beta + (self.betas[-1] if j > 0 else 0.0))
-        dim = self.Q.shape[1]
-        if j + 1 >= dim:
+        if j + 1 >= self.Q.dim:
             self.betas.append(0.0)
             self.done = True
             return
-        tiny = 100 * torch.finfo(self.Q.dtype).eps * max(self.anorm, 1e-300)
+        tiny = 100 * torch.finfo(q.dtype).eps * max(self.anorm, 1e-300)
         if beta <= tiny:
             # Invariant subspace found. The eigenvalue run restarts from a random vector
             # orthogonal to the basis (beta = 0 splits T into blocks) so that repeated eigenvalues
@@ -137,18 +307,21 @@ class _Process:
             if not self.restart or j + 1 >= self.max_steps:
                 self.done = True
                 return
-            gen = torch.Generator().manual_seed(self.seed + 7919 * (j + 1))
-            w = torch.randn(dim, generator=gen, dtype=self.Q.dtype).to(self.Q.device)
-            for _ in range(2):
-                w = w - (basis @ w) @ basis
-            w = w / torch.linalg.vector_norm(w)
-            self.Q[j + 1] = w
+            self.Q.append(_random_orthogonal(self.Q, self.generator))
             self.block_start = j + 1
         else:
             self.betas.append(beta)
-            self.Q[j + 1] = w / beta
+            self.Q.append(w / beta)
         if self.steps >= self.max_steps:
             self.done = True
+
+
+def _random_orthogonal(basis: Rows, generator: torch.Generator) -> Tensor:
+    """A random unit vector orthogonal to the rows of ``basis`` (Gaussian, drawn on the CPU)."""
+    w = torch.randn(basis.dim, generator=generator, dtype=basis.dtype).to(basis.device)
+    for _ in range(2):
+        w = w - basis.combine(basis.coeffs(w))
+    return w / torch.linalg.vector_norm(w)
 
 
 #: Reorthogonalise again while a pass leaves less than this share of the vector's norm
@@ -157,6 +330,10 @@ DGKS_ETA = 0.7071067811865476
 
 #: Share of an accelerator's free memory the Lanczos bases may take before going to host memory.
 DEVICE_BASIS_SHARE = 0.5
+#: Share of the host's available memory the bases may take (the default ``max_basis_bytes``).
+HOST_BASIS_SHARE = 0.5
+#: Bases are kept in float64 while that takes at most this many bytes.
+FLOAT64_BASIS_BYTES = 2**30
 
 
 def basis_device_for(device: torch.device, nbytes: int) -> torch.device:
@@ -173,10 +350,137 @@ def basis_device_for(device: torch.device, nbytes: int) -> torch.device:
     return device if nbytes <= DEVICE_BASIS_SHARE * free else torch.device("cpu")
 
 
+def host_available_bytes() -> int:
+    """Available host memory (``MemAvailable`` on Linux, else physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 2**34
+
+
+def default_max_basis_bytes(device: torch.device) -> int:
+    """Default memory budget of the bases: half the free memory of the device or the host,
+    whichever is larger (the bases go to host memory when the device has too little)."""
+    budget = HOST_BASIS_SHARE * host_available_bytes()
+    if device.type == "cuda":
+        budget = max(budget, DEVICE_BASIS_SHARE * torch.cuda.mem_get_info(device)[0])
+    return int(budget)
+
+
+def lanczos_memory(
+    dim: int,
+    steps: int,
+    *,
+    top_k: int = 10,
+    probes: int = 0,
+    slq_steps: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_basis_rows: int | None = None,
+) -> int:
+    """Bytes of the Lanczos bases of one measurement (the memory model).
+
+    With D parameters, m eigenvalue steps, P extra quadrature probes of s steps each:
+
+    * full basis (default): the eigenvalue run keeps its basis and products, ``2 m + 1`` rows;
+      each probe ``s + 1`` rows: ``((2 m + 1) + P (s + 1)) D`` numbers;
+    * bounded (``max_basis_rows=c``, thick restart): ``c + 1`` rows for the basis, ``2 top_k``
+      for the Ritz vectors and their products at the end, and 3 rows per quadrature probe (no
+      reorthogonalisation): ``(c + 1 + 2 top_k + 3 P) D`` numbers.
+
+    A number is 8 bytes in float64, 4 in float32. Storage grows in chunks of at most
+    ``CHUNK_ROWS`` rows, so a run allocates up to one chunk more per process than it uses.
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    if max_basis_rows is None:
+        rows = 2 * steps + 1 + probes * (slq_steps + 1)
+    else:
+        rows = max_basis_rows + 1 + 2 * top_k + 3 * probes
+    return int(rows * dim * size)
+
+
+@dataclass(frozen=True)
+class StoragePlan:
+    """Where and how the bases of a run are stored."""
+
+    dtype: torch.dtype
+    device: torch.device
+    max_rows: int | None  # None: full basis; else the thick-restart cap
+
+
+def plan_storage(
+    dim: int,
+    rows: int,
+    *,
+    top_k: int,
+    op_dtype: torch.dtype,
+    device: torch.device,
+    max_basis_bytes: int | None = None,
+) -> StoragePlan:
+    """Choose dtype, device and basis size for ``rows`` rows of length ``dim`` at most.
+
+    float64 while that takes at most :data:`FLOAT64_BASIS_BYTES` and the budget; else the
+    operator's dtype. If even that exceeds ``max_basis_bytes`` (default
+    :func:`default_max_basis_bytes`), the basis is bounded: a thick-restart cap of
+    ``min(2 top_k + 8, budget // row)`` rows, at least ``top_k + 2``.
+    """
+    budget = default_max_basis_bytes(device) if max_basis_bytes is None else max_basis_bytes
+    f64 = rows * dim * 8
+    dtype = torch.float64 if f64 <= min(FLOAT64_BASIS_BYTES, budget) else op_dtype
+    row = dim * torch.empty((), dtype=dtype).element_size()
+    if rows * row <= budget:
+        return StoragePlan(dtype, basis_device_for(device, rows * row), None)
+    cap = max(top_k + 2, min(2 * top_k + 8, budget // row - 1 - 2 * top_k))
+    return StoragePlan(dtype, basis_device_for(device, (cap + 1 + 2 * top_k) * row), cap)
+
+
 def _select(theta: np.ndarray, k: int, which: Which) -> np.ndarray:
     """Indices of the wanted Ritz values in output order."""
     order = np.argsort(theta)
     return order[::-1][:k] if which == "LA" else order[:k]
+
+
+def advance(operator: Any, procs: list[_Process], stop: Any = None) -> None:
+    """Step the processes in lockstep, one batched product per step, until all are done.
+
+    ``stop(process) -> bool`` is checked after each step of ``procs[0]``.
+    """
+    for p in procs:
+        p.done = p.done or p.steps >= p.max_steps
+    while True:
+        active = [p for p in procs if not p.done]
+        if not active:
+            return
+        block = torch.stack([p.Q[p.steps] for p in active])
+        for p in active:
+            p.product_dtype = operator.dtype
+        W = operator.matmat(block.to(device=operator.device, dtype=operator.dtype))
+        if not torch.isfinite(W).all():
+            raise FloatingPointError("non-finite operator product inside Lanczos")
+        for p, w in zip(active, W, strict=False):
+            p.step(w)
+        if stop is not None and not procs[0].done and stop(procs[0]):
+            procs[0].done = True
+
+
+def extend(operator: Any, procs: list[_Process], steps: int) -> None:
+    """Continue the processes to ``steps`` steps each (those that can), in lockstep."""
+    live = []
+    for p in procs:
+        # Exhausted: full dimension, an exact quadrature, or no next vector (a breakdown at
+        # the step limit leaves none).
+        exhausted = p.steps >= p.Q.dim or len(p.Q) <= p.steps
+        exhausted = exhausted or bool(p.betas and p.betas[-1] == 0.0 and not p.restart)
+        if p.steps < steps and not exhausted:
+            p.max_steps, p.done = steps, False
+            live.append(p)
+    advance(operator, live)
 
 
 def run_lanczos(
@@ -187,49 +491,44 @@ def run_lanczos(
     restart: list[bool],
     stop: Any = None,
     seed: int = 0,
+    generator: torch.Generator | None = None,
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
+    keep_first_product: bool = False,
 ) -> list[_Process]:
     """Run ``len(V0)`` Lanczos processes in lockstep, one batched product per step.
 
     Args:
-        operator: has ``matmat((B, D)) -> (B, D)``.
+        operator: has ``matmat((B, D)) -> (B, D)``, ``dtype`` and ``device``.
         V0: start vectors as rows.
         max_steps: step limit of each process.
         restart: per process, restart after breakdown (eigenvalue runs) or stop (quadrature).
         stop: optional callable ``stop(process) -> bool`` checked after each step of process 0.
-        seed: seeds restart vectors.
-        basis_dtype: dtype of the stored basis (default: float64 when it fits in 1 GiB).
+        seed: seeds restart vectors when no ``generator`` is given.
+        generator: draws the restart vectors (one generator per measurement).
+        basis_dtype: dtype of the stored basis (default: float64 when the worst case fits in
+            1 GiB).
         basis_device: where the bases live (default :func:`basis_device_for`: the operator's
             device, or host memory when an accelerator has too little free memory).
+        keep_first_product: keep ``H q_0`` of each process (free trace samples).
     """
     dim = V0.shape[1]
-    vectors = sum((m + 1) * (2 if r else 1) for m, r in zip(max_steps, restart, strict=True))
-    if basis_dtype is None:
-        fits = dim * vectors * 8 <= 2**30
-        basis_dtype = torch.float64 if fits else V0.dtype
-    nbytes = dim * vectors * torch.empty((), dtype=basis_dtype).element_size()
-    device = (
-        basis_device_for(V0.device, nbytes) if basis_device is None else torch.device(basis_device)
-    )
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(seed))
+    if basis_dtype is None or basis_device is None:
+        rows = sum((m + 1) * (2 if r else 1) for m, r in zip(max_steps, restart, strict=True))
+        plan = plan_storage(dim, rows, top_k=1, op_dtype=V0.dtype, device=V0.device)
+        basis_dtype = plan.dtype if basis_dtype is None else basis_dtype
+        basis_device = plan.device if basis_device is None else basis_device
+    device = torch.device(basis_device)
     procs = [
-        _Process(V0[i], max_steps[i], basis_dtype, restart[i], seed + 104729 * i, device)
+        _Process(
+            V0[i], max_steps[i], basis_dtype, restart[i], generator, device, keep_first_product
+        )
         for i in range(len(max_steps))
     ]
-    for p in procs:
-        p.done = p.max_steps <= 0
-    while True:
-        active = [p for p in procs if not p.done]
-        if not active:
-            return procs
-        block = torch.stack([p.Q[p.steps] for p in active])
-        W = operator.matmat(block.to(device=V0.device, dtype=operator.dtype))
-        if not torch.isfinite(W).all():
-            raise FloatingPointError("non-finite operator product inside Lanczos")
-        for p, w in zip(active, W, strict=False):
-            p.step(w)
-        if stop is not None and not procs[0].done and stop(procs[0]):
-            procs[0].done = True
+    advance(operator, procs, stop)
+    return procs
 
 
 def ritz_pairs(
@@ -253,16 +552,15 @@ def ritz_vectors(
     res = np.abs(beta_m * S[-1, idx])
     Y = HY = None
     if vectors:
-        m = proc.steps
         Sk = torch.as_tensor(S[:, idx].T.copy(), dtype=proc.Q.dtype, device=proc.Q.device)
-        Y = Sk @ proc.Q[:m]
+        Y = proc.Q.combine(Sk)
         if proc.W is not None:
-            HY = Sk @ proc.W[:m]
+            HY = proc.W.combine(Sk)
     return theta[idx], res, Y, HY
 
 
 def _validate(
-    k: int, which: str, tol: float, dim: int, max_iter: int | None, name: str = "k"
+    k: int, which: str, tol: float, dim: int, max_iter: int | None, name: str = "top_k"
 ) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"{name} must be a positive integer; got {k!r}")
@@ -281,21 +579,18 @@ def default_max_iter(k: int, dim: int) -> int:
     return min(dim, max(4 * k, 120))
 
 
-def error_bounds(proc: _Process, k: int, which: Which) -> np.ndarray:
-    """Error bound of each wanted Ritz value: ``min(r_i, r_i^2 / gap_i)``.
+def value_bounds(theta: np.ndarray, res_all: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Error bound of each wanted Ritz value ``theta[idx]``: ``min(r_i, r_i^2 / gap_i)``.
 
-    ``r_i = |beta_m s_mi|`` bounds the distance to the nearest eigenvalue (always valid). When the
-    other eigenvalues are at least ``gap_i`` away, the error is at most ``r_i^2 / gap_i``
-    (Kato-Temple; Parlett, *The Symmetric Eigenvalue Problem*, 11.7). The gap is estimated from
-    the other Ritz values, each moved towards ``theta_i`` by its own residual (an eigenvalue lies
-    within ``r_j`` of ``theta_j``); a Ritz value that has not converged thus shrinks the gap and
-    the bound falls back to ``r_i``. The estimate misses eigenvalues the Krylov space has not
-    found yet, the usual limit of any Lanczos stopping test.
+    ``res_all`` are the residuals of all Ritz values (``inf`` where unknown). ``r_i`` bounds the
+    distance to the nearest eigenvalue (always valid). When the other eigenvalues are at least
+    ``gap_i`` away, the error is at most ``r_i^2 / gap_i`` (Kato-Temple; Parlett, *The Symmetric
+    Eigenvalue Problem*, 11.7). The gap is estimated from the other Ritz values, each moved
+    towards ``theta_i`` by its own residual (an eigenvalue lies within ``r_j`` of ``theta_j``); a
+    Ritz value that has not converged thus shrinks the gap and the bound falls back to ``r_i``.
+    The estimate misses eigenvalues the Krylov space has not found yet, the usual limit of any
+    Lanczos stopping test.
     """
-    theta, S = _ritz(proc.alphas, proc.betas)
-    idx = _select(theta, k, which)
-    beta_m = proc.betas[-1] if proc.betas else 0.0
-    res_all = np.abs(beta_m * S[-1, :])
     bounds = res_all[idx].copy()
     if len(theta) < 2:
         return bounds
@@ -304,6 +599,13 @@ def error_bounds(proc: _Process, k: int, which: Which) -> np.ndarray:
     gap = dist.min(axis=1)
     quadratic = np.divide(bounds**2, gap, out=np.full_like(bounds, np.inf), where=gap > 0)
     return np.minimum(bounds, quadratic)
+
+
+def error_bounds(proc: _Process, k: int, which: Which) -> np.ndarray:
+    """:func:`value_bounds` of the wanted Ritz values of a Lanczos process."""
+    theta, S = _ritz(proc.alphas, proc.betas)
+    beta_m = proc.betas[-1] if proc.betas else 0.0
+    return value_bounds(theta, np.abs(beta_m * S[-1, :]), _select(theta, k, which))
 
 
 def is_converged(
@@ -323,7 +625,7 @@ def is_converged(
 
 def converged_stop(
     k: int, which: Which, tol: float, min_steps: int = 0, *, vectors: bool = False
-) -> Any:
+) -> Callable[[_Process], bool]:
     """Stopping rule: every wanted Ritz value's error bound is below ``tol * ||T||``."""
 
     def stop(proc: _Process) -> bool:
@@ -346,10 +648,286 @@ def converged_stop(
     return stop
 
 
+@dataclass(frozen=True, eq=False)
+class EigenRun:
+    """What an eigenvalue run leaves for the rest of a measurement.
+
+    ``Q``/``W``: an orthonormal basis and its products (``W = QH``, as rows) to deflate the
+    trace with; ``proc``: the Lanczos process when its tridiagonal matrix is a quadrature rule
+    of its start vector (plain single-vector run), else None.
+    """
+
+    theta: np.ndarray
+    residuals: np.ndarray
+    Y: Tensor
+    HY: Tensor
+    converged: bool
+    Q: Rows | Tensor
+    W: Rows | Tensor
+    proc: _Process | None
+    basis_rows: int
+    estimates: np.ndarray | None = None
+    bounded: bool = False
+
+
+def _products(operator: Any, V: Tensor, *, rows_per_call: int | None = None) -> Tensor:
+    """``V H`` for rows ``V`` (in ``V``'s dtype and device), checked finite."""
+    n = V.shape[0] if rows_per_call is None else rows_per_call
+    parts = []
+    for a in range(0, V.shape[0], max(1, n)):
+        block = V[a : a + max(1, n)].to(device=operator.device, dtype=operator.dtype)
+        parts.append(operator.matmat(block).to(device=V.device, dtype=V.dtype))
+    out = torch.cat(parts) if parts else V.clone()
+    if not torch.isfinite(out).all():
+        raise FloatingPointError("non-finite operator product inside Lanczos")
+    return out
+
+
+def _orthogonalise_dense(B: Tensor, w: Tensor) -> tuple[Tensor, np.ndarray, float]:
+    """``w`` minus its part in the rows of ``B`` (DGKS), the coefficients and the rest's norm."""
+    total = torch.zeros(B.shape[0], dtype=w.dtype, device=w.device)
+    before = beta = float(torch.linalg.vector_norm(w))
+    for _ in range(2):
+        c = B @ w
+        w = w - c @ B
+        total += c
+        beta = float(torch.linalg.vector_norm(w))
+        if beta > DGKS_ETA * before:
+            break
+        before = beta
+    return w, total.double().cpu().numpy(), beta
+
+
+def _rotate(Q: Tensor, S: np.ndarray, n: int) -> None:
+    """``Q[:r] = S^T Q[:n]`` in place (``S`` is ``n x r``), in column blocks: no ``r x D`` copy."""
+    St = torch.as_tensor(S.T.copy(), dtype=Q.dtype, device=Q.device)
+    width = max(1, 2**22 // max(n, 1))
+    for a in range(0, Q.shape[1], width):
+        Q[: St.shape[0], a : a + width] = St @ Q[:n, a : a + width]
+
+
+def thick_restart_lanczos(
+    operator: Any,
+    v0: Tensor,
+    *,
+    k: int,
+    which: Which,
+    tol: float,
+    cap: int,
+    max_hvps: int,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    vectors: bool = False,
+    products: bool = True,
+) -> EigenRun:
+    """Thick-restart Lanczos (Wu & Simon 2000) on a basis of at most ``cap + 1`` vectors.
+
+    When the basis is full, the ``keep = k + (cap - k) // 2`` wanted Ritz vectors replace it
+    (rotated in place), followed by the last Lanczos vector; the projected matrix becomes an
+    arrowhead plus a tridiagonal, kept dense (``cap x cap``). Each step orthogonalises against the
+    whole basis, so the Ritz residual is ``|beta s_last|`` as in plain Lanczos. With
+    ``products`` the ``k`` Ritz vectors' products are computed at the end (``k`` more products,
+    one at a time) for explicit residuals and the trace deflation.
+
+    Memory: ``(cap + 1) D`` numbers during the run, ``2 k D`` at the end (the basis is freed
+    first). Cost: more products than a full basis for the same accuracy (each restart discards
+    part of the Krylov space), at most ``max_hvps`` (+ ``k``).
+    """
+    dim = v0.shape[0]
+    Q = torch.empty(cap + 1, dim, dtype=dtype, device=device)
+    Q[0] = v0.to(device=device, dtype=dtype) / torch.linalg.vector_norm(v0)
+    T = np.zeros((cap + 1, cap + 1))
+    keep = min(cap - 1, k + (cap - k) // 2)
+    j = used = 0
+    anorm = 0.0
+    while True:
+        w = _products(operator, Q[j : j + 1])[0]
+        used += 1
+        w, c, beta = _orthogonalise_dense(Q[: j + 1], w)
+        T[: j + 1, j] = T[j, : j + 1] = c
+        anorm = max(anorm, float(np.abs(c).sum()) + beta)
+        j += 1
+        theta, S = np.linalg.eigh(T[:j, :j])
+        idx = _select(theta, min(k, j), which)
+        res_all = np.abs(beta * S[-1])
+        bounds = res_all[idx] if vectors else value_bounds(theta, res_all, idx)
+        converged = len(idx) == k and bool(np.all(bounds <= tol * anorm))
+        if converged or used >= max_hvps or j >= dim:
+            break
+        tiny = 100 * torch.finfo(dtype).eps * max(anorm, 1e-300)
+        q = w / beta if beta > tiny else _random_orthogonal_dense(Q[:j], generator)
+        if j == cap:  # restart: keep the wanted Ritz vectors, then continue from q
+            order = _select(theta, keep, which)
+            _rotate(Q, S[:, order], j)
+            T[:] = 0.0
+            T[np.arange(keep), np.arange(keep)] = theta[order]
+            j = keep
+        Q[j] = q
+    _rotate(Q, S[:, idx], j)
+    Y = Q[: len(idx)].clone()
+    del Q
+    HY = _products(operator, Y, rows_per_call=1) if products else None
+    rounded = Y.to(operator.dtype).to(Y.dtype) if operator.dtype != Y.dtype else None
+    run = _finish(theta[idx], res_all[idx], Y, HY, converged, Y, HY, None, cap + 1 + 2 * k, rounded)
+    return dataclasses.replace(run, bounded=True)
+
+
+def _random_orthogonal_dense(B: Tensor, generator: torch.Generator) -> Tensor:
+    w = torch.randn(B.shape[1], generator=generator, dtype=B.dtype).to(B.device)
+    for _ in range(2):
+        w = w - (B @ w) @ B
+    return w / torch.linalg.vector_norm(w)
+
+
+def _finish(
+    theta: np.ndarray,
+    estimates: np.ndarray,
+    Y: Tensor,
+    HY: Tensor | None,
+    converged: bool,
+    Q: Rows | Tensor,
+    W: Rows | Tensor | None,
+    proc: _Process | None,
+    basis_rows: int,
+    multiplied: Tensor | None = None,
+) -> EigenRun:
+    """Package a run; residuals measured on the products when there are any.
+
+    ``multiplied``: the vectors whose products ``HY`` are (``Y`` as the operator saw it), for
+    the residual ``||HY - theta Y|| / ||Y||``.
+    """
+    residuals = np.asarray(estimates, dtype=np.float64)
+    if HY is not None:
+        theta_t = torch.as_tensor(theta.copy(), dtype=Y.dtype, device=Y.device)
+        V = Y if multiplied is None else multiplied
+        r = torch.linalg.vector_norm(HY - theta_t[:, None] * V, dim=1)
+        residuals = (r / torch.linalg.vector_norm(V, dim=1)).cpu().numpy()
+    return EigenRun(
+        theta=np.asarray(theta, dtype=np.float64),
+        residuals=np.asarray(residuals, dtype=np.float64),
+        Y=Y,
+        HY=HY,  # type: ignore[arg-type]
+        converged=converged,
+        Q=Q,
+        W=W,  # type: ignore[arg-type]
+        proc=proc,
+        basis_rows=basis_rows,
+        estimates=np.asarray(estimates, dtype=np.float64),
+    )
+
+
+#: Share of a random direction in a warm start vector (insurance for eigenvectors the previous
+#: subspace missed; small, so the previous subspace dominates the Krylov space's first steps).
+WARM_NOISE = 0.05
+
+
+def warm_start_vector(previous: Tensor, generator: torch.Generator) -> Tensor:
+    """Start vector from a previous top subspace (rows): the sum of an orthonormal basis of it
+    (equal weight on every previous direction) plus :data:`WARM_NOISE` of a random unit vector.
+
+    When the operator changed little, the first ``l`` Lanczos steps nearly span the new top
+    subspace, so the run converges in a few more steps instead of finding it from scratch.
+    """
+    P = torch.linalg.qr(previous.double().T).Q.T
+    v = P.sum(dim=0) / math.sqrt(P.shape[0])
+    z = torch.randn(P.shape[1], generator=generator, dtype=torch.float64).to(v.device)
+    return v + WARM_NOISE * z / torch.linalg.vector_norm(z)
+
+
+#: Step limit of a bounded (thick-restart) run, as a multiple of ``max_iter``: restarts discard
+#: part of the Krylov space, so the same accuracy takes more products.
+BOUNDED_STEP_FACTOR = 4
+
+
+def eigen_run(
+    operator: Any,
+    *,
+    k: int,
+    which: Which,
+    tol: float,
+    max_iter: int | None,
+    generator: torch.Generator,
+    vectors: bool = False,
+    products: bool = True,
+    v0: Tensor | None = None,
+    warm_start: Tensor | None = None,
+    min_steps: int = 0,
+    max_basis_bytes: int | None = None,
+) -> EigenRun:
+    """The eigenvalue run of a measurement: plain Lanczos on a growing basis, or thick restart
+    when the worst case of that basis exceeds ``max_basis_bytes``; from ``v0``, from the
+    :func:`warm_start_vector` of ``warm_start`` (rows), or from a Rademacher vector. See
+    :func:`lanczos` for the arguments. ``proc`` is set only when the run is a quadrature probe
+    (plain run from a Rademacher start): its tridiagonal matrix is then that probe's Gauss rule.
+    """
+    dim = int(operator.dim)
+    m = min(dim, max(max_iter or default_max_iter(k, dim), min_steps))
+    plan = plan_storage(
+        dim, 2 * m + 1, top_k=k, op_dtype=operator.dtype, device=operator.device,
+        max_basis_bytes=max_basis_bytes,
+    )  # fmt: skip
+    common = dict(k=k, which=which, tol=tol, generator=generator, dtype=plan.dtype)
+    probe = v0 is None and warm_start is None
+    if warm_start is not None:
+        v0 = warm_start_vector(warm_start, generator)
+    if v0 is None:
+        v0 = rademacher(1, dim, generator=generator, dtype=operator.dtype, device=operator.device)
+        v0 = v0[0]
+    v0 = v0.to(device=operator.device, dtype=operator.dtype)
+    if plan.max_rows is not None:
+        return thick_restart_lanczos(
+            operator, v0, cap=plan.max_rows, max_hvps=BOUNDED_STEP_FACTOR * m,
+            device=plan.device, vectors=vectors, products=products, **common,
+        )  # fmt: skip
+    (proc,) = run_lanczos(
+        operator, v0.unsqueeze(0), [m], restart=[True],
+        stop=converged_stop(k, which, tol, min_steps, vectors=vectors),
+        generator=generator, basis_dtype=plan.dtype, basis_device=plan.device,
+    )  # fmt: skip
+    run = ritz_run(proc, k=k, which=which, tol=tol, vectors=vectors, products=products)
+    return run if probe else dataclasses.replace(run, proc=None)
+
+
+def ritz_run(
+    proc: _Process, *, k: int, which: Which, tol: float, vectors: bool, products: bool = True
+) -> EigenRun:
+    """The eigenvalue run's result from its Lanczos process (again after it was extended)."""
+    k_eff = min(k, proc.steps)
+    theta, est, Y, HY = ritz_vectors(proc, k_eff, which)
+    assert Y is not None and proc.W is not None
+    converged = is_converged(proc, k_eff, which, tol, vectors=vectors) and k_eff == k
+    rows = proc.Q.allocated_rows + proc.W.allocated_rows
+    multiplied = None
+    if products and proc.product_dtype not in (None, proc.Q.dtype):
+        # The operator multiplied the basis rounded to its dtype: measure the residual on
+        # those vectors, so that it bounds the distance to the operator's eigenvalues honestly.
+        Sk = torch.as_tensor(_ritz_columns(proc, k_eff, which), dtype=Y.dtype, device=Y.device)
+        multiplied = proc.Q.combine(Sk, rounded_to=proc.product_dtype)
+    return _finish(
+        theta, est, Y, HY if products else None, converged, proc.Q, proc.W, proc, rows,
+        multiplied=multiplied,
+    )  # fmt: skip
+
+
+def _ritz_columns(proc: _Process, k: int, which: Which) -> np.ndarray:
+    """``S[:, wanted]^T``: the wanted Ritz vectors' coordinates in the Lanczos basis."""
+    theta, S = _ritz(proc.alphas, proc.betas)
+    return S[:, _select(theta, k, which)].T.copy()
+
+
+def _deprecated_alias(new: Any, old: Any, new_name: str, old_name: str) -> Any:
+    """The value of a renamed keyword: the old name still works, with a DeprecationWarning."""
+    if old is None:
+        return new
+    warnings.warn(f"{old_name}= is deprecated; use {new_name}=", DeprecationWarning, stacklevel=3)
+    return old
+
+
 def lanczos(
     operator: Any,
     *,
-    k: int = 10,
+    top_k: int = 10,
     which: Which = "LA",
     max_iter: int | None = None,
     tol: float = 1e-6,
@@ -357,94 +935,72 @@ def lanczos(
     v0: Tensor | None = None,
     return_eigenvectors: bool = False,
     explicit_residuals: bool = True,
+    max_basis_bytes: int | None = None,
+    k: int | None = None,
 ) -> LanczosResult:
-    """The ``k`` largest (or smallest) eigenvalues of a symmetric operator.
+    """The ``top_k`` largest (or smallest) eigenvalues of a symmetric operator.
 
     Full reorthogonalisation keeps the basis orthogonal, so no spurious copies of converged
     eigenvalues appear and the residual estimates stay meaningful.
 
     Args:
         operator: symmetric operator with ``dim``, ``dtype``, ``device`` and ``matmat``.
-        k: number of wanted eigenvalues.
+        top_k: number of wanted eigenvalues.
         which: ``"LA"`` largest algebraic (descending) or ``"SA"`` smallest algebraic (ascending).
-        max_iter: maximum Lanczos steps; default ``min(D, max(4k, 120))``.
+        max_iter: maximum Lanczos steps; default ``min(D, max(4 top_k, 120))`` (a bounded run
+            takes up to ``4 max_iter``).
         tol: stop when each wanted value's error bound ``min(r, r^2 / gap)`` is below
             ``tol * ||T||`` (``r`` its residual, ``gap`` the distance to the other Ritz values
             less their residuals, ``||T||`` an estimate of the spectral radius; see
-            :func:`error_bounds`): the absolute error of every value is then below
-            ``tol * ||H||``. With ``return_eigenvectors`` the residual ``r`` itself must be
-            below ``tol * ||T||``, so that the Ritz vectors' angles to the eigenvectors are
-            below ``tol ||H|| / gap`` too (values alone converge with fewer products).
-        seed: seeds the Rademacher start vector.
+            :func:`value_bounds`): the absolute error of every value is then below
+            ``tol * ||H||`` (relative error ``tol ||H|| / |lambda|``). With
+            ``return_eigenvectors`` the residual ``r`` itself must be below ``tol * ||T||``, so
+            that the Ritz vectors' angles to the eigenvectors are below ``tol ||H|| / gap`` too.
+        seed: seeds the Rademacher start vector (and restart vectors).
         v0: start vector instead of the random one.
         return_eigenvectors: return the Ritz vectors (rows, in the basis dtype).
         explicit_residuals: measure ``||H y - theta y||`` from the products the run computed
             (``H y = (HQ) s``: honest under rounding of the products, no extra products); else
             the Lanczos estimate ``|beta_m s_m|``.
+        max_basis_bytes: memory budget of the basis; default half the free memory
+            (:func:`default_max_basis_bytes`). When the worst case ``(2 max_iter + 1) D``
+            numbers exceeds it, thick restart with a bounded basis is used.
+        k: deprecated name of ``top_k``.
 
     Returns:
         :class:`LanczosResult`.
 
-    Cost: at most ``max_iter`` products; memory ``2 (max_iter + 1) D`` numbers for the basis
-    and its products (float64 when that fits in 1 GiB), on the operator's device, or in host
-    memory when an accelerator has less than twice that free (:func:`basis_device_for`).
+    Cost: at most ``max_iter`` products. Memory (:func:`lanczos_memory`): ``(2 m + 1) D``
+    numbers for the basis and its products after ``m`` steps, allocated as the run goes
+    (float64 when the worst case fits in 1 GiB), on the operator's device, or in host memory
+    when an accelerator has less than twice that free (:func:`basis_device_for`); over budget,
+    ``(c + 1 + 2 top_k) D`` with a thick-restart cap ``c = min(2 top_k + 8, budget / D)``.
     """
+    name = "top_k" if k is None else "k"
+    top_k = _deprecated_alias(top_k, k, "top_k", "k")
     dim = int(operator.dim)
-    _validate(k, which, tol, dim, max_iter)
-    m = max_iter if max_iter is not None else default_max_iter(k, dim)
-    if v0 is None:
-        v0 = rademacher(1, dim, seed=seed, dtype=operator.dtype, device=operator.device)[0]
-    elif v0.shape != (dim,) or not torch.any(v0 != 0):
+    _validate(top_k, which, tol, dim, max_iter, name=name)
+    if v0 is not None and (v0.shape != (dim,) or not torch.any(v0 != 0)):
         raise ValueError(f"v0 must be a non-zero vector of shape ({dim},); got {tuple(v0.shape)}")
     start = operator.num_hvps if hasattr(operator, "num_hvps") else 0
-    (proc,) = run_lanczos(
-        operator,
-        v0.unsqueeze(0),
-        [m],
-        restart=[True],
-        stop=converged_stop(k, which, tol, vectors=return_eigenvectors),
-        seed=seed,
+    run = eigen_run(
+        operator, k=top_k, which=which, tol=tol, max_iter=max_iter,
+        generator=torch.Generator().manual_seed(int(seed)), vectors=return_eigenvectors,
+        products=explicit_residuals, v0=v0, max_basis_bytes=max_basis_bytes,
+    )  # fmt: skip
+    proc = run.proc
+    used = (
+        (operator.num_hvps - start)
+        if hasattr(operator, "num_hvps")
+        else (proc.steps if proc else 0)
     )
-    return finish_eigen_run(
-        operator,
-        proc,
-        k,
-        which,
-        tol,
-        return_eigenvectors=return_eigenvectors,
-        explicit_residuals=explicit_residuals,
-        start_count=start,
-    )
-
-
-def finish_eigen_run(
-    operator: Any,
-    proc: _Process,
-    k: int,
-    which: Which,
-    tol: float,
-    *,
-    return_eigenvectors: bool,
-    explicit_residuals: bool,
-    start_count: int,
-) -> LanczosResult:
-    """Ritz pairs of a finished run; explicit residuals from the stored products."""
-    k_eff = min(k, proc.steps)
-    theta, res_est, Y, HY = ritz_vectors(
-        proc, k_eff, which, vectors=return_eigenvectors or explicit_residuals
-    )
-    converged = is_converged(proc, k_eff, which, tol, vectors=return_eigenvectors) and k_eff == k
-    residuals = res_est
-    if explicit_residuals and Y is not None and HY is not None:
-        theta_t = torch.as_tensor(theta.copy(), dtype=Y.dtype, device=Y.device)
-        residuals = torch.linalg.vector_norm(HY - theta_t[:, None] * Y, dim=1).cpu().numpy()
-    used = (operator.num_hvps - start_count) if hasattr(operator, "num_hvps") else proc.steps
     return LanczosResult(
-        eigenvalues=theta,
-        residuals=np.asarray(residuals, dtype=np.float64),
-        eigenvectors=Y if return_eigenvectors else None,
-        alphas=np.asarray(proc.alphas),
-        betas=np.asarray(proc.betas),
-        num_matvecs=int(used),
-        converged=converged,
+        eigenvalues=run.theta,
+        residuals=run.residuals if explicit_residuals else run.estimates,  # type: ignore[arg-type]
+        eigenvectors=run.Y if return_eigenvectors else None,
+        alphas=np.asarray(proc.alphas if proc else []),
+        betas=np.asarray(proc.betas if proc else []),
+        num_hvps=int(used),
+        converged=run.converged,
+        basis_rows=run.basis_rows,
     )

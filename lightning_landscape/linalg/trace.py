@@ -10,6 +10,7 @@ Hutchinson to the deflated rest :math:`(I-QQ^\\top)H(I-QQ^\\top)`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +29,22 @@ class TraceEstimate:
     Attributes:
         trace: the estimate.
         stderr: its standard error (sample standard deviation of the probe terms over sqrt(s)).
-        num_matvecs: operator products spent.
+        num_hvps: operator products spent.
+        num_probes: Hutchinson samples behind ``stderr``.
     """
 
     trace: float
     stderr: float
-    num_matvecs: int
+    num_hvps: int
+    num_probes: int = 0
+
+    @property
+    def num_matvecs(self) -> int:
+        """Deprecated name of :attr:`num_hvps`."""
+        warnings.warn(
+            "TraceEstimate.num_matvecs is deprecated; use num_hvps", DeprecationWarning, 2
+        )
+        return self.num_hvps
 
 
 def _check_count(name: str, value: int, minimum: int) -> None:
@@ -59,7 +70,7 @@ def hutchinson_trace(operator: Any, *, num_probes: int = 16, seed: int = 0) -> T
     )
     HZ = operator.matmat(Z)
     mean, se = _mean_stderr((Z.double() * HZ.double()).sum(dim=1))
-    return TraceEstimate(trace=mean, stderr=se, num_matvecs=num_probes)
+    return TraceEstimate(trace=mean, stderr=se, num_hvps=num_probes, num_probes=num_probes)
 
 
 def deflated_trace(Y: Tensor, HY: Tensor, Z: Tensor, HZ: Tensor) -> TraceEstimate:
@@ -72,7 +83,9 @@ def deflated_trace(Y: Tensor, HY: Tensor, Z: Tensor, HZ: Tensor) -> TraceEstimat
     """
     exact = float((Y.double() * HY.double()).sum())
     mean, se = _mean_stderr((Z.double() * HZ.double()).sum(dim=1))
-    return TraceEstimate(trace=exact + mean, stderr=se, num_matvecs=Y.shape[0] + Z.shape[0])
+    return TraceEstimate(
+        trace=exact + mean, stderr=se, num_hvps=Y.shape[0] + Z.shape[0], num_probes=Z.shape[0]
+    )
 
 
 def project_out(Z: Tensor, Y: Tensor) -> Tensor:
@@ -82,20 +95,82 @@ def project_out(Z: Tensor, Y: Tensor) -> Tensor:
     return Z
 
 
-def hutchpp_trace(operator: Any, *, num_matvecs: int = 48, seed: int = 0) -> TraceEstimate:
+def hutchpp_trace(
+    operator: Any, *, num_hvps: int = 48, seed: int = 0, num_matvecs: int | None = None
+) -> TraceEstimate:
     """Hutch++: a third of the products sketch the range, the rest deflate and estimate.
 
-    Cost: ``num_matvecs`` products in two batched calls (``s`` then ``2s``, ``s = num_matvecs //
-    3``).
+    Args:
+        operator: symmetric operator with ``dim``, ``dtype``, ``device`` and ``matmat``.
+        num_hvps: products to spend (at least 6).
+        seed: seeds the sketch and the probes (one generator).
+        num_matvecs: deprecated name of ``num_hvps``.
+
+    Cost: ``num_hvps`` products in two batched calls (``s`` then ``2s``, ``s = num_hvps // 3``);
+    memory ``num_hvps D`` numbers.
     """
-    _check_count("num_matvecs", num_matvecs, 6)
-    s = num_matvecs // 3
+    name = "num_hvps"
+    if num_matvecs is not None:
+        warnings.warn("num_matvecs= is deprecated; use num_hvps=", DeprecationWarning, stacklevel=2)
+        num_hvps, name = num_matvecs, "num_matvecs"
+    _check_count(name, num_hvps, 6)
+    s = num_hvps // 3
     dim, dt, dev = operator.dim, operator.dtype, operator.device
-    S = rademacher(s, dim, seed=seed, dtype=dt, device=dev)
-    G = rademacher(num_matvecs - 2 * s, dim, seed=seed + 1, dtype=dt, device=dev)
+    gen = torch.Generator().manual_seed(int(seed))
+    S = rademacher(s, dim, generator=gen, dtype=dt, device=dev)
+    G = rademacher(num_hvps - 2 * s, dim, generator=gen, dtype=dt, device=dev)
     HS = operator.matmat(S).double()
     Q = torch.linalg.qr(HS.T).Q.T  # orthonormal rows spanning the sketch of the range
     Gp = project_out(G.double(), Q)
     out = operator.matmat(torch.cat([Q, Gp]).to(dt)).double()
     est = deflated_trace(Q, out[: Q.shape[0]], Gp, out[Q.shape[0] :])
-    return TraceEstimate(trace=est.trace, stderr=est.stderr, num_matvecs=num_matvecs)
+    return TraceEstimate(
+        trace=est.trace, stderr=est.stderr, num_hvps=num_hvps, num_probes=est.num_probes
+    )
+
+
+def _coeffs(Q: Any, Z: Tensor, n: int) -> Tensor:
+    """``Z Q[:n]^T`` for a tensor or a chunked basis (``.coeffs``)."""
+    if isinstance(Q, Tensor):
+        return Z @ Q[:n].T
+    return Q.coeffs(Z.T, n).T
+
+
+def _combine(Q: Any, c: Tensor) -> Tensor:
+    if isinstance(Q, Tensor):
+        return c @ Q[: c.shape[-1]]
+    return Q.combine(c)
+
+
+def basis_trace(Q: Any, W: Any) -> float:
+    """``tr(Q H Q^T) = sum_i q_i . (H q_i)`` over the rows that have products (``len(W)``)."""
+    n = len(W)
+    if isinstance(Q, Tensor):
+        return float((Q[:n].double() * W.double()).sum())
+    total = 0.0
+    for (_, q), (_, w) in zip(Q.views(n), W.views(n), strict=True):
+        total += float((q.double() * w.double()).sum())
+    return total
+
+
+def deflated_samples(Q: Any, W: Any, Z: Tensor, HZ: Tensor) -> Tensor:
+    """Hutchinson samples ``z^T P H P z`` on the complement of an orthonormal basis.
+
+    ``P = I - Q^T Q`` over the rows of ``Q`` that have products ``W = Q H``; the probes ``Z``
+    and their products ``HZ`` are not projected (``H P z = H z - W^T (Q z)``), so any product
+    already computed for a probe (e.g. the first step of a quadrature probe) is a sample, at no
+    extra cost. With :func:`basis_trace` this is Hutch++ deflated by the Krylov basis (unbiased
+    when ``Q`` does not depend on ``Z``). ``Q`` and ``W`` may be tensors or chunked bases.
+    """
+    n = len(W)
+    dt = Q.dtype
+    Z, HZ = Z.to(device=Q.device, dtype=dt), HZ.to(device=Q.device, dtype=dt)
+    c = _coeffs(Q, Z, n)
+    PZ = Z - _combine(Q, c)
+    HPZ = HZ - _combine(W, c)
+    return (PZ.double() * HPZ.double()).sum(dim=1)
+
+
+def mean_stderr(samples: Tensor) -> tuple[float, float]:
+    """Mean and standard error (``inf`` for one sample) of Hutchinson samples."""
+    return _mean_stderr(samples)

@@ -39,7 +39,7 @@ def _nearest_error(theta: np.ndarray, exact: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("k", [1, 6, 10])
 def test_largest_algebraic_descending(A, k) -> None:
-    res = lanczos(MatrixOperator(A), k=k, which="LA", tol=1e-12)
+    res = lanczos(MatrixOperator(A), top_k=k, which="LA", tol=1e-12)
     assert isinstance(res, LanczosResult)
     exact = np.sort(SPECTRUM)[::-1][:k]
     assert res.eigenvalues.shape == (k,)
@@ -51,7 +51,7 @@ def test_largest_algebraic_descending(A, k) -> None:
 
 @pytest.mark.parametrize("k", [1, 6, 10])
 def test_smallest_algebraic_ascending(A, k) -> None:
-    res = lanczos(MatrixOperator(A), k=k, which="SA", tol=1e-12)
+    res = lanczos(MatrixOperator(A), top_k=k, which="SA", tol=1e-12)
     exact = np.sort(SPECTRUM)[:k]
     assert res.eigenvalues.shape == (k,)
     assert np.all(np.diff(res.eigenvalues) >= 0), "SA eigenvalues must be ascending"
@@ -63,7 +63,7 @@ def test_smallest_algebraic_ascending(A, k) -> None:
 def test_default_tolerance_bounds_the_absolute_error(A) -> None:
     """tol is documented as a bound on the absolute error relative to ||H||."""
     tol = 1e-6
-    res = lanczos(MatrixOperator(A), k=10, tol=tol)
+    res = lanczos(MatrixOperator(A), top_k=10, tol=tol)
     exact = np.sort(SPECTRUM)[::-1][:10]
     assert np.abs(res.eigenvalues - exact).max() <= tol * NORM
     assert res.converged
@@ -77,7 +77,7 @@ def test_residuals_are_honest(A, which, explicit_residuals) -> None:
     # Loose tol and few steps: residuals are far from the rounding floor, so the check bites.
     res = lanczos(
         MatrixOperator(A),
-        k=5,
+        top_k=5,
         which=which,
         tol=1e-3,
         max_iter=25,
@@ -95,7 +95,7 @@ def test_residuals_are_honest(A, which, explicit_residuals) -> None:
 
 
 def test_eigenvectors_are_orthonormal_eigenvectors(A) -> None:
-    res = lanczos(MatrixOperator(A), k=8, which="LA", tol=1e-10, return_eigenvectors=True)
+    res = lanczos(MatrixOperator(A), top_k=8, which="LA", tol=1e-10, return_eigenvectors=True)
     V = res.eigenvectors
     assert V is not None and V.shape == (8, D)
     V = V.to(F64)
@@ -103,7 +103,7 @@ def test_eigenvectors_are_orthonormal_eigenvectors(A) -> None:
     assert (gram - torch.eye(8, dtype=F64)).abs().max().item() <= TOL.ortho
     theta = torch.as_tensor(res.eigenvalues, dtype=F64)
     assert torch.linalg.vector_norm(V @ A - theta[:, None] * V, dim=1).max() <= 1e-9 * NORM
-    assert lanczos(MatrixOperator(A), k=8).eigenvectors is None
+    assert lanczos(MatrixOperator(A), top_k=8).eigenvectors is None
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_breakdown_on_low_rank_matrix_returns_exact_eigenvalues(which, exact) ->
     lam = np.zeros(dim)
     lam[:3] = [5.0, 3.0, 1.0]
     A = matrix_with_spectrum(lam, seed=3)
-    res = lanczos(MatrixOperator(A), k=5, which=which, tol=1e-10)
+    res = lanczos(MatrixOperator(A), top_k=5, which=which, tol=1e-10)
     assert np.all(np.isfinite(res.eigenvalues))
     assert np.all(np.isfinite(res.residuals))
     assert res.eigenvalues.shape == (5,)
@@ -131,42 +131,42 @@ def test_breakdown_with_repeated_eigenvalues_finds_the_copies() -> None:
     """diag with multiplicities: the Krylov space sees each eigenspace once, then breaks down."""
     lam = np.repeat([4.0, 3.0, 2.0, 1.0, 0.5], [3, 2, 4, 5, 6])
     A = matrix_with_spectrum(lam, seed=None)
-    res = lanczos(MatrixOperator(A), k=6, tol=1e-10, max_iter=20)
+    res = lanczos(MatrixOperator(A), top_k=6, tol=1e-10, max_iter=20)
     np.testing.assert_allclose(res.eigenvalues, [4, 4, 4, 3, 3, 2], rtol=0, atol=TOL.eig * 4)
 
 
 def test_full_dimension_gives_every_eigenvalue() -> None:
     lam = np.linspace(-2.0, 3.0, 30) + 0.01 * np.arange(30) ** 1.5
     A = matrix_with_spectrum(lam, seed=11)
-    res = lanczos(MatrixOperator(A), k=30, max_iter=30, tol=1e-12)
+    res = lanczos(MatrixOperator(A), top_k=30, max_iter=30, tol=1e-12)
     np.testing.assert_allclose(res.eigenvalues, np.sort(lam)[::-1], rtol=0, atol=TOL.eig * 3.0)
 
 
 def test_deterministic_for_a_seed(A) -> None:
-    a = lanczos(MatrixOperator(A), k=5, tol=1e-4, max_iter=40, seed=123)
-    b = lanczos(MatrixOperator(A), k=5, tol=1e-4, max_iter=40, seed=123)
+    a = lanczos(MatrixOperator(A), top_k=5, tol=1e-4, max_iter=40, seed=123)
+    b = lanczos(MatrixOperator(A), top_k=5, tol=1e-4, max_iter=40, seed=123)
     np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
     np.testing.assert_array_equal(a.residuals, b.residuals)
     np.testing.assert_array_equal(a.alphas, b.alphas)
     np.testing.assert_array_equal(a.betas, b.betas)
     if not torch.equal(A, torch.diag(torch.diagonal(A))):
         # (On a diagonal matrix every Rademacher start gives the same tridiagonal matrix.)
-        c = lanczos(MatrixOperator(A), k=5, tol=1e-4, max_iter=40, seed=124)
+        c = lanczos(MatrixOperator(A), top_k=5, tol=1e-4, max_iter=40, seed=124)
         assert not np.array_equal(a.alphas, c.alphas)  # the seed is used
 
 
 def test_start_vector(A) -> None:
     v0 = torch.as_tensor(random_orthogonal(D, seed=5)[0])
-    res = lanczos(MatrixOperator(A), k=3, tol=1e-10, v0=v0)
+    res = lanczos(MatrixOperator(A), top_k=3, tol=1e-10, v0=v0)
     np.testing.assert_allclose(res.eigenvalues, [20.0, 15.0, 12.0], rtol=TOL.eig, atol=0)
 
 
-def test_num_matvecs_counts_operator_products(A) -> None:
+def test_num_hvps_counts_operator_products(A) -> None:
     op = MatrixOperator(A)
     op.matvec(torch.ones(D, dtype=F64))  # products before the call are not counted
-    res = lanczos(op, k=4, tol=1e-8, max_iter=60)
-    assert res.num_matvecs == op.num_hvps - 1
-    assert 4 <= res.num_matvecs <= 60 + 4
+    res = lanczos(op, top_k=4, tol=1e-8, max_iter=60)
+    assert res.num_hvps == op.num_hvps - 1
+    assert 4 <= res.num_hvps <= 60 + 4
     assert len(res.alphas) <= 60
     # Tridiagonal: one alpha per step; one beta per step (the last one is beta_m).
     assert len(res.betas) in (len(res.alphas), len(res.alphas) - 1)
@@ -174,7 +174,7 @@ def test_num_matvecs_counts_operator_products(A) -> None:
 
 def test_max_iter_caps_the_work_and_reports_non_convergence(A) -> None:
     op = MatrixOperator(A)
-    res = lanczos(op, k=10, tol=1e-12, max_iter=12)
+    res = lanczos(op, top_k=10, tol=1e-12, max_iter=12)
     assert len(res.alphas) == 12
     assert not res.converged
     # Unconverged values still obey their error bounds.
@@ -185,19 +185,19 @@ def test_max_iter_caps_the_work_and_reports_non_convergence(A) -> None:
 def test_argument_errors(A) -> None:
     op = MatrixOperator(A)
     for k in (0, -1):
-        with pytest.raises(ValueError, match=r"\bk\b.*positive"):
-            lanczos(op, k=k)
-    with pytest.raises(ValueError, match=r"\bk\b"):
-        lanczos(op, k=2.5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"\bk\b.*at most"):
-        lanczos(op, k=D + 1)
+        with pytest.raises(ValueError, match=r"\btop_k\b.*positive"):
+            lanczos(op, top_k=k)
+    with pytest.raises(ValueError, match=r"\btop_k\b"):
+        lanczos(op, top_k=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\btop_k\b.*at most"):
+        lanczos(op, top_k=D + 1)
     with pytest.raises(ValueError, match="which"):
         lanczos(op, which="LM")  # type: ignore[arg-type]
     for tol in (0.0, -1e-6, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="tol"):
             lanczos(op, tol=tol)
     with pytest.raises(ValueError, match="max_iter"):
-        lanczos(op, k=5, max_iter=4)
+        lanczos(op, top_k=5, max_iter=4)
     with pytest.raises(ValueError, match="v0"):
         lanczos(op, v0=torch.zeros(D, dtype=F64))
     with pytest.raises(ValueError, match="v0"):
@@ -208,7 +208,7 @@ def test_non_finite_products_raise() -> None:
     A = torch.eye(20, dtype=F64)
     A[3, 3] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
-        lanczos(MatrixOperator(A), k=2)
+        lanczos(MatrixOperator(A), top_k=2)
 
 
 def test_value_rule_saves_products_and_keeps_its_bound(A) -> None:
@@ -218,10 +218,10 @@ def test_value_rule_saves_products_and_keeps_its_bound(A) -> None:
     """
     tol = 1e-8
     exact = np.sort(SPECTRUM)[::-1][:10]
-    values = lanczos(MatrixOperator(A), k=10, tol=tol)
-    vectors = lanczos(MatrixOperator(A), k=10, tol=tol, return_eigenvectors=True)
+    values = lanczos(MatrixOperator(A), top_k=10, tol=tol)
+    vectors = lanczos(MatrixOperator(A), top_k=10, tol=tol, return_eigenvectors=True)
     assert values.converged and vectors.converged
-    assert values.num_matvecs < vectors.num_matvecs
+    assert values.num_hvps < vectors.num_hvps
     assert np.abs(values.eigenvalues - exact).max() <= tol * NORM
     assert np.abs(vectors.eigenvalues - exact).max() <= tol * NORM
     # The residual rule held for the vectors (||T|| <= 3 ||H|| by Gershgorin on T); only the

@@ -53,7 +53,7 @@ def test_quadrature_rules_are_probability_measures_inside_the_spectrum(case, req
     slack = TOL.rounding(A.shape[0]) * np.abs(lam).max()
     assert q.nodes.min() >= lam.min() - slack
     assert q.nodes.max() <= lam.max() + slack
-    assert q.num_matvecs == 4 * 80
+    assert q.num_hvps == 4 * 80
 
 
 @pytest.mark.parametrize("case", ["spiked", "mlp_hessian"])

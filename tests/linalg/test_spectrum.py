@@ -131,17 +131,30 @@ def test_density_and_trace_can_be_skipped(case) -> None:
 def test_num_hvps_is_consistent(case) -> None:
     res = case["result"]
     assert isinstance(res.num_hvps, int)
-    # Defaults: 4 SLQ probes of 80 steps each and 16 trace probes; the residuals come from the
-    # products the eigenvalue run stored, so they cost none.
-    assert res.num_hvps >= 4 * 80 + 16
     again = hessian_spectrum(case["model"], cross_entropy_loss, case["batches"])
     assert again.num_hvps == res.num_hvps
     np.testing.assert_array_equal(again.eigenvalues, res.eigenvalues)  # deterministic for a seed
+    assert again.trace == res.trace
     eig_only = hessian_spectrum(
         case["model"], cross_entropy_loss, case["batches"], density=False, trace=False
     )
     # Lanczos steps only (at least k, at most the default max_iter).
     assert 10 <= eig_only.num_hvps <= 120
+    # Adaptive defaults: the eigenvalue run is the first quadrature probe and deflates the
+    # trace, so density and trace cost at most as much again as the eigenvalues.
+    assert eig_only.num_hvps < res.num_hvps <= 2 * eig_only.num_hvps
+    # Fixed settings are honoured: 4 SLQ probes of 80 steps each and 16 trace probes; the
+    # residuals come from the products the eigenvalue run stored, so they cost none.
+    fixed = hessian_spectrum(
+        case["model"],
+        cross_entropy_loss,
+        case["batches"],
+        num_slq_probes=4,
+        slq_steps=80,
+        num_trace_probes=16,
+    )
+    assert fixed.ritz_nodes is not None and fixed.ritz_nodes.shape == (4, 80)
+    assert fixed.num_hvps == 4 * 80 + 16
 
 
 def test_result_is_a_frozen_dataclass(case) -> None:

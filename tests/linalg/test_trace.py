@@ -38,7 +38,7 @@ SEEDS = range(200)
 
 @pytest.mark.parametrize(
     ("estimator", "kwargs"),
-    [(hutchinson_trace, {"num_probes": 4}), (hutchpp_trace, {"num_matvecs": 12})],
+    [(hutchinson_trace, {"num_probes": 4}), (hutchpp_trace, {"num_hvps": 12})],
     ids=["hutchinson", "hutchpp"],
 )
 def test_unbiased(estimator, kwargs) -> None:
@@ -50,7 +50,7 @@ def test_unbiased(estimator, kwargs) -> None:
 
 
 @pytest.mark.parametrize(
-    ("estimator", "arg"), [(hutchinson_trace, "num_probes"), (hutchpp_trace, "num_matvecs")]
+    ("estimator", "arg"), [(hutchinson_trace, "num_probes"), (hutchpp_trace, "num_hvps")]
 )
 def test_error_falls_with_more_products(estimator, arg) -> None:
     A, tr = _indefinite()
@@ -71,7 +71,7 @@ def test_hutchpp_beats_hutchinson_on_a_few_dominant_eigenvalues() -> None:
         [abs(hutchinson_trace(MatrixOperator(A), num_probes=n, seed=s).trace - tr) for s in seeds]
     )
     err_pp = np.mean(
-        [abs(hutchpp_trace(MatrixOperator(A), num_matvecs=n, seed=s).trace - tr) for s in seeds]
+        [abs(hutchpp_trace(MatrixOperator(A), num_hvps=n, seed=s).trace - tr) for s in seeds]
     )
     assert err_pp < 0.05 * err_h, (err_pp, err_h)
 
@@ -79,7 +79,7 @@ def test_hutchpp_beats_hutchinson_on_a_few_dominant_eigenvalues() -> None:
 @pytest.mark.parametrize("matrix", [_indefinite, _dominated])
 @pytest.mark.parametrize(
     ("estimator", "kwargs"),
-    [(hutchinson_trace, {"num_probes": 32}), (hutchpp_trace, {"num_matvecs": 48})],
+    [(hutchinson_trace, {"num_probes": 32}), (hutchpp_trace, {"num_hvps": 48})],
     ids=["hutchinson", "hutchpp"],
 )
 def test_stderr_is_honest(matrix, estimator, kwargs) -> None:
@@ -108,7 +108,7 @@ def test_hutchpp_is_exact_when_the_sketch_spans_the_range() -> None:
     """Rank 8 and 16 sketch vectors: the deflated rest is zero, the trace exact."""
     lam = np.zeros(120)
     lam[:8] = [9.0, 7.0, -5.0, 4.0, 3.0, -2.0, 1.5, 1.0]
-    est = hutchpp_trace(MatrixOperator(matrix_with_spectrum(lam, seed=6)), num_matvecs=48)
+    est = hutchpp_trace(MatrixOperator(matrix_with_spectrum(lam, seed=6)), num_hvps=48)
     assert est.trace == pytest.approx(lam.sum(), abs=1e3 * TOL.eps * np.abs(lam).sum())
 
 
@@ -117,12 +117,12 @@ def test_counts_and_determinism() -> None:
     op = MatrixOperator(A)
     h = hutchinson_trace(op, num_probes=7, seed=3)
     assert isinstance(h, TraceEstimate)
-    assert h.num_matvecs == 7 == op.num_hvps
+    assert h.num_hvps == 7 == op.num_hvps
     op = MatrixOperator(A)
-    p = hutchpp_trace(op, num_matvecs=30, seed=3)
-    assert p.num_matvecs == 30 == op.num_hvps
+    p = hutchpp_trace(op, num_hvps=30, seed=3)
+    assert p.num_hvps == 30 == op.num_hvps
     assert hutchinson_trace(MatrixOperator(A), num_probes=7, seed=3).trace == h.trace
-    assert hutchpp_trace(MatrixOperator(A), num_matvecs=30, seed=3).trace == p.trace
+    assert hutchpp_trace(MatrixOperator(A), num_hvps=30, seed=3).trace == p.trace
 
 
 def test_errors() -> None:
@@ -131,5 +131,5 @@ def test_errors() -> None:
         with pytest.raises(ValueError, match="num_probes"):
             hutchinson_trace(op, num_probes=bad)  # type: ignore[arg-type]
     for bad in (5, 0, 12.0):
-        with pytest.raises(ValueError, match="num_matvecs"):
-            hutchpp_trace(op, num_matvecs=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="num_hvps"):
+            hutchpp_trace(op, num_hvps=bad)  # type: ignore[arg-type]

@@ -1,0 +1,308 @@
+"""What a measurement costs: adaptive density and trace, warm starts, memory that follows use.
+
+Every accuracy check is against an exact reference (a known spectrum, or the dense float64
+Hessian of the same weights); every cost check counts Hessian-vector products, never time.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_landscape.linalg import (
+    HessianSpectrum,
+    MatrixOperator,
+    hessian_spectrum,
+    hutchpp_trace,
+    lanczos,
+    lanczos_memory,
+    slq,
+)
+from lightning_landscape.linalg.lanczos import CHUNK_ROWS, Rows, plan_storage, run_lanczos
+from lightning_landscape.linalg.spectrum import MAX_TRACE_PROBES, MIN_SLQ_STEPS, MIN_TRACE_PROBES
+from tests._reference import (
+    Quadratic,
+    cross_entropy_loss,
+    dense_hessian,
+    digits_batches,
+    grid_measure,
+    matrix_with_spectrum,
+    quadratic_loss,
+    trained_mlp,
+    wasserstein1,
+)
+from tests._tolerances import tolerances
+
+F32, F64 = torch.float32, torch.float64
+TOL = tolerances(F64)
+TOP_K_RTOL = 1e-4
+W1_TARGET = 0.02
+TRACE_TARGET = 0.05
+PROBE_SIZES = [160, 128, 128, 96]
+BATCH = [(torch.zeros(1),)]
+
+
+def _quadratic(lam: np.ndarray, seed: int = 0) -> Quadratic:
+    A = matrix_with_spectrum(lam, seed=seed)
+    return Quadratic(A, theta=torch.full((len(lam),), 0.1, dtype=F64))
+
+
+def _w1(res: HessianSpectrum, lam: np.ndarray) -> tuple[float, float]:
+    span = lam.max() - lam.min()
+    nodes = wasserstein1(res.ritz_nodes, res.ritz_weights, lam) / span
+    grid = wasserstein1(*grid_measure(res.density_grid, res.density), lam) / span
+    return nodes, grid
+
+
+# --------------------------------------------------------------------------------------------
+# Adaptive density and trace
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_flat_spectrum_gets_more_probes() -> None:
+    """D = 1000, eigenvalues spread evenly: one probe's weights fluctuate by ~1/sqrt(D), so the
+    sampling part of the error bound asks for more probes until W1 meets its target."""
+    lam = np.linspace(-1.0, 2.0, 1000)
+    res = hessian_spectrum(_quadratic(lam), quadratic_loss, BATCH, top_k=3)
+    assert res.ritz_nodes is not None and res.ritz_nodes.shape[0] > 1  # probes were added
+    assert res.density_error is not None and res.density_error <= 0.015
+    w1_nodes, w1_grid = _w1(res, lam)
+    assert w1_nodes <= res.density_error  # the bound is honest here
+    assert w1_grid <= W1_TARGET
+    np.testing.assert_allclose(res.eigenvalues, lam[::-1][:3], rtol=TOP_K_RTOL)
+    err = abs(res.trace - lam.sum()) / np.abs(lam).sum()
+    assert err <= TRACE_TARGET and abs(res.trace - lam.sum()) <= 4 * res.trace_stderr
+
+
+def test_outliers_over_a_narrow_bulk_need_one_probe() -> None:
+    """A few outliers over a narrow bulk in D = 2000: the eigenvalue run alone is a good enough
+    quadrature, so the density costs no product beyond the run's own steps."""
+    rng = np.random.default_rng(0)
+    lam = np.concatenate([[9.0, 7.0, 6.0, 4.5, 3.0], rng.normal(0.0, 0.05, 1995)])
+    model = _quadratic(lam, seed=1)
+    res = hessian_spectrum(model, quadratic_loss, BATCH, top_k=5)
+    eig = hessian_spectrum(model, quadratic_loss, BATCH, top_k=5, density=False, trace=False)
+    assert res.ritz_nodes is not None and res.ritz_nodes.shape[0] == 1
+    assert _w1(res, lam)[1] <= W1_TARGET
+    # No product beyond the run's own steps (at least MIN_SLQ_STEPS) and the minimal batch of
+    # trace probes.
+    assert res.num_hvps <= max(eig.num_hvps, MIN_SLQ_STEPS) + MIN_TRACE_PROBES
+    assert abs(res.trace - lam.sum()) / np.abs(lam).sum() <= TRACE_TARGET
+
+
+def test_trace_probes_are_added_until_the_standard_error_meets_its_target() -> None:
+    """One outlier over a Gaussian bulk in D = 200: deflating the outlier leaves a complement
+    whose Hutchinson samples spread widely (sd ~ 20 against sum |lambda| ~ 170), so many more
+    than the first 6 probes are needed for a standard error of 2.5% of sum |lambda|."""
+    lam = np.concatenate([[12.0], np.random.default_rng(3).normal(0.0, 1.0, 199)])
+    model = _quadratic(lam, seed=2)
+    res = hessian_spectrum(model, quadratic_loss, BATCH, top_k=1, density=False)
+    eig = hessian_spectrum(model, quadratic_loss, BATCH, top_k=1, density=False, trace=False)
+    abs_sum = np.abs(lam).sum()
+    assert res.num_hvps - eig.num_hvps > 2 * MIN_TRACE_PROBES  # probes were added
+    assert res.num_hvps - eig.num_hvps <= MAX_TRACE_PROBES
+    assert abs(res.trace - lam.sum()) / abs_sum <= TRACE_TARGET
+    assert abs(res.trace - lam.sum()) <= 4 * res.trace_stderr
+
+
+def test_fixed_counts_are_honoured() -> None:
+    lam = np.linspace(0.0, 1.0, 200)
+    res = hessian_spectrum(
+        _quadratic(lam), quadratic_loss, BATCH, top_k=2, num_slq_probes=3, slq_steps=25,
+        num_trace_probes=5,
+    )  # fmt: skip
+    assert res.ritz_nodes is not None and res.ritz_nodes.shape == (3, 25)
+
+
+# --------------------------------------------------------------------------------------------
+# Warm start
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moved() -> dict:
+    """The trained digits MLP and a copy moved slightly (1e-3 of the mean weight, seeded)."""
+    model = trained_mlp(seed=0, steps=200)
+    batches = digits_batches(PROBE_SIZES)
+    moved = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(1e-3 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    H = dense_hessian(moved, cross_entropy_loss, batches)
+    lam = np.linalg.eigvalsh(H.numpy())[::-1].copy()
+    return {"model": model, "moved": moved, "batches": batches, "lam": lam}
+
+
+def test_warm_start_saves_products_and_keeps_accuracy(moved) -> None:
+    kw = dict(density=False, trace=False)
+    prev = hessian_spectrum(
+        moved["model"], cross_entropy_loss, moved["batches"], return_eigenvectors=True, **kw
+    )
+    cold = hessian_spectrum(moved["moved"], cross_entropy_loss, moved["batches"], **kw)
+    warm = hessian_spectrum(
+        moved["moved"], cross_entropy_loss, moved["batches"], warm_start=prev, **kw
+    )
+    lam = moved["lam"][:10]
+    for res in (cold, warm):
+        assert res.converged
+        assert np.max(np.abs(res.eigenvalues - lam) / np.abs(lam)) <= TOP_K_RTOL
+    assert warm.num_hvps <= 0.6 * cold.num_hvps, (warm.num_hvps, cold.num_hvps)
+    # The top subspace barely moved: overlap near 1, ten small principal angles.
+    assert cold.subspace_overlap is None
+    assert warm.subspace_overlap is not None and 0.99 <= warm.subspace_overlap <= 1.0
+    assert warm.principal_angles is not None and warm.principal_angles.shape == (10,)
+    assert np.all(np.diff(warm.principal_angles) >= 0)
+    # Vectors work as well as a result; the overlap of a subspace with itself is 1.
+    same = hessian_spectrum(
+        moved["model"], cross_entropy_loss, moved["batches"], warm_start=prev.eigenvectors,
+        return_eigenvectors=True, **kw,
+    )  # fmt: skip
+    assert same.subspace_overlap == pytest.approx(1.0, abs=1e-6)
+
+
+def test_warm_start_with_density_and_trace_meets_the_targets(moved) -> None:
+    """A warm run is no quadrature probe (its start is not random): the density comes from
+    separate probes, still within the target."""
+    prev = hessian_spectrum(moved["model"], cross_entropy_loss, moved["batches"],
+                            return_eigenvectors=True, density=False, trace=False)  # fmt: skip
+    res = hessian_spectrum(moved["moved"], cross_entropy_loss, moved["batches"], warm_start=prev)
+    lam = moved["lam"]
+    assert np.max(np.abs(res.eigenvalues - lam[:10]) / np.abs(lam[:10])) <= TOP_K_RTOL
+    assert max(_w1(res, lam)) <= W1_TARGET
+    assert abs(res.trace - lam.sum()) / np.abs(lam).sum() <= TRACE_TARGET
+
+
+def test_warm_start_errors(moved) -> None:
+    model, batches = moved["model"], moved["batches"]
+    no_vectors = hessian_spectrum(model, cross_entropy_loss, batches, density=False, trace=False)
+    with pytest.raises(ValueError, match=r"warm_start.*return_eigenvectors"):
+        hessian_spectrum(model, cross_entropy_loss, batches, warm_start=no_vectors)
+    with pytest.raises(ValueError, match=r"warm_start.*length D"):
+        hessian_spectrum(model, cross_entropy_loss, batches, warm_start=torch.ones(3, 5))
+    with pytest.raises(ValueError, match=r"warm_start.*tensor"):
+        hessian_spectrum(model, cross_entropy_loss, batches, warm_start=[1.0])  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+
+D = 400
+SPECTRUM = np.concatenate([[20.0, 15.0, 12.0, 10.0, 9.0], np.linspace(-1.0, 5.0, D - 5)])
+
+
+@pytest.fixture(scope="module")
+def A() -> torch.Tensor:
+    return matrix_with_spectrum(SPECTRUM, seed=4)
+
+
+def test_storage_grows_with_the_steps_taken(A) -> None:
+    """A converged run holds about its steps' vectors, not max_iter's."""
+    res = lanczos(MatrixOperator(A), top_k=3, tol=1e-8, max_iter=300)
+    assert res.converged and res.num_hvps < 100
+    steps = len(res.alphas)
+    # Basis (steps + 1 rows) and products (steps rows), each rounded up to a chunk.
+    assert 2 * steps + 1 <= res.basis_rows <= 2 * steps + 1 + 2 * CHUNK_ROWS
+    assert res.basis_rows < 2 * 300
+    (proc,) = run_lanczos(MatrixOperator(A), A[:1].clone(), [37], restart=[True])
+    assert len(proc.Q) == 38 and proc.Q.nbytes <= (38 + CHUNK_ROWS) * D * 8
+
+
+def test_memory_model() -> None:
+    assert lanczos_memory(1000, 50) == (2 * 50 + 1) * 1000 * 4
+    assert lanczos_memory(1000, 50, probes=3, slq_steps=40, dtype=F64) == (101 + 3 * 41) * 8000
+    bounded = lanczos_memory(1000, 50, top_k=5, probes=2, max_basis_rows=18)
+    assert bounded == (18 + 1 + 10 + 6) * 1000 * 4
+    # Over budget the plan bounds the basis; within budget it keeps the full one.
+    cpu = torch.device("cpu")
+    roomy = plan_storage(1000, 241, top_k=5, op_dtype=F32, device=cpu, max_basis_bytes=10**9)
+    assert roomy.max_rows is None and roomy.dtype == F64
+    tight = plan_storage(1000, 241, top_k=5, op_dtype=F32, device=cpu, max_basis_bytes=60_000)
+    assert tight.dtype == torch.float32 and tight.max_rows == 7  # at least top_k + 2
+
+
+def test_rows_storage_matches_dense_algebra() -> None:
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(37, 50, generator=gen, dtype=F64)
+    rows = Rows(50, F64, torch.device("cpu"))
+    for r in M:
+        rows.append(r)
+    w = torch.randn(50, generator=gen, dtype=F64)
+    c = torch.randn(4, 37, generator=gen, dtype=F64)
+    assert torch.allclose(rows.coeffs(w), M @ w)
+    assert torch.allclose(rows.combine(c), c @ M)
+    assert torch.equal(rows[:], M) and rows.allocated_rows - len(rows) < rows.chunk
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_thick_restart_with_a_tiny_cap_matches_the_spectrum(A, which) -> None:
+    """A budget of a few vectors forces thick restart (cap top_k + 2): same eigenvalues.
+    ("SA" on -A: the same separated end of the spectrum, found from the other side.)"""
+    budget = 12 * D * 8
+    M = A if which == "LA" else -A
+    res = lanczos(MatrixOperator(M), top_k=5, which=which, tol=1e-10, max_basis_bytes=budget,
+                  return_eigenvectors=True)  # fmt: skip
+    exact = np.sort(SPECTRUM)[::-1][:5] * (1 if which == "LA" else -1)
+    assert res.basis_rows == (5 + 2) + 1 + 2 * 5  # the cap, then Ritz vectors and products
+    assert res.converged
+    np.testing.assert_allclose(res.eigenvalues, exact, rtol=0, atol=1e-8 * 20.0)
+    V = res.eigenvectors.to(F64)
+    assert (V @ V.T - torch.eye(5, dtype=F64)).abs().max() <= TOL.ortho
+    theta = torch.as_tensor(res.eigenvalues, dtype=F64)
+    actual = torch.linalg.vector_norm(V @ M - theta[:, None] * V, dim=1).numpy()
+    np.testing.assert_allclose(res.residuals, actual, rtol=1e-6, atol=TOL.rounding(D) * 20.0)
+
+
+def test_bounded_hessian_spectrum_meets_the_targets_on_the_mlp() -> None:
+    """Thick restart (cap top_k + 2) and quadrature probes without full reorthogonalisation,
+    against the dense Hessian: the accuracy targets still hold."""
+    model = trained_mlp(seed=0, steps=200)
+    batches = digits_batches(PROBE_SIZES)
+    H = dense_hessian(model, cross_entropy_loss, batches)
+    lam = np.linalg.eigvalsh(H.numpy())[::-1].copy()
+    res = hessian_spectrum(model, cross_entropy_loss, batches, max_basis_bytes=4 * H.shape[0] * 8)
+    assert res.converged
+    assert np.max(np.abs(res.eigenvalues - lam[:10]) / np.abs(lam[:10])) <= TOP_K_RTOL
+    assert max(_w1(res, lam)) <= W1_TARGET
+    assert abs(res.trace - lam.sum()) / np.abs(lam).sum() <= TRACE_TARGET
+
+
+# --------------------------------------------------------------------------------------------
+# Names: num_hvps everywhere, top_k; the old names still work for one release
+# --------------------------------------------------------------------------------------------
+
+
+def test_deprecated_names_still_work(A) -> None:
+    op = MatrixOperator(A)
+    with pytest.warns(DeprecationWarning, match="top_k"):
+        old = lanczos(op, k=3, tol=1e-8)
+    new = lanczos(MatrixOperator(A), top_k=3, tol=1e-8)
+    np.testing.assert_array_equal(old.eigenvalues, new.eigenvalues)
+    with pytest.warns(DeprecationWarning, match="num_hvps"):
+        assert old.num_matvecs == old.num_hvps == op.num_hvps
+    with pytest.raises(ValueError, match=r"\bk\b.*positive"):
+        with pytest.warns(DeprecationWarning):
+            lanczos(op, k=0)
+    with pytest.warns(DeprecationWarning, match="num_hvps"):
+        est = hutchpp_trace(MatrixOperator(A), num_matvecs=12, seed=1)
+    assert est.trace == hutchpp_trace(MatrixOperator(A), num_hvps=12, seed=1).trace
+    with pytest.warns(DeprecationWarning, match="num_hvps"):
+        assert est.num_matvecs == 12
+    q = slq(MatrixOperator(A), num_probes=2, num_steps=10)
+    with pytest.warns(DeprecationWarning, match="num_hvps"):
+        assert q.num_matvecs == q.num_hvps == 20
+
+
+def test_one_generator_per_measurement_is_deterministic() -> None:
+    lam = np.concatenate([[5.0, 4.0, 3.0], np.linspace(-0.5, 0.5, 297)])
+    runs = [
+        hessian_spectrum(_quadratic(lam), quadratic_loss, BATCH, top_k=3, seed=s) for s in (7, 7, 8)
+    ]
+    a, b, c = runs
+    assert a.trace == b.trace and a.num_hvps == b.num_hvps
+    np.testing.assert_array_equal(a.ritz_nodes, b.ritz_nodes)
+    assert a.trace != c.trace
