@@ -52,6 +52,9 @@ class HessianSpectrum:
         ritz_weights: ``(P, m)`` quadrature weights per probe (rows sum to 1).
         n_outliers: number of outliers among the top eigenvalues (``which="LA"`` with the density).
         bulk_edge: estimated upper edge of the bulk.
+        n_outliers_stderr: standard error of ``n_outliers`` (0 when counted among the top_k).
+        n_outliers_saturated: all top_k eigenvalues are outliers; ``n_outliers`` then comes
+            from the density (see :func:`~lightning_landscape.linalg.split_outliers`).
         lambda_min: smallest quadrature node, an estimate of the smallest eigenvalue.
         num_hvps: Hessian-vector products spent (vectors, however they were batched).
         num_params: dimension ``D``.
@@ -78,6 +81,8 @@ class HessianSpectrum:
     converged: bool
     groups: dict[str, HessianSpectrum] | None
     seconds: float
+    n_outliers_stderr: float | None = None
+    n_outliers_saturated: bool | None = None
 
 
 def parameter_groups(
@@ -298,7 +303,7 @@ def _spectrum(
         est = deflated_trace(Y, HY, Z, HZ)
         tr, tr_se = est.trace, est.stderr
     grid = dens = nodes = weights = None
-    n_out = edge = lam_min = None
+    n_out = edge = lam_min = split = None
     if density:
         nodes, weights = quadrature_rows(procs, steps)
         grid, dens = spectral_density(nodes, weights)
@@ -324,4 +329,6 @@ def _spectrum(
         converged=converged,
         groups=None,
         seconds=time.perf_counter() - t0,
+        n_outliers_stderr=None if split is None else split.n_outliers_stderr,
+        n_outliers_saturated=None if split is None else split.n_outliers_saturated,
     )
