@@ -18,7 +18,7 @@ Criterion ("gap to the bulk"), documented so results can be read and compared:
    extreme nodes of the quadrature converge to the bulk's largest eigenvalue).
 
 **Beyond the top k.** When all ``k`` computed eigenvalues are outliers, the Ritz values alone only
-say "at least k". The quadrature sees further: each outlier carries mass :math:`(q^\top u_i)^2`,
+say "at least k". The quadrature sees further: each outlier carries mass :math:`(q^\\top u_i)^2`,
 :math:`1/D` on average over probes, so :math:`D` times the quadrature mass above the bulk edge
 estimates the count (rounded, never below ``k``; its standard error is the spread of that number
 across the probes over :math:`\\sqrt P`). The edge then comes from the quadrature nodes alone:
@@ -26,9 +26,12 @@ the Gauss nodes of a continuous bulk are spaced most widely in its middle and ev
 towards its ends, so walking up the pooled nodes from the median of the measure, the bulk ends
 before the first gap wider than twice every gap seen since its lower quartile (and than
 ``gap_factor`` times the width so far). The same edge caps the bulk width when outliers are so
-many that the upper quantile of step 1 falls among them.
-``n_outliers_saturated`` says that the count came from the density (the top k did not reach the
-bulk); compute more eigenvalues to resolve them individually.
+many that the upper quantile of step 1 falls among them. ``n_outliers_saturated`` says that the
+top k did not reach the bulk; compute more eigenvalues to resolve the outliers individually.
+An outlier is an isolated eigenvalue with a quadrature node of its own in every probe: when the
+mass above the edge exceeds the number n of nodes there by more than one plus three standard
+deviations (:math:`\\sqrt{2n/P}`), what lies above is a continuous part of the spectrum, not
+outliers, and the count stays ``k`` (known to be at least that) with a NaN standard error.
 
 Inside a continuous bulk, neighbouring eigenvalues near the edge are a small fraction of the width
 apart (for a Marchenko-Pastur bulk, of order :math:`D^{-2/3}W`), so ``gap_factor = 0.05`` separates
@@ -58,7 +61,8 @@ class OutlierSplit:
         bulk_edge: estimated upper edge of the bulk.
         bulk_width: width ``W`` of the bulk used as the gap scale.
         n_outliers_stderr: standard error of the count: 0 when counted from the eigenvalues,
-            else the spread of the per-probe estimates over :math:`\\sqrt P` (NaN for one probe).
+            else the spread of the per-probe estimates over :math:`\\sqrt P` (NaN for one probe
+            or when the density shows no isolated outliers below the k-th eigenvalue).
         n_outliers_saturated: every given eigenvalue is an outlier, so the count comes from the
             density (``n_outliers >= len(eigenvalues)``).
         n_outliers_density: ``D`` times the quadrature mass above the bulk edge (unrounded), a
@@ -133,6 +137,14 @@ def split_outliers(
     per_probe = _count_above(nodes, weights, edge + tol, dim)
     est = float(per_probe.mean())
     se = float(per_probe.std(ddof=1) / np.sqrt(per_probe.size)) if per_probe.size > 1 else np.nan
+    # Each outlier is an isolated eigenvalue with a quadrature node of its own in every probe;
+    # more mass than nodes above the edge is a continuous part of the spectrum, not outliers
+    # (then only "at least k" is known).
+    # (An outlier's D (q.u)^2 varies like chi-squared with one degree of freedom: allow three
+    # standard deviations of the mean over the probes.)
+    nodes_above = np.median(np.sum((np.atleast_2d(nodes) > edge + tol) & (weights > 0), axis=1))
+    if est > nodes_above + 1 + 3 * np.sqrt(2 * nodes_above / per_probe.size):
+        return OutlierSplit(k, edge, float(width), float("nan"), True, est)
     # The k Ritz values above the edge are outliers for certain: the density can only add.
     count = max(k, round(est))
     return OutlierSplit(count, edge, float(width), se, True, est)
