@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from ..dashboard import (
 )
 from ..linalg import HessianSpectrum, hessian_spectrum, parameter_groups
 from ..linalg._spectrum_options import check_spectrum_options
+from ..linalg.sharpness import stability_from_param_group
 from ._base import LandscapeMonitor
 from ._schedule import HESSIAN_EIGENPAIRS
 
@@ -104,6 +106,9 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             asks the trainer's coordinator for them (a :class:`GradientCovarianceMonitor` in
             the same trainer does), and then published there with the step they are of.
         clock: time source for the budget (tests).
+        log_sharpness: log ``sharpness_ratio`` (λ_max over the optimizer's stability
+            threshold, 1 = edge of stability) and ``stability_threshold``, read from the first
+            optimizer's ``param_groups`` (SGD-like); warns once when above 1.
         **spectrum_kwargs: further options of :func:`~lightning_landscape.hessian_spectrum`
             (``tol``, ``max_iter``, ``num_slq_probes``, ``slq_steps``, ``num_trace_probes``,
             ``retain_graph``, ``batch_size_fn``, ``dtype``).
@@ -117,6 +122,8 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         ``landscape/hessian/n_outliers``, ``bulk_edge``, ``lambda_min``;
         ``landscape/hessian/ratio_max_over_bulk_edge`` (λ_max / bulk edge) and
         ``ratio_max_over_kth`` (λ_1 / λ_k);
+        ``landscape/hessian/sharpness_ratio`` (λ_max / stability threshold; 2/η for SGD,
+        2(1+β)/η with momentum β) and ``stability_threshold``, with ``log_sharpness``;
         ``landscape/hessian/seconds``, ``num_hvps``, ``skipped``;
         ``landscape/hessian/<group>/eigenvalue_01`` … with ``groups``;
         histogram ``landscape/hessian/spectrum_signed_log``: x = sign(λ)·log10(1+|λ|/τ) with τ
@@ -151,6 +158,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         log_figure: bool = True,
         keep_eigenvectors: bool = False,
         clock: Callable[[], float] | None = None,
+        log_sharpness: bool = True,
         **spectrum_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -187,6 +195,10 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         self.last_eigenvalues: np.ndarray | None = None
         self.axis: SpectrumAxis | None = None
         self._group_names: list[str] = []
+        if not isinstance(log_sharpness, bool):
+            raise ValueError(f"log_sharpness must be a bool; got {log_sharpness!r}")
+        self.log_sharpness = log_sharpness
+        self._warned_above_line = False
 
     def _state_key(self) -> str:
         return self._generate_state_key(
@@ -283,6 +295,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             values["ratio_max_over_kth"] = float(result.eigenvalues[0] / result.eigenvalues[-1])
         for g, sub in (result.groups or {}).items():
             values.update(_eigen_scalars(f"{g}/", sub))
+        values.update(self._stability_scalars(trainer, result) if self.log_sharpness else {})
         self._log_scalars(trainer, step, values)
 
         writer = tensorboard_writer(trainer)
@@ -319,11 +332,49 @@ class HessianSpectrumMonitor(LandscapeMonitor):
                 result.density,
                 eigenvalues=result.eigenvalues,
                 residuals=result.residuals,
-                n_outliers=result.n_outliers or 0,
+                n_outliers=min(result.n_outliers or 0, result.eigenvalues.size),
                 bulk_edge=result.bulk_edge,
                 title=f"Hessian spectrum at step {step}",
             )
             write_figure(writer, f"{self.tag_prefix}/density", fig, step)
+
+    def _stability_scalars(self, trainer: Trainer, result: HessianSpectrum) -> dict[str, float]:
+        """``sharpness_ratio`` (λ_max / threshold, 1 = edge of stability) and the threshold.
+
+        Reads the first optimizer's hyper-parameters at measurement time (never changes them):
+        SGD's ``lr``, ``momentum``, ``dampening``, ``nesterov``, ``weight_decay``; see
+        :mod:`lightning_landscape.linalg.sharpness`. Adam's line concerns the preconditioned
+        sharpness, which needs its own Lanczos run: not measured here (one notice). Warns once
+        when the ratio exceeds 1: the step is then unstable along the top eigenvector for the
+        quadratic model, which full-batch training typically reaches and hovers at (Cohen et
+        al. 2021), and which else signals a step size too large for the curvature.
+        """
+        optimizers = getattr(trainer, "optimizers", None) or []
+        if not optimizers or result.eigenvalues.size == 0:
+            return {}
+        groups = optimizers[0].param_groups
+        keys = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
+        if "betas" in groups[0] or any(
+            tuple(g.get(k) for k in keys) != tuple(groups[0].get(k) for k in keys) for g in groups
+        ):
+            warn_once(
+                "hessian-sharpness-unsupported",
+                "HessianSpectrumMonitor: sharpness_ratio is logged for SGD-like optimizers with "
+                "one set of hyper-parameters; for Adam use "
+                "lightning_landscape.linalg.sharpness.preconditioned_sharpness.",
+            )
+            return {}
+        st = stability_from_param_group(float(result.eigenvalues[0]), groups[0])
+        if st.ratio > 1 and not self._warned_above_line:
+            self._warned_above_line = True
+            warnings.warn(
+                f"HessianSpectrumMonitor: sharpness {st.sharpness:.4g} is {st.ratio:.3g}x the "
+                f"stability threshold {st.threshold:.4g} of {st.kind} (lr={groups[0]['lr']}): "
+                "training sits above the edge of stability (warned once).",
+                UserWarning,
+                stacklevel=2,
+            )
+        return {"sharpness_ratio": st.ratio, "stability_threshold": st.threshold}
 
     def _extra_state(self) -> dict[str, Any]:
         return {"axis": self.axis.to_dict() if self.axis is not None else None}

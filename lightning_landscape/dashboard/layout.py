@@ -95,7 +95,8 @@ def hessian_layout(prefix: str = "landscape/hessian", *, groups: Sequence[str] =
 
     Matches the tags ``<prefix>/eigenvalue_01``…, ``residual_01``…, ``trace``, ``trace_stderr``,
     ``n_outliers``, ``bulk_edge``, ``lambda_min``, ``ratio_max_over_bulk_edge``,
-    ``ratio_max_over_kth``, ``seconds``, ``num_hvps``, ``skipped`` and, per parameter group,
+    ``ratio_max_over_kth``, ``stability_threshold``, ``seconds``, ``num_hvps``, ``skipped``
+    and, per parameter group,
     ``<prefix>/<group>/eigenvalue_01``…. Scalars of different units get different charts.
 
     Args:
@@ -124,6 +125,10 @@ def hessian_layout(prefix: str = "landscape/hessian", *, groups: Sequence[str] =
             rf"{p}/lambda_min$",
         ],
         "number of outliers": [rf"{p}/n_outliers$"],
+        "sharpness vs stability line (λ_max, threshold; sharpness_ratio 1 = edge)": [
+            rf"{p}/eigenvalue_01$",
+            rf"{p}/stability_threshold$",
+        ],
         "outlier ratios (λ_max / bulk edge, λ_max / λ_k)": [
             rf"{p}/ratio_max_over_bulk_edge$",
             rf"{p}/ratio_max_over_kth$",

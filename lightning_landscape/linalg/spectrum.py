@@ -58,6 +58,9 @@ class HessianSpectrum:
         ritz_weights: ``(P, m)`` quadrature weights per probe (rows sum to 1).
         n_outliers: number of outliers among the top eigenvalues (``which="LA"`` with the density).
         bulk_edge: estimated upper edge of the bulk.
+        n_outliers_stderr: standard error of ``n_outliers`` (0 when counted among the top_k).
+        n_outliers_saturated: all top_k eigenvalues are outliers; ``n_outliers`` then comes
+            from the density (see :func:`~lightning_landscape.linalg.split_outliers`).
         lambda_min: smallest quadrature node, an estimate of the smallest eigenvalue.
         num_hvps: Hessian-vector products spent (vectors, however they were batched).
         num_params: dimension ``D``.
@@ -93,6 +96,8 @@ class HessianSpectrum:
     subspace_overlap: float | None = None
     principal_angles: np.ndarray | None = None
     density_error: float | None = None
+    n_outliers_stderr: float | None = None
+    n_outliers_saturated: bool | None = None
 
 
 def parameter_groups(
@@ -352,7 +357,7 @@ def _spectrum(
 _OPTIONAL_FIELDS = (
     "trace", "trace_stderr", "density_grid", "density", "ritz_nodes", "ritz_weights",
     "n_outliers", "bulk_edge", "lambda_min", "subspace_overlap", "principal_angles",
-    "density_error",
+    "density_error", "n_outliers_stderr", "n_outliers_saturated",
 )  # fmt: skip
 
 
@@ -381,6 +386,8 @@ def _density(
     if which == "LA":
         split = split_outliers(run.theta, nodes, weights, dim=op.dim)
         fields["n_outliers"], fields["bulk_edge"] = split.n_outliers, split.bulk_edge
+        fields["n_outliers_stderr"] = split.n_outliers_stderr
+        fields["n_outliers_saturated"] = split.n_outliers_saturated
     return run, fields
 
 

@@ -1,0 +1,122 @@
+"""Sharpness against the stability threshold: analytic thresholds, the preconditioned sharpness
+against dense float64, and gradient descent on a quadratic just above and below the line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_landscape.linalg import MatrixOperator
+from lightning_landscape.linalg.sharpness import (
+    adam_preconditioner,
+    adam_stability,
+    adam_threshold,
+    preconditioned_sharpness,
+    sgd_threshold,
+    stability_from_param_group,
+)
+
+
+def test_sgd_and_momentum_thresholds_analytically() -> None:
+    assert sgd_threshold(0.1) == pytest.approx(20.0)
+    assert sgd_threshold(0.1, momentum=0.9) == pytest.approx(2 * 1.9 / 0.1)
+    assert sgd_threshold(0.1, momentum=0.9, dampening=0.5) == pytest.approx(2 * 1.9 / 0.05)
+    assert sgd_threshold(0.1, momentum=0.9, nesterov=True) == pytest.approx(2 * 1.9 / 0.1 / 2.8)
+    assert adam_threshold(0.9) == pytest.approx(38.0)
+    s = stability_from_param_group(5.0, {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0})
+    assert (s.ratio, s.threshold, s.kind) == (pytest.approx(0.25), pytest.approx(20.0), "sgd")
+    s = stability_from_param_group(5.0, {"lr": 0.1, "momentum": 0.5, "weight_decay": 1.0})
+    assert s.kind == "momentum" and s.sharpness == 6.0
+    assert s.ratio == pytest.approx(6.0 * 0.1 / (2 * 1.5))
+    assert adam_stability(19.0, 0.9).ratio == pytest.approx(0.5)
+
+
+def _heavy_ball_diverges(lam: float, lr: float, beta: float, steps: int = 400) -> bool:
+    """Heavy-ball on 1/2 λ x², exactly PyTorch's SGD update."""
+    x = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([x], lr=lr, momentum=beta)
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * lam * x * x).sum().backward()
+        opt.step()
+    return bool(x.abs().item() > 1.0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+def test_the_threshold_is_where_pytorch_sgd_starts_to_diverge(beta) -> None:
+    thr = sgd_threshold(0.1, momentum=beta)
+    assert _heavy_ball_diverges(1.02 * thr, 0.1, beta)
+    assert not _heavy_ball_diverges(0.98 * thr, 0.1, beta)
+
+
+def test_gradient_descent_slightly_above_two_over_eta_diverges_and_reads_above_one() -> None:
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))
+    lam = torch.linspace(0.1, 4.0, 20, dtype=torch.float64)
+    A = Q @ torch.diag(lam) @ Q.T
+    lr = 1.03 * 2 / 4.0
+    theta = torch.nn.Parameter(torch.randn(20, generator=gen, dtype=torch.float64))
+    opt = torch.optim.SGD([theta], lr=lr)
+    losses = []
+    for _ in range(300):
+        opt.zero_grad()
+        loss = 0.5 * theta @ (A @ theta)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] > 1e3 * losses[0]
+    s = stability_from_param_group(float(lam.max()), opt.param_groups[0])
+    assert s.ratio == pytest.approx(1.03) and s.ratio > 1
+
+
+def test_preconditioned_sharpness_against_dense_float64() -> None:
+    gen = torch.Generator().manual_seed(1)
+    B = torch.randn(60, 60, generator=gen, dtype=torch.float64)
+    H = B @ B.T / 60
+    p = torch.rand(60, generator=gen, dtype=torch.float64) * 10 + 0.1
+    exact = np.max(np.linalg.eigvals((torch.diag(1 / p) @ H).numpy()).real)
+    op = MatrixOperator(H)
+    value, used = preconditioned_sharpness(op, p, tol=1e-10)
+    assert value == pytest.approx(exact, rel=1e-8)
+    assert 0 < used == op.num_hvps
+    # Without the preconditioner the answer differs: the test has teeth.
+    assert abs(float(torch.linalg.eigvalsh(H).max()) - exact) > 0.1 * exact
+
+
+def test_adam_preconditioner_from_the_optimizer_state_read_only() -> None:
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    b = torch.nn.Parameter(torch.tensor([0.5]))
+    opt = torch.optim.Adam([w, b], lr=0.01, betas=(0.9, 0.99), eps=1e-8)
+    assert adam_preconditioner(opt, [w, b]) is None  # no state before the first step
+    for _ in range(3):
+        opt.zero_grad()
+        ((w**2).sum() + 3 * b.sum() ** 2).backward()
+        opt.step()
+    before = {k: v.clone() for k, v in opt.state[w].items() if torch.is_tensor(v)}
+    P = adam_preconditioner(opt, [w, b])
+    # Bias-corrected v̂ from the recursion v = β2 v + (1-β2) g², recomputed here.
+    for p in (w, b):
+        st = opt.state[p]
+        assert float(st["step"]) == 3.0
+    v_hat = torch.cat([opt.state[w]["exp_avg_sq"], opt.state[b]["exp_avg_sq"]]).double()
+    v_hat = v_hat / (1 - 0.99**3)
+    torch.testing.assert_close(P, (v_hat.sqrt() + 1e-8) / 0.01)
+    for k, v in before.items():
+        assert torch.equal(opt.state[w][k], v)
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        sgd_threshold(0.0)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\)"):
+        sgd_threshold(0.1, momentum=1.0)
+    with pytest.raises(ValueError, match=r"dampening must be a number in \[0, 1\)"):
+        sgd_threshold(0.1, momentum=0.5, dampening=1.0)
+    with pytest.raises(ValueError, match=r"beta1 must be a number in \[0, 1\)"):
+        adam_threshold(-0.1)
+    op = MatrixOperator(torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"p_diag must have shape \(4,\)"):
+        preconditioned_sharpness(op, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="p_diag must be positive and finite"):
+        preconditioned_sharpness(op, torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64))
