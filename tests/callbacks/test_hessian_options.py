@@ -32,8 +32,8 @@ def test_an_option_the_monitor_sets_itself_is_refused():
     [
         ({"tol": -1}, "tol must be a positive finite number; got -1"),
         ({"top_k": 3, "max_iter": 2}, "max_iter must be an integer >= top_k=3; got 2"),
-        ({"num_trace_probes": 1}, "num_trace_probes must be an integer >= 2; got 1"),
-        ({"slq_steps": 0}, "slq_steps must be a positive integer; got 0"),
+        ({"num_trace_probes": 1}, r"num_trace_probes must be None \(adaptive\) or an integer >= 2"),
+        ({"slq_steps": 0}, r"slq_steps must be None \(adaptive\) or a positive integer; got 0"),
         ({"retain_graph": "no"}, "retain_graph must be True, False or 'auto'; got 'no'"),
         ({"dtype": torch.int32}, "dtype must be a floating torch.dtype or None"),
         ({"batch_size_fn": 4}, "batch_size_fn must be callable or None; got 4"),

@@ -16,9 +16,17 @@ BAD = [
     ({"tol": -1}, "tol must be a positive finite number; got -1"),
     ({"tol": float("nan")}, "tol must be a positive finite number; got nan"),
     ({"top_k": 4, "max_iter": 3}, "max_iter must be an integer >= top_k=4; got 3"),
-    ({"num_slq_probes": 0}, "num_slq_probes must be a positive integer; got 0"),
-    ({"slq_steps": 2.5}, "slq_steps must be a positive integer; got 2.5"),
-    ({"num_trace_probes": 1}, "num_trace_probes must be an integer >= 2; got 1"),
+    (
+        {"num_slq_probes": 0},
+        r"num_slq_probes must be None \(adaptive\) or a positive integer; got 0",
+    ),
+    ({"slq_steps": 2.5}, r"slq_steps must be None \(adaptive\) or a positive integer; got 2.5"),
+    (
+        {"num_trace_probes": 1},
+        r"num_trace_probes must be None \(adaptive\) or an integer >= 2; got 1",
+    ),
+    ({"max_basis_bytes": 0}, "max_basis_bytes must be a positive integer or None; got 0"),
+    ({"warm_start": [1.0]}, "warm_start must be None, a HessianSpectrum or a .k, D. tensor"),
     ({"retain_graph": "yes"}, "retain_graph must be True, False or 'auto'; got 'yes'"),
     ({"dtype": torch.int64}, "dtype must be a floating torch.dtype or None; got torch.int64"),
 ]
@@ -28,7 +36,7 @@ BAD = [
 def test_bad_option_is_refused_with_the_message_of_the_core(options, match):
     with pytest.raises(ValueError, match=match):
         check_spectrum_options(**options)
-    # The same message as hessian_spectrum itself gives (until it calls this checker).
+    # hessian_spectrum gives the same message: it calls this checker.
     model = nn.Linear(3, 1).double()
     batch = (torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64))
 
@@ -78,6 +86,8 @@ def test_good_options_pass():
         dtype=torch.float64,
     )
     check_spectrum_options(top_k=3, max_iter=3)
+    check_spectrum_options(num_slq_probes=None, slq_steps=None, num_trace_probes=None)
+    check_spectrum_options(warm_start=torch.zeros(2, 3), max_basis_bytes=None)
     check_spectrum_options(groups="layer")
     check_spectrum_options()
 
