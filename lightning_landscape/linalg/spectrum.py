@@ -141,6 +141,7 @@ def hessian_spectrum(
     reduce_fn: ReduceFn | None = None,
     batch_size_fn: Callable[[Any], int] | None = None,
     dtype: torch.dtype | None = None,
+    hvp: Literal["exact", "finite_difference", "auto"] = "auto",
 ) -> HessianSpectrum:
     """Top eigenvalues, density, trace and outlier/bulk split of the loss Hessian.
 
@@ -174,6 +175,7 @@ def hessian_spectrum(
         batch_size_fn: samples per batch for the weighting; default length of the first tensor.
         dtype: compute in this dtype (a temporary copy of the model); half precision is always
             upcast to float32.
+        hvp: ``"exact"``, ``"finite_difference"`` or ``"auto"``: see ``HessianOperator``.
 
     Returns:
         :class:`HessianSpectrum`.
@@ -211,6 +213,7 @@ def hessian_spectrum(
         reduce_fn=reduce_fn,
         batch_size_fn=batch_size_fn,
         dtype=dtype,
+        hvp=hvp,
     )
     _validate(top_k, which, tol, op.dim, max_iter, name="top_k")
     loss = op.loss()
