@@ -23,7 +23,7 @@ hessian-eigenthings' ``lanczos(k=K, which="LA")`` at its defaults (``max_iter=2k
 counted (their product method wrapped), never copied. Where a peer fails the table says how.
 
 Runs expected to need more than 8 GB are skipped, and recorded as not run, when the machine has
-less than 14 GB available (``--min-free-gb``): the machine may be shared.
+less than 14 GB available (``--min-free-gb``) or less than they need: the machine may be shared.
 
     python benchmarks/scale.py --device cpu --threads 1 --models resnet transformer lstm
     python benchmarks/scale.py --device cuda --models mlp20m mlp100m
@@ -148,7 +148,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     device = spec["device"]
-    problem = build(spec["model"], quick=spec["quick"], seed=0)
+    sizes = {k: spec[k] for k in ("num_batches", "batch_size") if spec.get(k)}
+    problem = build(spec["model"], quick=spec["quick"], seed=0, **sizes)
     problem.model.to(device)
     problem.batches = [tuple(t.to(device) for t in b) for b in problem.batches]
     out: dict[str, Any] = {"num_params": problem.num_params, "samples": problem.num_samples}
@@ -244,9 +245,9 @@ def fmt(x: Any, spec: str = ".3g") -> str:
 def table(rows: list[dict[str, Any]], device: str) -> str:
     mem = "peak GPU (MiB)" if device == "cuda" else "peak RSS (MiB)"
     head = (
-        f"| model | D | method | HVPs | seconds | grad-eq | grad (s) | {mem} | baseline (MiB) "
-        "| bases model: default m / used (MiB) | top eigenvalue | status |\n"
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        f"| model | D | samples | method | HVPs | seconds | grad-eq | grad-eq / HVP | grad (s) "
+        f"| {mem} | baseline (MiB) | bases model: default m / used (MiB) | λ₁ | λ_k | status |\n"
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     )
     out = [head]
     for r in rows:
@@ -257,13 +258,15 @@ def table(rows: list[dict[str, Any]], device: str) -> str:
         model_mb = (
             f"{r['memory_model_default_mb']:.0f} / {r['memory_model_used_mb']:.0f}" if ok else "—"
         )
-        top = r["eigenvalues"][0] if ok and r.get("eigenvalues") else None
+        eig = r.get("eigenvalues") if ok else None
+        per_hvp = grad_eq / r["num_hvps"] if ok and r.get("num_hvps") else None
         out.append(
-            f"| {r['model']} | {fmt(r.get('num_params'), ',')} | {r['method']} "
-            f"| {fmt(r.get('num_hvps'), 'd')} | {fmt(r.get('seconds'), '.2f')} "
-            f"| {fmt(grad_eq, '.0f')} | {fmt(r.get('gradient_seconds'), '.3f')} "
-            f"| {fmt(peak, '.0f')} | {fmt(base, '.0f')} | {model_mb} | {fmt(top, '.5g')} "
-            f"| {r['status']} |"
+            f"| {r['model']} | {fmt(r.get('num_params'), ',')} | {fmt(r.get('samples'), 'd')} "
+            f"| {r['method']} | {fmt(r.get('num_hvps'), 'd')} | {fmt(r.get('seconds'), '.1f')} "
+            f"| {fmt(grad_eq, '.0f')} | {fmt(per_hvp, '.2f')} "
+            f"| {fmt(r.get('gradient_seconds'), '.3f')} | {fmt(peak, '.0f')} | {fmt(base, '.0f')} "
+            f"| {model_mb} | {fmt(eig[0] if eig else None, '.4g')} "
+            f"| {fmt(eig[-1] if eig else None, '.4g')} | {r['status']} |"
         )
     return "\n".join(out)
 
@@ -277,10 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     ap.add_argument("--quick", action="store_true", help="small probe sets (and MLPs 1/10)")
+    ap.add_argument("--num-batches", type=int, default=None, help="probe batches (override)")
+    ap.add_argument("--batch-size", type=int, default=None, help="samples a batch (override)")
     ap.add_argument("--min-free-gb", type=float, default=14.0)
     ap.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    ap.add_argument(
+        "--table", nargs="+", type=Path, help="only print the table of these --out files"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.table:
+        rows = [json.loads(ln) for f in args.table for ln in f.read_text().splitlines() if ln]
+        print(table(rows, rows[0]["device"] if rows else args.device))
+        return 0
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
@@ -294,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                 "top_k": args.top_k,
                 "threads": args.threads,
                 "quick": args.quick,
+                "num_batches": args.num_batches,
+                "batch_size": args.batch_size,
             }
             need, free = expected_gb(model, args.quick), available_gb()
-            if args.device == "cpu" and need > 8 and free < args.min_free_gb:
+            if args.device == "cpu" and need > 8 and (free < args.min_free_gb or need > free):
                 res = {"status": f"not run: needs ~{need:.0f} GB, {free:.1f} GB available"}
             else:
                 res = run_one(spec, args.timeout)
