@@ -84,6 +84,7 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "groups": _groups,
     "return_eigenvectors": check_bool,
     "retain_graph": lambda name, v: check_choice(name, v, (True, False, "auto")),
+    "hvp": lambda name, v: check_choice(name, v, ("exact", "finite_difference", "auto")),
     "reduce_fn": _optional_callable,
     "batch_size_fn": _optional_callable,
     "dtype": _dtype,

@@ -191,6 +191,7 @@ def hessian_spectrum(
     reduce_fn: ReduceFn | None = None,
     batch_size_fn: Callable[[Any], int] | None = None,
     dtype: torch.dtype | None = None,
+    hvp: Literal["exact", "finite_difference", "auto"] = "auto",
 ) -> HessianSpectrum:
     """Top eigenvalues, density, trace and outlier/bulk split of the loss Hessian.
 
@@ -238,6 +239,7 @@ def hessian_spectrum(
         batch_size_fn: samples per batch for the weighting; default length of the first tensor.
         dtype: compute in this dtype (a temporary copy of the model); half precision is always
             upcast to float32.
+        hvp: ``"exact"``, ``"finite_difference"`` or ``"auto"``: see ``HessianOperator``.
 
     Returns:
         :class:`HessianSpectrum`.
@@ -266,12 +268,12 @@ def hessian_spectrum(
         num_trace_probes=num_trace_probes, groups=groups,
         return_eigenvectors=return_eigenvectors, warm_start=warm_start,
         max_basis_bytes=max_basis_bytes, retain_graph=retain_graph, batch_size_fn=batch_size_fn,
-        dtype=dtype,
+        dtype=dtype, hvp=hvp,
     )  # fmt: skip
     group_names = parameter_groups(model, groups) if groups is not None else None
     op = HessianOperator(
         model, loss_fn, batches, params=params, retain_graph=retain_graph, reduce_fn=reduce_fn,
-        batch_size_fn=batch_size_fn, dtype=dtype,
+        batch_size_fn=batch_size_fn, dtype=dtype, hvp=hvp,
     )  # fmt: skip
     _validate(top_k, which, tol, op.dim, max_iter, name="top_k")
     start_vectors = _warm_vectors(warm_start, op.dim)
