@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from .._checks import check_positive_int as _check_positive_int
 from ..dashboard import tensorboard_writer, warn_once, write_custom_scalars_layout
 from ..dashboard.layout import merge_layouts
 from ..linalg.operators import HVPFailedError
@@ -38,15 +40,6 @@ NUMERICAL_FAILURES: tuple[type[BaseException], ...] = (
     torch.OutOfMemoryError,
     np.linalg.LinAlgError,
 )
-
-
-def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"{name} must be a positive integer{' or None' if allow_none else ''}; got {value!r}"
-        )
 
 
 #: Hooks Lightning calls for every callback at every batch, each through its profiler's context
@@ -311,16 +304,34 @@ class ScheduledMonitor(Callback):
 
     # -- failure and logging -----------------------------------------------------------------
     def _skip(self, trainer: Trainer, step: int, err: BaseException, what: str) -> None:
-        """Count a numerically failed ``what`` (e.g. "measurement") and warn once per kind."""
+        """Count a failed ``what`` (e.g. "measurement") and warn once per kind of failure.
+
+        A numerical failure (NaN, no convergence, out of memory) is named; anything else is
+        unexpected and the warning carries the traceback's last frames, for a bug report.
+        """
         self.skipped += 1
-        if trainer.is_global_zero:
-            warn_once(
-                f"{self.name}-skip-{type(err).__name__}",
-                f"{type(self).__name__}: skipped the {what} at step {step} "
-                f"({type(err).__name__}: {err}); training goes on. Further skips of this "
-                f"kind are counted in {self.tag_prefix}/skipped.",
-                category=RuntimeWarning,
+        if not trainer.is_global_zero:
+            return
+        where = ""
+        if not isinstance(err, NUMERICAL_FAILURES):
+            frames = traceback.extract_tb(err.__traceback__)[-3:]
+            where = " at " + " <- ".join(
+                f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames)
             )
+        warn_once(
+            f"{self.name}-skip-{type(err).__name__}",
+            f"{type(self).__name__}: skipped the {what} at step {step} "
+            f"({type(err).__name__}: {err}{where}); training goes on. Further skips of this "
+            f"kind are counted in {self.tag_prefix}/skipped.",
+            category=RuntimeWarning,
+        )
+
+    def _log_guarded(self, trainer: Trainer, step: int, result: Any, seconds: float) -> None:
+        """:meth:`_log` on rank 0; a failure there (a figure, a logger) skips, never ends fit."""
+        try:
+            self._log(trainer, step, result, seconds)
+        except Exception as err:
+            self._skip(trainer, step, err, "logging")
 
     def _log_cost(self, trainer: Trainer, step: int, seconds: float) -> None:
         """Log ``seconds`` and the running count of skipped measurements."""
@@ -500,8 +511,13 @@ class LandscapeMonitor(ScheduledMonitor):
                 )
             with ctx.isolated(pl_module, train_mode=self.train_mode):
                 result = self._compute(pl_module, batches, loss_fn, ctx.make_reduce(trainer))
-        except NUMERICAL_FAILURES as err:
+        except Exception as err:  # a monitor never ends fit: numerical or not, skip
             self._skip(trainer, step, err, "measurement")
+        # Skip on every rank alike: one rank's failure outside a collective (its own shard's
+        # post-processing, say) must not leave the others logging a result it lacks.
+        if ctx.any_rank(trainer, result is None, pl_module.device) and result is not None:
+            result = None
+            self.skipped += 1
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         seconds = clock() - t0
@@ -510,7 +526,7 @@ class LandscapeMonitor(ScheduledMonitor):
             self.num_measurements += 1
         if trainer.is_global_zero:
             if result is not None:
-                self._log(trainer, step, result, seconds)
+                self._log_guarded(trainer, step, result, seconds)
             self._log_cost(trainer, step, seconds)
         # Writing figures and histograms is overhead too: the budget is charged with it.
         total = clock() - t0
