@@ -5,24 +5,16 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from typing_extensions import Unpack
 
 from .._checks import check_bool, forward_options
-from ..dashboard import (
-    SpectrumAxis,
-    hessian_layout,
-    spectrum_axis_markdown,
-    spectrum_figure,
-    tensorboard_writer,
-    warn_once,
-    write_figure,
-    write_spectrum_histogram,
-    write_text,
-)
+from ..dashboard import SpectrumAxis, hessian_layout, warn_once
+from ..dashboard.hessian import log_hessian_spectrum
 from ..linalg import HessianSpectrum, hessian_spectrum, parameter_groups
 from ..linalg._spectrum_options import check_spectrum_options
 from ..linalg.sharpness import stability_from_param_group
@@ -63,10 +55,27 @@ _SET_HERE = (
     "return_eigenvectors",
     "params",
     "reduce_fn",
+    "warm_start",
 )
 
-#: Display broadening of the spectrum histogram, in signed-log decades.
-HISTOGRAM_SIGMA = 0.02
+
+class HessianOptions(TypedDict, total=False):
+    """The options of :func:`~lightning_landscape.hessian_spectrum` a monitor forwards.
+
+    Typed for LightningCLI / jsonargparse, which read ``**spectrum_kwargs`` through it; a test
+    keeps it equal to the core's keyword options less those the monitor sets itself.
+    """
+
+    tol: float
+    max_iter: int | None
+    num_slq_probes: int | None
+    slq_steps: int | None
+    num_trace_probes: int | None
+    max_basis_bytes: int | None
+    retain_graph: bool | Literal["auto"]
+    batch_size_fn: Callable[[Any], int] | None
+    dtype: torch.dtype | None
+    hvp: Literal["exact", "finite_difference", "auto"]
 
 
 class HessianSpectrumMonitor(LandscapeMonitor):
@@ -159,7 +168,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         keep_eigenvectors: bool = False,
         clock: Callable[[], float] | None = None,
         log_sharpness: bool = True,
-        **spectrum_kwargs: Any,
+        **spectrum_kwargs: Unpack[HessianOptions],
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -211,25 +220,24 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             self._group_names = list(parameter_groups(pl_module, self.groups))
 
     def _gradient_equivalents(self) -> float:
-        # A Hessian-vector product costs 1.2 to 2 probe gradients (graph reuse, batching of the
-        # vectors: cheaper for small, overhead-bound models; about 2 per vector in blocks of 4
-        # for the compute-bound 85k MLP of benchmarks/overhead.py). The guess takes the
-        # conservative end: it only places the first measurement, later ones use measured
-        # costs. The eigenvalue run takes about max(slq_steps, 6 top_k) steps, the other
-        # quadrature probes ride along, then one batched call of trace probes (top_k counted
-        # too, as a margin); plus the graph build.
+        # A Hessian-vector product costs 1.2 to 2 probe gradients (graph reuse, batched
+        # vectors); the guess takes the conservative end: it only places the first
+        # measurement, later ones use measured costs. Products: the Lanczos steps of
+        # :meth:`_run_shape`, then the trace probes (top_k counted too, as a margin), per
+        # spectrum (whole model and groups); plus the graph build.
         steps, processes, groups = self._run_shape()
-        kw = self.spectrum_kwargs
-        extra = self.top_k + (kw.get("num_trace_probes", 16) if self.trace else 0)
-        hvps = steps * processes + extra
+        probes = self.spectrum_kwargs.get("num_trace_probes") or 8
+        hvps = steps * processes + self.top_k + (probes if self.trace else 0)
         return 2.0 * hvps * groups + 2.0
 
     def _run_shape(self) -> tuple[int, int, int]:
-        """Lanczos steps per process, processes in lockstep (eigenvalue run and quadrature
-        probes) and spectra (whole model and groups) of one measurement, a priori."""
+        """Lanczos steps per process, processes in lockstep and spectra (whole model and
+        groups) of one measurement, a priori: about 6 top_k steps for the top-k (the adaptive
+        density rides on that run: benchmarks/hvp_counts.py measures 1.1-1.8x its products),
+        or the fixed quadrature options when they are given."""
         kw = self.spectrum_kwargs
-        steps = max(kw.get("slq_steps", 80) if self.density else 0, 6 * self.top_k)
-        processes = kw.get("num_slq_probes", 4) if self.density else 1
+        steps = max((kw.get("slq_steps") or 0) if self.density else 0, 6 * self.top_k)
+        processes = (kw.get("num_slq_probes") or 1) if self.density else 1
         return steps, processes, 1 + len(self._group_names)
 
     def _cost_guess(self, trainer: Trainer, pl_module: LightningModule) -> float:
@@ -279,64 +287,11 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         return result
 
     def _log(self, trainer: Trainer, step: int, result: HessianSpectrum, seconds: float) -> None:
-        values: dict[str, float] = {"num_hvps": float(result.num_hvps)}
-        values.update(_eigen_scalars("", result))
-        if result.trace is not None:
-            values["trace"] = result.trace
-            values["trace_stderr"] = float(result.trace_stderr or 0.0)
-        if result.lambda_min is not None:
-            values["lambda_min"] = result.lambda_min
-        if result.n_outliers is not None and result.bulk_edge is not None:
-            values["n_outliers"] = float(result.n_outliers)
-            values["bulk_edge"] = result.bulk_edge
-            if result.bulk_edge > 0:
-                values["ratio_max_over_bulk_edge"] = float(result.eigenvalues[0]) / result.bulk_edge
-        if result.eigenvalues[-1] != 0:
-            values["ratio_max_over_kth"] = float(result.eigenvalues[0] / result.eigenvalues[-1])
-        for g, sub in (result.groups or {}).items():
-            values.update(_eigen_scalars(f"{g}/", sub))
-        values.update(self._stability_scalars(trainer, result) if self.log_sharpness else {})
-        self._log_scalars(trainer, step, values)
-
-        writer = tensorboard_writer(trainer)
-        if writer is None:
-            if self.log_histogram or self.log_figure:
-                warn_once(
-                    "hessian-no-tensorboard",
-                    "HessianSpectrumMonitor: no TensorBoardLogger among trainer.loggers; scalars "
-                    "are logged, the spectrum histogram and figure are not.",
-                )
-            return
-        if result.ritz_nodes is None or result.ritz_weights is None:
-            return
-        if self.axis is None:
-            lam = max(abs(float(result.eigenvalues[0])), abs(result.lambda_min or 0.0))
-            self.axis = SpectrumAxis.for_spectrum(lam)
-            write_text(
-                writer, f"{self.tag_prefix}/spectrum_axis", spectrum_axis_markdown(self.axis)
-            )
-        if self.log_histogram:
-            write_spectrum_histogram(
-                writer,
-                f"{self.tag_prefix}/spectrum_signed_log",
-                result.ritz_nodes,
-                result.ritz_weights,
-                dim=result.num_params,
-                axis=self.axis,
-                step=step,
-                sigma=HISTOGRAM_SIGMA,
-            )
-        if self.log_figure and result.density is not None and result.density_grid is not None:
-            fig = spectrum_figure(
-                result.density_grid,
-                result.density,
-                eigenvalues=result.eigenvalues,
-                residuals=result.residuals,
-                n_outliers=min(result.n_outliers or 0, result.eigenvalues.size),
-                bulk_edge=result.bulk_edge,
-                title=f"Hessian spectrum at step {step}",
-            )
-            write_figure(writer, f"{self.tag_prefix}/density", fig, step)
+        extra = self._stability_scalars(trainer, result) if self.log_sharpness else {}
+        self.axis = log_hessian_spectrum(
+            trainer, step, result, prefix=self.tag_prefix, axis=self.axis,
+            log_histogram=self.log_histogram, log_figure=self.log_figure, extra=extra,
+        )  # fmt: skip
 
     def _stability_scalars(self, trainer: Trainer, result: HessianSpectrum) -> dict[str, float]:
         """``sharpness_ratio`` (λ_max / threshold, 1 = edge of stability) and the threshold.
@@ -382,13 +337,3 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         axis = state.get("axis")
         self.axis = SpectrumAxis.from_dict(axis) if axis else None
-
-
-def _eigen_scalars(prefix: str, result: HessianSpectrum) -> dict[str, float]:
-    out = {}
-    for i, (lam, res) in enumerate(zip(result.eigenvalues, result.residuals, strict=True), 1):
-        out[f"{prefix}eigenvalue_{i:02d}"] = float(lam)
-        out[f"{prefix}residual_{i:02d}"] = float(res)
-    if not np.all(np.isfinite(result.eigenvalues)):
-        raise FloatingPointError("non-finite eigenvalue")
-    return out
