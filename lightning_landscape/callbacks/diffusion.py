@@ -65,8 +65,10 @@ class DiffusionMapMonitor(ScheduledMonitor):
         n_components: diffusion coordinates / eigenvalues to compute.
         n_neighbors: neighbours per sample in the kNN graph.
         alpha: density normalisation of the diffusion map (1: Laplace–Beltrami).
-        epsilon: kernel bandwidth: ``"local"`` (default; self-tuning, because SGD steps shrink
-            by orders of magnitude along training), ``"auto"``, ``"median"`` or a number.
+        epsilon: kernel bandwidth, as :func:`~lightning_landscape.diffusion_map`: ``"auto"``
+            (default: one global bandwidth where it serves every sample, else a variable one,
+            since SGD steps shrink by orders of magnitude along training), ``"variable"``,
+            ``"local"``, ``"median"`` or a number.
         t: diffusion time of the coordinates.
         burn_in_steps: leave out the samples taken before this step.
         window_steps: only embed the samples of the last ``window_steps`` steps.
@@ -108,7 +110,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
         n_components: int = 6,
         n_neighbors: int = 16,
         alpha: float = 1.0,
-        epsilon: float | Literal["auto", "median", "local"] = "local",
+        epsilon: float | Literal["auto", "variable", "median", "local"] = "auto",
         t: float = 1.0,
         burn_in_steps: int = 0,
         window_steps: int | None = None,

@@ -53,7 +53,7 @@ class TrajectoryEmbedder:
         n_components: diffusion coordinates / eigenvalues to compute.
         n_neighbors: neighbours per sample in the kNN graph (at most the number of samples).
         alpha: density normalisation of the diffusion map (1: Laplace–Beltrami).
-        epsilon: kernel bandwidth: ``"local"`` (self-tuning), ``"auto"``, ``"median"`` or a
+        epsilon: kernel bandwidth: ``"auto"``, ``"variable"``, ``"local"``, ``"median"`` or a
             positive number (see ``diffusion_map``).
         t: diffusion time of the coordinates.
         burn_in_steps: leave out the samples taken before this step.
@@ -76,7 +76,7 @@ class TrajectoryEmbedder:
         n_components: int = 6,
         n_neighbors: int = 16,
         alpha: float = 1.0,
-        epsilon: float | str = "local",
+        epsilon: float | str = "auto",
         t: float = 1.0,
         burn_in_steps: int = 0,
         window_steps: int | None = None,
@@ -210,9 +210,12 @@ def _check_map(
     _check_int("n_neighbors", n_neighbors, 2)
     if not (_is_number(alpha) and 0 <= alpha <= 1):
         raise ValueError(f"alpha must be a number in [0, 1]; got {alpha!r}")
-    if epsilon not in ("auto", "median", "local") and not (_is_number(epsilon) and epsilon > 0):
+    if epsilon not in ("auto", "variable", "median", "local") and not (
+        _is_number(epsilon) and epsilon > 0
+    ):
         raise ValueError(
-            f"epsilon must be 'auto', 'median', 'local' or a positive number; got {epsilon!r}"
+            "epsilon must be 'auto', 'median', 'local' or a positive number, or 'variable'; "
+            f"got {epsilon!r}"
         )
     if not (_is_number(t) and t >= 0):
         raise ValueError(f"t must be a number >= 0; got {t!r}")
