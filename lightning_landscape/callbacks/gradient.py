@@ -9,8 +9,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
+from .._checks import (
+    check_callable,
+    check_choice,
+    check_fraction,
+    check_positive_int,
+    forward_options,
+)
 from ..dashboard import SpectrumAxis, warn_once
 from ..dashboard.gradient import gradient_layout, log_gradient_covariance
 from ..linalg import (
@@ -22,6 +29,7 @@ from ..linalg import (
     gradient_covariance,
     hessian_alignment,
 )
+from ..linalg.covariance import CovarianceOptions
 from ..linalg.operators import default_batch_size
 from ..linalg.per_sample import OutputsFn
 from ._base import LandscapeMonitor
@@ -35,6 +43,13 @@ class _Measurement:
     covariance: GradientCovariance
     alignment: HessianAlignment | None  # with the Hessian monitor's eigenvectors, same step
     class_structure: ClassStructure | None
+
+
+#: Options of :func:`gradient_covariance` the monitor sets itself (the rest are forwarded).
+_SET_HERE = (
+    "top_k", "seed", "method", "per_sample", "outputs_fn", "per_sample_loss_fn",
+    "return_eigenvectors", "params", "reduce_fn", "batch_size_fn",
+)  # fmt: skip
 
 
 class GradientCovarianceMonitor(LandscapeMonitor):
@@ -99,23 +114,10 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         **covariance_kwargs: ``chunk_size``, ``gram_max_elements``, ``tol``, ``max_iter``,
             ``dtype`` of :func:`~lightning_landscape.gradient_covariance`.
 
-    Logged metrics (step axis = ``trainer.global_step``; scalars go to every logger):
-        ``landscape/gradient/eigenvalue_01`` … ``eigenvalue_{top_k}``: top eigenvalues of Σ;
-        ``landscape/gradient/trace``, ``mean_gradient_norm``, ``noise_scale``,
-        ``noise_scale_unbiased``, ``num_samples``;
-        ``landscape/gradient/hessian_overlap`` (share of :math:`\|\bar g\|^2` in the Hessian's
-        top-k span), ``hessian_overlap_01`` (top-1 only), ``principal_angle_01`` … (degrees,
-        ascending) with a Hessian monitor; ``ggn_eigenvalue_01`` …, ``between_class_share_01``
-        …, ``between_class_rayleigh_share_01`` … and the image ``landscape/gradient/
-        class_structure`` (Hessian, GGN, between-class eigenvalues) with ``log_class_structure``;
-        ``landscape/gradient/train_grad_norm_sq``, ``train_noise_scale``,
-        ``train_noise_scale_unbiased``, ``train_nonfinite_steps`` (continuous signal), and
-        ``train_grad_norm_sq_local``, ``train_trace_two_batch``, ``train_noise_scale_two_batch``
-        with ``ddp_comm_hook``;
-        ``landscape/gradient/seconds``, ``skipped``;
-        histogram ``landscape/gradient/spectrum_signed_log``: the top-k eigenvalues (each of
-        weight 1/D), the other D-k lumped at 0 (exact when ``top_k >= N - 1``, the rank of Σ),
-        on the signed-log axis of the text card ``landscape/gradient/spectrum_axis``.
+    Logged metrics: under ``landscape/gradient/`` on the ``trainer.global_step`` axis (top
+    eigenvalues of Σ, trace, noise scales, the alignment with the Hessian, the class structure,
+    the training-step signal, ``seconds``, ``skipped``; a spectrum histogram on the signed-log
+    axis); the README's "What you see in TensorBoard" lists every tag.
     """
 
     name = "gradient"
@@ -144,7 +146,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         log_class_structure: bool = False,
         batch_size_fn: Callable[[Any], int] | None = None,
         clock: Callable[[], float] | None = None,
-        **covariance_kwargs: Any,
+        **covariance_kwargs: Unpack[CovarianceOptions],
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -362,20 +364,11 @@ def _check_arguments(
     top_k: Any, method: Any, noise_ema: Any, fns: dict[str, Any], covariance_kwargs: dict[str, Any]
 ) -> None:
     """The constructor's checks of its own arguments (the base class checks the schedule)."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
-    if method not in ("auto", "gram", "lanczos"):
-        raise ValueError(f"method must be 'auto', 'gram' or 'lanczos'; got {method!r}")
-    if isinstance(noise_ema, bool) or not (
-        isinstance(noise_ema, (int, float)) and 0 < noise_ema < 1
-    ):
-        raise ValueError(f"noise_ema must be a decay in (0, 1); got {noise_ema!r}")
+    check_positive_int("top_k", top_k)
+    check_choice("method", method, ("auto", "gram", "lanczos"))
+    check_fraction("noise_ema", noise_ema, what="a decay")
     for name, fn in fns.items():
-        if fn is not None and not callable(fn):
-            raise ValueError(f"{name} must be callable or None; got {fn!r}")
-    allowed = {"chunk_size", "gram_max_elements", "tol", "max_iter", "dtype"}
-    unknown = sorted(set(covariance_kwargs) - allowed)
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for GradientCovarianceMonitor; allowed: {sorted(allowed)}"
-        )
+        check_callable(name, fn, allow_none=True)
+    forward_options(
+        gradient_covariance, covariance_kwargs, owner=GradientCovarianceMonitor, exclude=_SET_HERE
+    )

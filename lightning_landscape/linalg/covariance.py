@@ -37,7 +37,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
@@ -225,6 +225,18 @@ class CovarianceOperator(_LinearOperator):
 
 
 # -- the estimator ---------------------------------------------------------------------------
+
+
+class CovarianceOptions(TypedDict, total=False):
+    """The tuning options of :func:`gradient_covariance` that ``GradientCovarianceMonitor``
+    forwards (typed for LightningCLI; a test keeps them equal to the core's keyword options
+    less those the monitor sets itself)."""
+
+    chunk_size: int | None
+    gram_max_elements: int
+    tol: float
+    max_iter: int | None
+    dtype: torch.dtype | None
 
 
 def gradient_covariance(
