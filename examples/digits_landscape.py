@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
 
     L.seed_everything(args.seed, workers=True)
     train_loader, val_loader = digits_loaders(seed=args.seed)
-    # The Hessian monitor comes first: the gradient monitor reuses its eigenvectors.
+    # In any order: the gradient monitor reuses the Hessian monitor's eigenvectors.
     hessian = HessianSpectrumMonitor(every_n_steps=args.every_n_steps, groups="layer")
     gradient = GradientCovarianceMonitor(every_n_steps=args.every_n_steps)
     trajectory = DiffusionMapMonitor(every_n_steps=10)
@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer.fit(DigitsClassifier(hidden=(64, 64), lr=0.1), train_loader, val_loader)
     print(
         f"{hessian.num_measurements} Hessian, {gradient.num_measurements} gradient, "
-        f"{trajectory.num_measurements} trajectory, {predictions.num_measurements} InPCA "
-        "measurements, "
+        f"{predictions.num_measurements} InPCA measurements; "
+        f"{trajectory.num_measurements} trajectory samples, "
+        f"{trajectory.num_embeddings} diffusion embeddings; "
         f"{sum(m.skipped for m in monitors)} skipped; logs in {trainer.logger.log_dir}\n"
         f"open them with: tensorboard --logdir {args.logdir} --samples_per_plugin images=100"
     )

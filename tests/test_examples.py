@@ -26,7 +26,10 @@ def test_digits_example_writes_the_landscape(tmp_path, capsys):
     # 80 steps: the trajectory (every 10 steps) has enough points to embed at the end.
     example.main(["--logdir", str(tmp_path), "--max-steps", "80", "--every-n-steps", "40"])
     out = capsys.readouterr().out
-    assert "3 Hessian, 3 gradient, 9 trajectory, 5 InPCA measurements, 0 skipped" in out
+    # Samples and embeddings are told apart (the trajectory is sampled every 10 steps and
+    # embedded at the end of fit).
+    assert "3 Hessian, 3 gradient, 5 InPCA measurements; 9 trajectory samples, 1 diffusion " in out
+    assert "embeddings; 0 skipped" in out
     acc = load_events(str(tmp_path))
     tags = acc.Tags()
     for tag in (
