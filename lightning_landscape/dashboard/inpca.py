@@ -29,6 +29,23 @@ if TYPE_CHECKING:
 __all__ = ["inpca_layout", "log_inpca", "trajectory_figure", "write_joint_inpca"]
 
 
+def _trajectory_points(
+    coordinates: ArrayLike, groups: ArrayLike | None, steps: ArrayLike | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(n, 3)`` coordinates (missing dimensions zero), group index and step of each point."""
+    xyz = np.asarray(coordinates, dtype=np.float64)
+    if xyz.ndim != 2 or xyz.shape[0] == 0 or xyz.shape[1] == 0:
+        raise ValueError(f"coordinates must be a non-empty (n, k) array; got shape {xyz.shape}")
+    n = xyz.shape[0]
+    if xyz.shape[1] < 3:
+        xyz = np.hstack([xyz, np.zeros((n, 3 - xyz.shape[1]))])
+    g = np.zeros(n, dtype=int) if groups is None else np.asarray(groups).astype(int)
+    s = np.arange(n) if steps is None else np.asarray(steps)
+    if g.shape != (n,) or s.shape != (n,):
+        raise ValueError(f"groups and steps must have one entry per point ({n})")
+    return xyz, g, s
+
+
 def trajectory_figure(
     coordinates: ArrayLike,
     *,
@@ -63,16 +80,7 @@ def trajectory_figure(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    xyz = np.asarray(coordinates, dtype=np.float64)
-    if xyz.ndim != 2 or xyz.shape[0] == 0 or xyz.shape[1] == 0:
-        raise ValueError(f"coordinates must be a non-empty (n, k) array; got shape {xyz.shape}")
-    n = xyz.shape[0]
-    if xyz.shape[1] < 3:
-        xyz = np.hstack([xyz, np.zeros((n, 3 - xyz.shape[1]))])
-    g = np.zeros(n, dtype=int) if groups is None else np.asarray(groups).astype(int)
-    s = np.arange(n) if steps is None else np.asarray(steps)
-    if g.shape != (n,) or s.shape != (n,):
-        raise ValueError(f"groups and steps must have one entry per point ({n})")
+    xyz, g, s = _trajectory_points(coordinates, groups, steps)
     lam = None if eigenvalues is None else np.asarray(eigenvalues, dtype=np.float64)
 
     def label(i: int) -> str:

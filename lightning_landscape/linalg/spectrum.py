@@ -262,13 +262,15 @@ def hessian_spectrum(
         FloatingPointError: the loss or a product is not finite.
     """
     t0 = time.perf_counter()
-    check_spectrum_options(  # the one checker, shared with the monitor's constructor
+    opts = dict(
         top_k=top_k, which=which, density=density, trace=trace, seed=seed, tol=tol,
         max_iter=max_iter, num_slq_probes=num_slq_probes, slq_steps=slq_steps,
-        num_trace_probes=num_trace_probes, groups=groups,
-        return_eigenvectors=return_eigenvectors, warm_start=warm_start,
-        max_basis_bytes=max_basis_bytes, retain_graph=retain_graph, batch_size_fn=batch_size_fn,
-        dtype=dtype, hvp=hvp,
+        num_trace_probes=num_trace_probes, return_eigenvectors=return_eigenvectors,
+        max_basis_bytes=max_basis_bytes,
+    )  # fmt: skip
+    check_spectrum_options(  # the one checker, shared with the monitor's constructor
+        **opts, groups=groups, warm_start=warm_start, retain_graph=retain_graph,
+        batch_size_fn=batch_size_fn, dtype=dtype, hvp=hvp,
     )  # fmt: skip
     group_names = parameter_groups(model, groups) if groups is not None else None
     op = HessianOperator(
@@ -280,26 +282,28 @@ def hessian_spectrum(
     loss = op.loss()
     if not np.isfinite(loss):
         raise FloatingPointError(f"the loss over the probe batches is not finite ({loss})")
-    opts = dict(
-        top_k=top_k, which=which, density=density, trace=trace, seed=seed, tol=tol,
-        max_iter=max_iter, num_slq_probes=num_slq_probes, slq_steps=slq_steps,
-        num_trace_probes=num_trace_probes, return_eigenvectors=return_eigenvectors,
-        max_basis_bytes=max_basis_bytes,
-    )  # fmt: skip
     try:
         result = _spectrum(op, warm_start=start_vectors, **opts)
-        sub = None
-        if group_names is not None:
-            sub = {}
-            for g, names in group_names.items():
-                block = op.block(names)
-                sub[g] = _spectrum(block, **{**opts, "top_k": min(top_k, block.dim)})
+        sub = _group_spectra(op, group_names, opts)
     finally:
         op.release()
     total = op.num_hvps + sum(s.num_hvps for s in (sub or {}).values())
     fields = {**result.__dict__, "groups": sub, "num_hvps": total}
     fields["seconds"] = time.perf_counter() - t0
     return HessianSpectrum(**fields)
+
+
+def _group_spectra(
+    op: HessianOperator, group_names: dict[str, list[str]] | None, opts: dict[str, Any]
+) -> dict[str, HessianSpectrum] | None:
+    """The spectrum of each diagonal block ``H_gg``, on the same retained graph."""
+    if group_names is None:
+        return None
+    sub = {}
+    for g, names in group_names.items():
+        block = op.block(names)
+        sub[g] = _spectrum(block, **{**opts, "top_k": min(opts["top_k"], block.dim)})
+    return sub
 
 
 def _spectrum(
