@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import forward_options
 from .diffusion import (
     DiffusionMap,
     align_to_previous,
@@ -42,8 +43,9 @@ from .diffusion import (
 
 __all__ = ["TrajectoryEmbedder"]
 
-#: Further options of ``diffusion_map`` that :class:`TrajectoryEmbedder` passes on.
-DIFFUSION_OPTIONS = frozenset({"neighbors", "exact_max_n", "disconnected", "tol"})
+#: Options of ``diffusion_map`` that :class:`TrajectoryEmbedder` sets itself; the rest of its
+#: keyword options are passed on (read from its signature).
+_SET_HERE = ("n_components", "n_neighbors", "alpha", "epsilon", "t", "seed")
 
 
 class TrajectoryEmbedder:
@@ -219,9 +221,4 @@ def _check_map(
         )
     if not (_is_number(t) and t >= 0):
         raise ValueError(f"t must be a number >= 0; got {t!r}")
-    unknown = sorted(set(options) - DIFFUSION_OPTIONS)
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for the diffusion map; "
-            f"allowed: {sorted(DIFFUSION_OPTIONS)}"
-        )
+    forward_options(diffusion_map, options, owner="the diffusion map", exclude=_SET_HERE)
