@@ -86,16 +86,10 @@ class DiffusionMapMonitor(ScheduledMonitor):
         **diffusion_kwargs: further options of ``diffusion_map`` (``neighbors``,
             ``exact_max_n``, ``disconnected``, ``tol``).
 
-    Logged metrics (step axis = ``trainer.global_step``; scalars go to every logger, the rest to
-    a TensorBoardLogger only):
-        ``landscape/diffusion/eigenvalue_01`` … ``eigenvalue_{n_components}``: non-trivial
-        eigenvalues of the Markov operator (one multi-line chart);
-        ``landscape/diffusion/intrinsic_dim``, ``epsilon``, ``num_samples`` (samples embedded),
-        ``num_components`` (of the kNN graph), ``seconds``, ``skipped``;
-        histogram ``landscape/diffusion/eigenvalues``;
-        image ``landscape/diffusion/trajectory``: the first two coordinates coloured by step
-        and the decay rates of the spectrum;
-        projector embedding ``landscape/diffusion/coordinates`` with metadata step, epoch, loss.
+    Logged metrics: under ``landscape/diffusion/`` on the ``trainer.global_step`` axis (the
+    diffusion spectrum, ``intrinsic_dim``, ``epsilon``, ``num_samples``, ``num_components``,
+    ``seconds``, ``skipped``; a histogram, the trajectory image and the projector coordinates
+    with step, epoch and loss); the README's "What you see in TensorBoard" lists them.
     """
 
     name = "diffusion"
@@ -348,6 +342,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
             coords,
             steps,
             prefix=self.tag_prefix,
+            any_logger=bool(trainer.loggers),
             histogram=plots and self.log_histogram,
             figure=plots and self.log_figure,
             projector=meta if projector else None,

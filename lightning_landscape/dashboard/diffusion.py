@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike
 from .figures import write_figure
 from .layout import Layout
 from .projector import write_projector_embedding
-from .writer import warn_once
+from .writer import missing_tensorboard
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -132,6 +132,7 @@ def write_diffusion_embedding(
     histogram: bool = True,
     figure: bool = True,
     projector: Mapping[str, Sequence[Any]] | None = None,
+    any_logger: bool = True,
 ) -> bool:
     """Write one diffusion map of a trajectory: histogram, figure and projector embedding.
 
@@ -152,16 +153,19 @@ def write_diffusion_embedding(
         figure: Write the trajectory figure.
         projector: Metadata columns (e.g. step, epoch, loss; one value per sample) to write the
             coordinates to the projector with; None writes no projector embedding.
+        any_logger: whether the trainer has any logger (the notice without a writer says
+            whether the scalars are recorded at all).
 
     Returns:
         Whether ``writer`` was there (so what was asked for is written).
     """
     if writer is None:
         if histogram or figure or projector is not None:
-            warn_once(
+            missing_tensorboard(
                 "diffusion-no-tensorboard",
-                "DiffusionMapMonitor: no TensorBoardLogger among trainer.loggers; scalars are "
-                "logged, the histogram, figure and projector embedding are not.",
+                "DiffusionMapMonitor",
+                "the histogram, figure and projector embedding",
+                any_logger=any_logger,
             )
         return False
     if histogram:

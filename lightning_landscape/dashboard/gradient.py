@@ -14,7 +14,7 @@ from .figures import write_figure
 from .histogram import spectrum_axis_markdown, write_spectrum_histogram
 from .layout import Layout
 from .text import write_text
-from .writer import tensorboard_writer, warn_once
+from .writer import missing_tensorboard, tensorboard_writer
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -68,10 +68,11 @@ def log_gradient_covariance(
         return axis
     writer = tensorboard_writer(trainer)
     if writer is None:
-        warn_once(
+        missing_tensorboard(
             "gradient-no-tensorboard",
-            "GradientCovarianceMonitor: no TensorBoardLogger among trainer.loggers; scalars "
-            "are logged, the spectrum histogram and figure are not.",
+            "GradientCovarianceMonitor",
+            "the spectrum histogram and figure",
+            any_logger=bool(trainer.loggers),
         )
         return axis
     if class_structure is not None:

@@ -11,7 +11,7 @@ from .axis import SpectrumAxis
 from .figures import spectrum_figure, write_figure
 from .histogram import spectrum_axis_markdown, write_spectrum_histogram
 from .text import write_text
-from .writer import tensorboard_writer, warn_once
+from .writer import missing_tensorboard, tensorboard_writer
 
 if TYPE_CHECKING:
     from ..linalg import HessianSpectrum
@@ -93,10 +93,11 @@ def log_hessian_spectrum(
     writer = tensorboard_writer(trainer) if (log_histogram or log_figure) else None
     if writer is None:
         if log_histogram or log_figure:
-            warn_once(
+            missing_tensorboard(
                 "hessian-no-tensorboard",
-                "HessianSpectrumMonitor: no TensorBoardLogger among trainer.loggers; scalars "
-                "are logged, the spectrum histogram and figure are not.",
+                "HessianSpectrumMonitor",
+                "the spectrum histogram and figure",
+                any_logger=bool(trainer.loggers),
             )
         return axis
     if result.ritz_nodes is None or result.ritz_weights is None:

@@ -17,7 +17,7 @@ from .figures import write_figure
 from .layout import Layout, write_custom_scalars_layout
 from .projector import write_projector_embedding
 from .text import write_text
-from .writer import tensorboard_writer, warn_once
+from .writer import missing_tensorboard, tensorboard_writer
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -326,10 +326,11 @@ def log_inpca(
         return True
     writer = tensorboard_writer(trainer)
     if writer is None:
-        warn_once(
+        missing_tensorboard(
             "inpca-no-tensorboard",
-            "InPCAMonitor: no TensorBoardLogger among trainer.loggers; scalars are logged, "
-            "the projector embedding and the trajectory figure are not.",
+            "InPCAMonitor",
+            "the projector embedding and the trajectory figure",
+            any_logger=bool(trainer.loggers),
         )
         return False
     _write_embedding(writer, prefix, embedding, step, projector, figure)

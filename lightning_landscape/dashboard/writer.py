@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["tensorboard_writer", "warn_once"]
+__all__ = ["missing_tensorboard", "tensorboard_writer", "warn_once"]
 
 _warned_keys: set[str] = set()
 _warned_lock = threading.Lock()
@@ -50,6 +50,16 @@ def tensorboard_writer(trainer: Any) -> SummaryWriter | Any | None:
     tensorboard = next((lg.experiment for lg in loggers if isinstance(lg, kinds)), None)
     mirrors = mirrors_for(loggers)
     return FanOutWriter(tensorboard, mirrors) if mirrors else tensorboard
+
+
+def missing_tensorboard(key: str, monitor: str, what: str, *, any_logger: bool) -> None:
+    """Say once what is and is not recorded when no TensorBoard (or W&B / MLflow) writer is
+    there: with another logger the scalars are; with no logger at all, nothing is."""
+    if any_logger:
+        told = f"scalars are logged, {what} are not"
+    else:
+        told = f"and no logger at all: neither scalars nor {what} are recorded (add a logger)"
+    warn_once(key, f"{monitor}: no TensorBoardLogger among trainer.loggers; {told}.")
 
 
 def warn_once(key: str, message: str, *, category: type[Warning] = UserWarning) -> bool:

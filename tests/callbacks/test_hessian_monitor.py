@@ -344,3 +344,13 @@ def test_sync_batchnorm_in_train_mode_is_refused(tmp_path, make_trainer):
         WithSyncBN(), loader(32)
     )
     assert monitor.num_measurements == 3 and monitor.skipped == 0
+
+
+def test_without_any_logger_the_notice_says_nothing_is_recorded(tmp_path, make_trainer):
+    from lightning_landscape.dashboard.writer import _reset_warn_once
+
+    _reset_warn_once()
+    monitor = HessianSpectrumMonitor(every_n_steps=2, top_k=2, num_probe_batches=1)
+    with pytest.warns(UserWarning, match="no logger at all: neither scalars nor the spectrum"):
+        make_trainer([monitor], max_steps=2, logger=False).fit(DigitsModule(), loader(32))
+    assert monitor.num_measurements == 2
