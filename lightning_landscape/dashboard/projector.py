@@ -2,11 +2,14 @@
 
 Projector embeddings are files beside the event files (``<logdir>/<step>/<tag>/tensors.tsv``,
 ``metadata.tsv`` and one entry in ``projector_config.pbtxt``), not events, so monitors rewrite them
-only at epoch ends or at the end of fit (docs/design.md, "Logging").
+only at epoch ends or at the end of fit (docs/design.md, "Logging"). Each tag keeps its latest
+embedding only: the projector lists one tensor per monitor, not one per epoch, most of them stale.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +87,36 @@ def write_projector_embedding(
             tag=tag,
             global_step=global_step,
         )
+
+    _keep_latest(writer, tag)
+
+
+def _keep_latest(writer: Any, tag: str) -> None:
+    """Drop the earlier embeddings of ``tag`` (their folders and config entries).
+
+    ``SummaryWriter.add_embedding`` keeps its projector config in memory and rewrites the file
+    at each call; the earlier entries of ``tag`` are removed from it and the file rewritten.
+    """
+    writer = getattr(writer, "tensorboard", None) or writer  # a fan-out writer's TensorBoard
+    config = getattr(writer, "_projector_config", None)
+    get_logdir = getattr(writer, "get_logdir", None)
+    if config is None or get_logdir is None:
+        return
+    mine = [e for e in config.embeddings if e.tensor_name.rsplit(":", 1)[0] == tag]
+    if len(mine) < 2:
+        return
+    logdir = get_logdir()
+    for old in mine[:-1]:
+        folder = os.path.join(logdir, os.path.dirname(old.tensor_path))
+        shutil.rmtree(folder, ignore_errors=True)
+        step_dir = os.path.dirname(folder)
+        if os.path.isdir(step_dir) and not os.listdir(step_dir):
+            os.rmdir(step_dir)
+        config.embeddings.remove(old)
+    from google.protobuf import text_format
+    from torch.utils.tensorboard._embedding import write_pbtxt
+
+    write_pbtxt(logdir, text_format.MessageToString(config))
 
 
 def _cell(value: Any) -> str:

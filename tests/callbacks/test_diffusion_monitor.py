@@ -77,12 +77,13 @@ def test_logged_spectrum_and_projector_match_the_parameter_trajectory(tmp_path, 
     assert [e.step for e in acc.Histograms(f"{TAG}/eigenvalues")] == [16, 32, 40]
     assert [e.step for e in acc.Images(f"{TAG}/trajectory")] == [16, 32, 40]
 
-    # Projector: written at the epoch ends and the end of fit, with step/epoch/loss metadata.
+    # Projector: written at the epoch ends and the end of fit, with step/epoch/loss metadata;
+    # each write replaces the previous one, so the final embedding is the one left.
     assert os.path.exists(os.path.join(str(tmp_path), "version_0", "projector_config.pbtxt")) or (
         glob.glob(os.path.join(str(tmp_path), "**", "projector_config.pbtxt"), recursive=True)
     )
     metas = sorted(glob.glob(os.path.join(str(tmp_path), "**", "metadata.tsv"), recursive=True))
-    assert len(metas) == 3
+    assert len(metas) == 1
     last = next(m for m in metas if "00040" in m)
     lines = open(last).read().splitlines()
     assert lines[0].split("\t") == ["step", "epoch", "loss"]

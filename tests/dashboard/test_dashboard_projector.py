@@ -64,3 +64,20 @@ def test_bad_input_is_named(tmp_path, coords, metadata, match):
     with pytest.raises(ValueError, match=match):
         write_projector_embedding(writer, "emb", coords, metadata, global_step=0)
     writer.close()
+
+
+def test_each_tag_keeps_its_latest_embedding_only(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    for step in (10, 20, 30):
+        for tag in ("landscape/a/coordinates", "landscape/b/coordinates"):
+            coords = np.full((4, 2), float(step))
+            write_projector_embedding(writer, tag, coords, {"step": range(4)}, global_step=step)
+    writer.close()
+    config = (tmp_path / "projector_config.pbtxt").read_text()
+    assert config.count("tensor_name") == 2
+    assert 'tensor_name: "landscape/a/coordinates:00030"' in config
+    assert 'tensor_name: "landscape/b/coordinates:00030"' in config
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["00030"]
+    for folder in (tmp_path / "00030").iterdir():
+        tensors = np.array(_read_tsv(os.path.join(folder, "tensors.tsv")), dtype=np.float64)
+        assert np.all(tensors == 30.0)
