@@ -58,6 +58,15 @@ READING: dict[str, str] = {
     "stability (Cohen et al. 2021).",
 }
 
+#: Where a stem means something else in one monitor than in the table above.
+READING_BY_MONITOR: dict[tuple[str, str], str] = {
+    ("gradient", "eigenvalue"): "Top eigenvalues of the per-sample gradient covariance Σ (the "
+    "SGD noise); compare their directions with the Hessian's through the overlap.",
+    ("gradient", "trace"): "tr Σ: the total variance of the per-sample gradients.",
+    ("diffusion", "eigenvalue"): "Non-trivial eigenvalues of the diffusion operator on the "
+    "sampled parameters: a few near 1 before a drop mean SGD moves on a low-dimensional manifold.",
+}
+
 _STEM = re.compile(r"^(?P<stem>.+?)_(?P<index>\d+)$")
 
 
@@ -141,6 +150,9 @@ def _families(tags: Sequence[str]) -> dict[str, list[str]]:
 
 def _reading(key: str) -> str:
     name = key.rsplit("/", 1)[-1]
+    monitor = key[len(PREFIX) :].split("/", 1)[0]
+    if (monitor, name) in READING_BY_MONITOR:
+        return READING_BY_MONITOR[(monitor, name)]
     for stem in sorted(READING, key=len, reverse=True):
         if name == stem or name.endswith(stem) or name.startswith(stem):
             return READING[stem]

@@ -99,3 +99,16 @@ def test_csv_round_trips_the_logged_float32_exactly(tmp_path, value):
     with open(tmp_path / "c" / "gradient.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert float(row["noise_scale"]) == float(np.float32(value))
+
+
+def test_each_chart_is_read_in_its_monitors_sense(tmp_path):
+    w = SummaryWriter(str(tmp_path / "run"))
+    for tag in ("landscape/hessian/eigenvalue_01", "landscape/diffusion/eigenvalue_01"):
+        w.add_scalar(tag, 0.9, 0)
+    w.close()
+    out = tmp_path / "r.html"
+    assert main(["report", str(tmp_path / "run"), "--out", str(out)]) == 0
+    page = out.read_text()
+    hessian, diffusion = page.index("<h2>hessian</h2>"), page.index("<h2>diffusion</h2>")
+    assert "Non-trivial eigenvalues of the diffusion operator" in page[diffusion:hessian]
+    assert "Top Hessian eigenvalues" in page[hessian:]
