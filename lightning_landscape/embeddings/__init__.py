@@ -72,24 +72,12 @@ __all__ = [
     "resolve_runs",
 ]
 
-#: Names of the prediction store, now in :mod:`lightning_landscape.sampling.predictions`.
-_MOVED_TO_SAMPLING = (
-    "FORMAT",
-    "FORMAT_VERSION",
-    "LoadedRuns",
-    "PredictionRecord",
-    "PredictionStore",
-    "ProbeMismatchError",
-    "find_stores",
-    "load_runs",
-    "sample_ids",
-)
-
 
 def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_SAMPLING:
-        from ..sampling import predictions
+    # The prediction store's names moved to lightning_landscape.sampling.predictions.
+    from ..sampling import predictions
 
+    if name in predictions.__all__:
         warnings.warn(
             f"lightning_landscape.embeddings.{name} moved to "
             f"lightning_landscape.sampling.predictions.{name}; the old path will be removed in a "

@@ -12,17 +12,7 @@ from typing import Any
 from ..sampling import predictions as _moved
 
 #: The store's public names, each resolved from its new module on first use.
-_MOVED = (
-    "FORMAT",
-    "FORMAT_VERSION",
-    "LoadedRuns",
-    "PredictionRecord",
-    "PredictionStore",
-    "ProbeMismatchError",
-    "find_stores",
-    "load_runs",
-    "sample_ids",
-)
+_MOVED = tuple(_moved.__all__)
 __all__ = list(_MOVED)
 
 
