@@ -11,7 +11,7 @@ import numpy as np
 
 from .axis import SpectrumAxis
 from .figures import write_figure
-from .histogram import spectrum_axis_markdown, write_spectrum_histogram
+from .histogram import HISTOGRAM_SIGMA, spectrum_axis_markdown, write_spectrum_histogram
 from .layout import Layout
 from .text import write_text
 from .writer import missing_tensorboard, tensorboard_writer
@@ -22,9 +22,6 @@ if TYPE_CHECKING:
     from ..linalg import ClassStructure, GradientCovariance, HessianAlignment, TrainingNoise
 
 __all__ = ["class_structure_figure", "gradient_layout", "log_gradient_covariance"]
-
-#: Display broadening of the spectrum histogram, in signed-log decades.
-HISTOGRAM_SIGMA = 0.02
 
 
 def log_gradient_covariance(

@@ -9,7 +9,7 @@ import numpy as np
 
 from .axis import SpectrumAxis
 from .figures import spectrum_figure, write_figure
-from .histogram import spectrum_axis_markdown, write_spectrum_histogram
+from .histogram import HISTOGRAM_SIGMA, spectrum_axis_markdown, write_spectrum_histogram
 from .text import write_text
 from .writer import missing_tensorboard, tensorboard_writer
 
@@ -17,9 +17,6 @@ if TYPE_CHECKING:
     from ..linalg import HessianSpectrum
 
 __all__ = ["hessian_scalars", "log_hessian_spectrum"]
-
-#: Display broadening of the spectrum histogram, in signed-log decades.
-HISTOGRAM_SIGMA = 0.02
 
 
 def hessian_scalars(result: HessianSpectrum) -> dict[str, float]:

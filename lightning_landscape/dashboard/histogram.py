@@ -50,6 +50,9 @@ __all__ = [
     "write_spectrum_histogram",
 ]
 
+#: Display broadening of the monitors' spectrum histograms, in signed-log decades.
+HISTOGRAM_SIGMA = 0.02
+
 # Row sums of SLQ weights are squared first components of an orthonormal eigenvector matrix;
 # in float32 they are 1 to ~m * 6e-8. The check catches wrong inputs, not rounding.
 _ROW_SUM_ATOL = 1e-4
