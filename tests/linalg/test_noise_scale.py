@@ -202,7 +202,7 @@ def test_attach_ddp_refuses_a_plain_module():
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)  # forked: keep off the parent's thread pool
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -239,9 +239,10 @@ def _free_port() -> int:
 def test_comm_hook_reads_each_rank_before_the_average():
     world = 2
     with tempfile.TemporaryDirectory() as out:
-        # fork: the workers need no fresh import of the package (seconds under spawn)
+        # spawn, not fork: a child forked from a parent whose thread pools (OpenMP, W&B's
+        # service) are running can deadlock on a lock held by a thread it did not inherit.
         args = (world, _free_port(), out)
-        mp.start_processes(_ddp_worker, args=args, nprocs=world, start_method="fork")
+        mp.start_processes(_ddp_worker, args=args, nprocs=world, start_method="spawn")
         res = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
     local = np.mean([np.array(r["rows"])[:, 0] for r in res], axis=0)  # mean over ranks
     big = np.array(res[0]["rows"])[:, 1]
