@@ -74,3 +74,18 @@ def test_the_typed_covariance_options_are_the_cores_keyword_options():
 
     forwarded = set(keyword_options(gradient_covariance)) - set(SET_BY_GRADIENT)
     assert set(CovarianceOptions.__annotations__) == forwarded
+
+
+def test_the_typed_diffusion_options_are_the_cores_keyword_options():
+    from lightning_landscape.embeddings.diffusion import DiffusionOptions, diffusion_map
+    from lightning_landscape.embeddings.trajectory import _SET_HERE as SET_BY_EMBEDDER
+
+    forwarded = set(keyword_options(diffusion_map)) - set(SET_BY_EMBEDDER)
+    assert set(DiffusionOptions.__annotations__) == forwarded
+
+
+def test_a_diffusion_option_is_typed_on_the_command_line(tmp_path, capsys):
+    add = "--trainer.callbacks+=lightning_landscape.DiffusionMapMonitor"
+    with pytest.raises(SystemExit):  # a value outside the Literal is refused before fit
+        _cli_module().main(_args(tmp_path, add, "--trainer.callbacks.init_args.neighbors=knn"))
+    assert "neighbors" in capsys.readouterr().err

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from .._checks import check_positive_int as _check_positive_int
+from .._checks import check_positive_int
 from ..dashboard import tensorboard_writer, warn_once, write_custom_scalars_layout
 from ..dashboard.layout import merge_layouts
 from ..linalg.operators import HVPFailedError
@@ -106,8 +106,8 @@ class ScheduledMonitor(Callback):
         max_overhead: float = 0.05,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        _check_positive_int("every_n_steps", every_n_steps, allow_none=True)
-        _check_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+        check_positive_int("every_n_steps", every_n_steps, allow_none=True)
+        check_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
         if every_n_steps is not None and every_n_epochs is not None:
             raise ValueError(
                 "every_n_steps and every_n_epochs are exclusive; got "
@@ -407,7 +407,7 @@ class LandscapeMonitor(ScheduledMonitor):
             max_overhead=max_overhead,
             clock=clock,
         )
-        _check_positive_int("num_probe_batches", num_probe_batches)
+        check_positive_int("num_probe_batches", num_probe_batches)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(model, batch); got {loss_fn!r}")
         if not isinstance(train_mode, bool):

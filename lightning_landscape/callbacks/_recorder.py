@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import check_positive_int
 from ..sampling.sketch import ParameterSketch
 from ..sampling.store import Trajectory, TrajectoryStore
-from ._base import _check_positive_int
 
 __all__: list[str] = []
 
@@ -47,7 +47,7 @@ class TrajectoryRecorder:
     def __init__(self, *, sample: str, sketch_dim: int, exact_max_params: int, seed: int) -> None:
         if sample not in ("parameters", "gradients"):
             raise ValueError(f"sample must be 'parameters' or 'gradients'; got {sample!r}")
-        _check_positive_int("sketch_dim", sketch_dim)
+        check_positive_int("sketch_dim", sketch_dim)
         for name, value in (("exact_max_params", exact_max_params), ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0; got {value!r}")

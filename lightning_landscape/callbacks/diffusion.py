@@ -11,14 +11,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
+from .._checks import check_positive_int
 from ..dashboard import tensorboard_writer, warn_once
 from ..dashboard.diffusion import diffusion_layout, write_diffusion_embedding
-from ..embeddings.diffusion import DiffusionMap, DisconnectedGraphError
+from ..embeddings.diffusion import DiffusionMap, DiffusionOptions, DisconnectedGraphError
 from ..embeddings.trajectory import TrajectoryEmbedder
 from ..sampling.store import Trajectory
-from ._base import NUMERICAL_FAILURES, ScheduledMonitor, _check_positive_int, _log_dir
+from ._base import NUMERICAL_FAILURES, ScheduledMonitor, _log_dir
 from ._recorder import TrajectoryRecorder
 
 __all__ = ["DiffusionMapMonitor"]
@@ -118,9 +119,9 @@ class DiffusionMapMonitor(ScheduledMonitor):
         log_histogram: bool = True,
         directory: str | None = None,
         clock: Callable[[], float] | None = None,
-        **diffusion_kwargs: Any,
+        **diffusion_kwargs: Unpack[DiffusionOptions],
     ) -> None:
-        _check_positive_int("every_n_steps", every_n_steps)
+        check_positive_int("every_n_steps", every_n_steps)
         super().__init__(
             every_n_steps=every_n_steps,
             max_overhead=0.05 if max_overhead is None else max_overhead,
@@ -374,7 +375,7 @@ def _check_schedule(every_n_steps: int, n_epochs: Any, n_steps: int | None) -> N
         raise ValueError(
             f"embed_every_n_epochs must be 'auto', a positive integer or None; got {n_epochs!r}"
         )
-    _check_positive_int("embed_every_n_steps", n_steps, allow_none=True)
+    check_positive_int("embed_every_n_steps", n_steps, allow_none=True)
     if n_steps is not None and n_steps % every_n_steps:
         raise ValueError(
             "embed_every_n_steps must be a multiple of every_n_steps "

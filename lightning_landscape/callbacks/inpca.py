@@ -16,6 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
+from .._checks import check_positive_int
 from ..dashboard import warn_once
 from ..dashboard.inpca import inpca_layout, log_inpca
 from ..embeddings.geometry import ANCHORS as _ANCHORS
@@ -30,7 +31,7 @@ from ..embeddings.prediction_trajectory import (
 )
 from ..sampling.predictions import PredictionStore, ProbeMismatchError
 from . import _context as ctx
-from ._base import LandscapeMonitor, _check_positive_int
+from ._base import LandscapeMonitor
 
 __all__ = ["InPCAMonitor"]
 
@@ -59,8 +60,8 @@ def _check_arguments(
     n_components: Any, log_spaced_per_decade: Any, every_n: tuple[Any, Any], outputs_fn: Any
 ) -> None:
     """The monitor's own arguments (the base class and the geometry tracker check theirs)."""
-    _check_positive_int("n_components", n_components)
-    _check_positive_int("log_spaced_per_decade", log_spaced_per_decade, allow_none=True)
+    check_positive_int("n_components", n_components)
+    check_positive_int("log_spaced_per_decade", log_spaced_per_decade, allow_none=True)
     every_n_steps, every_n_epochs = every_n
     if log_spaced_per_decade is not None and (
         every_n_steps is not None or every_n_epochs is not None
@@ -120,17 +121,11 @@ class InPCAMonitor(LandscapeMonitor):
         log_figure: write the trajectory figure at epoch ends / end of fit.
         clock: time source for the budget (tests).
 
-    Logged metrics (step axis = ``trainer.global_step``):
-        ``landscape/inpca/explained_stress_top1`` … ``top{n_components}``: explained stress of
-        the top k dimensions, :math:`1-\sqrt{1-\sum_{i\le k}\lambda_i^2/\|W\|_F^2}`;
-        ``landscape/inpca/n_imaginary``: negative eigenvalues among the top ``n_components``;
-        ``landscape/inpca/progress``: progress coordinate from the first record to the labels;
-        ``landscape/inpca/probe_loss``, ``probe_accuracy`` (from the recorded predictions),
-        ``num_checkpoints``, ``seconds``, ``skipped``;
-        projector ``landscape/inpca/coordinates`` (columns step, epoch, loss) and image
-        ``landscape/inpca/trajectory`` (top 3 dims) at epoch ends and at the end of fit;
-        ``landscape/geometry/distance_from_init``, ``cosine_successive_updates``,
-        ``mc_init``, ``mc_previous``, ``barrier_init``, ``barrier_previous``.
+    Logged: under ``landscape/inpca/`` (explained stress of the top dimensions, progress,
+    probe loss and accuracy, the projector and the trajectory image) and
+    ``landscape/geometry/`` (distance from initialisation, successive-update cosine, mode
+    connectivity and barriers), on the ``trainer.global_step`` axis; the README's "What you
+    see in TensorBoard" lists every tag.
     """
 
     name = "inpca"

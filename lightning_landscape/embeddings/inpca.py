@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 #: Elements of one (samples × models × models) work block: 2**24 (64 MiB in float32, 128 MiB
-#: in float64), reused for every chunk; measured faster on CPU than 2**20 or 2**22.
+#: in float64), reused for every chunk; large enough to amortise the per-chunk calls, small
+#: enough to stay in cache-friendly pieces (``benchmarks/inpca.py``).
 _BLOCK_ELEMENTS = 1 << 24
 
 

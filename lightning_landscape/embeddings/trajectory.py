@@ -30,10 +30,12 @@ import os
 from typing import Any
 
 import numpy as np
+from typing_extensions import Unpack
 
 from .._checks import forward_options
 from .diffusion import (
     DiffusionMap,
+    DiffusionOptions,
     align_to_previous,
     diffusion_map,
     landmark_coordinates,
@@ -84,7 +86,7 @@ class TrajectoryEmbedder:
         window_steps: int | None = None,
         max_points: int = 1000,
         seed: int = 0,
-        **diffusion_kwargs: Any,
+        **diffusion_kwargs: Unpack[DiffusionOptions],
     ) -> None:
         _check_map(n_components, n_neighbors, alpha, epsilon, t, diffusion_kwargs)
         _check_int("burn_in_steps", burn_in_steps, 0)

@@ -327,8 +327,14 @@ def class_structure(
     outputs_fn = outputs_fn or _default_outputs
     model, batches, plist = _working_inputs(model, batches, params, dtype)
     shared = {"params": plist, "reduce_fn": reduce_fn, "batch_size_fn": batch_size_fn}
+    # One seed sequence for the measurement; each random stage draws its own child stream.
+    hessian_seed, subset_seed, ggn_seed = (
+        int(s) for s in np.random.SeedSequence(seed).generate_state(3)
+    )
     if hessian_eigenvectors is None:
-        h_vals, h_vecs = _hessian_top(model, batches, outputs_fn, top_k, seed, tol, **shared)
+        h_vals, h_vecs = _hessian_top(
+            model, batches, outputs_fn, top_k, hessian_seed, tol, **shared
+        )
     else:
         h_vals, h_vecs = _given_eigenpairs(hessian_eigenvalues, hessian_eigenvectors)
     k = len(h_vals)
@@ -338,9 +344,9 @@ def class_structure(
             f"hessian_eigenvectors rows must have length D={op.dim}; got {h_vecs.shape[1]}"
         )
     try:
-        counts, classes = _class_counts(op, max_classes, seed)
+        counts, classes = _class_counts(op, max_classes, subset_seed)
         between, level, rayleigh = _between_class(op, classes, counts, h_vecs, k)
-        ggn = lanczos(op, top_k=min(k, op.dim), tol=tol, seed=seed + 1)
+        ggn = lanczos(op, top_k=min(k, op.dim), tol=tol, seed=ggn_seed)
     finally:
         op.release()
     ggn_vals = np.asarray(ggn.eigenvalues, dtype=np.float64)
