@@ -3,12 +3,12 @@
     python examples/phenomena/mao.py              # 6 runs of 800 steps on digits
     python examples/phenomena/mao.py --quick      # 2 runs of 60 steps (a few seconds)
 
-Mao, Griniasty, Teoh, Ramesh, Yang, Transtrum, Sethna & Chaudhari ("The training process of many
-deep networks explores the same low-dimensional manifold", PNAS 121, 2024) represent each
+Mao et al. ("The training process of many deep networks explores the same low-dimensional
+manifold", PNAS 121, 2024) represent each
 checkpoint by its predicted probabilities on the training samples, compare checkpoints by the
 per-sample Bhattacharyya distance and embed all the trajectories jointly by intensive PCA
 (InPCA); the top 3 dimensions explain about 76% of the stress for their networks (many
-architectures and settings on CIFAR-10).
+architectures and settings of image classifiers).
 
 Here: tanh MLPs of different widths, depths, learning rates, optimisers and seeds trained on
 scikit-learn's digits (1,500 training images, 10 classes), each recording its predictions on the
@@ -92,7 +92,7 @@ def embed(name: str, logp: np.ndarray) -> dict:
         "top3": float(s[2]),
         "|λ| top3": float(mass[:3].sum() / mass.sum()),
         "imaginary": int(fit.n_imaginary),
-        "paper top3": "≈ 0.76 (CIFAR-10 nets)",
+        "paper top3": "≈ 0.76 (their nets)",
     }
 
 
