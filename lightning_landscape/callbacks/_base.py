@@ -486,7 +486,8 @@ class LandscapeMonitor(ScheduledMonitor):
                 "train_mode=True"
             )
         t0 = self._coord.clock() if self._coord is not None else 0.0
-        self._probe = self._load_or_capture_probe(trainer)
+        self._probe = self._guarded_probe(trainer)
+        self._check_defaults(trainer, pl_module)
         if self._coord is not None:  # capturing (or loading) the probe set is overhead too
             self._charge(self._coord.clock() - t0)
         super().on_train_start(trainer, pl_module)
@@ -502,7 +503,8 @@ class LandscapeMonitor(ScheduledMonitor):
         clock = self._now
         t0 = clock()
         result = None
-        batches = self._probe or []
+        batches = self._probe if self._probe is not None else self._guarded_probe(trainer, step)
+        batches = batches or []
         loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
         try:
             if not batches:
@@ -535,6 +537,28 @@ class LandscapeMonitor(ScheduledMonitor):
         self._reschedule(trainer, step, self.last_cost)
 
     # -- probe set ---------------------------------------------------------------------------
+    def _guarded_probe(self, trainer: Trainer, step: int | None = None) -> list[Any] | None:
+        """The probe set, or None after a failure to take it (out of memory moving it to the
+        device, a loader error): skipped and counted, taken again at the next measurement.
+
+        No collective inside: a rank that fails here leaves the others unblocked, and its empty
+        probe set makes the measurement a skip on every rank (``_measure`` all-reduces it).
+        """
+        probe_dir = self.probe_dir
+        try:
+            self._probe = self._load_or_capture_probe(trainer)
+        except Exception as err:
+            # Not a resume at the retry: the directory is named again then, not read back.
+            self._probe, self.probe_dir = None, probe_dir
+            self._skip(trainer, trainer.global_step if step is None else step, err, "probe capture")
+        return self._probe
+
+    def _check_defaults(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Switch off, with one warning each, the parts whose defaults cannot apply to this
+        module (tried on the probe set at fit start, decided on all ranks alike); raise a
+        ``ValueError`` for an argument the user passed that cannot apply. Nothing to check here.
+        """
+
     def _probe_file(self, trainer: Trainer) -> str:
         if self.probe_dir is None:
             self.probe_dir = os.path.join(trainer.default_root_dir, ".landscape_probes")
