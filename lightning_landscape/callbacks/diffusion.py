@@ -238,7 +238,11 @@ class DiffusionMapMonitor(ScheduledMonitor):
 
     def _record(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         epoch, t0 = trainer.current_epoch, self._now()
-        done = self.recorder.record(pl_module, step=step, epoch=epoch, loss=self._last_loss)
+        try:
+            done = self.recorder.record(pl_module, step=step, epoch=epoch, loss=self._last_loss)
+        except OSError as err:  # disk full: the store keeps the samples before, training goes on
+            self._skip(trainer, step, err, "sample")
+            return
         if done is False:
             self.skipped += 1
             warn_once(

@@ -6,12 +6,22 @@ loss calls in eval mode, where training never calls it), and the figure the dash
 
 from __future__ import annotations
 
+import builtins
+import errno
+import json
+import os
+
+import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 import lightning_landscape.dashboard.hessian as hessian_dashboard
-from lightning_landscape import HessianSpectrumMonitor
+import lightning_landscape.sampling.store as store_module
+from lightning_landscape import DiffusionMapMonitor, HessianSpectrumMonitor, InPCAMonitor
 from lightning_landscape.dashboard.writer import _reset_warn_once
+from lightning_landscape.sampling.predictions import PredictionStore
+from lightning_landscape.sampling.store import TrajectoryStore
 from tests.callbacks._models import DigitsModule, loader
 
 
@@ -80,3 +90,112 @@ def test_keyboard_interrupt_in_a_measurement_restores_the_module_first(make_trai
     # before the interrupt reached Lightning.
     assert all(m.training for m in module.modules())
     assert not hasattr(module, "hidden")
+
+
+# -- disk full -------------------------------------------------------------------------------
+
+
+class _DiskFull:
+    """A store module's ``open``: appends write half their bytes, then fail with ENOSPC, at the
+    steps ``full_at`` (switched on by :class:`_FullAt` at each step end, before the monitor)."""
+
+    def __init__(self, full_at: set[int]) -> None:
+        self.full_at, self.active, self.failures = full_at, False, 0
+
+    def open(self, path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return _HalfWriter(f, self) if self.active and "a" in mode else f
+
+    def savez_compressed(self, file, *args, **kwargs):  # numpy's, for the prediction store
+        if self.active:
+            file.write(b"PK\x03\x04 half a record")
+            self.failures += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return _SAVEZ(file, *args, **kwargs)
+
+
+_SAVEZ = np.savez_compressed
+
+
+class _HalfWriter:
+    def __init__(self, f, disk: _DiskFull) -> None:
+        self.f, self.disk = f, disk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+    def write(self, data) -> int:
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        self.disk.failures += 1
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.f.name)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+class _FullAt(Callback):
+    def __init__(self, disk: _DiskFull) -> None:
+        self.disk = disk
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.disk.active = trainer.global_step in self.disk.full_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.disk.active = trainer.global_step in self.disk.full_at
+
+
+def _read_trajectory(directory: str):
+    with open(os.path.join(directory, "store.json"), encoding="utf-8") as f:
+        dim = json.load(f)["dim"]
+    return TrajectoryStore(directory, dim).load()
+
+
+def test_disk_full_in_the_trajectory_store_keeps_earlier_samples(
+    tmp_path, make_trainer, monkeypatch
+):
+    _reset_warn_once()
+    stores = []
+    for full_at in (set(), {3, 4}):
+        disk = _DiskFull(full_at)
+        monkeypatch.setattr(store_module, "open", disk.open, raising=False)
+        monitor = DiffusionMapMonitor(every_n_steps=1, n_components=2, embed_every_n_epochs=None)
+        trainer = make_trainer([_FullAt(disk), monitor], max_steps=8, root=tmp_path / str(full_at))
+        if full_at:
+            with pytest.warns(RuntimeWarning, match=r"skipped the sample at step 3 .*Errno 28"):
+                trainer.fit(DigitsModule(hidden=4), loader(32))
+        else:
+            trainer.fit(DigitsModule(hidden=4), loader(32))
+        assert trainer.global_step == 8 and disk.failures == len(full_at)
+        assert monitor.skipped == len(full_at)
+        stores.append(_read_trajectory(str(monitor.store_dir)))
+    full, holed = stores
+    kept = [i for i, s in enumerate(full.steps) if s not in (3, 4)]
+    assert list(full.steps) == list(range(9)) and list(holed.steps) == [0, 1, 2, 5, 6, 7, 8]
+    # Every sample before and after the failures is intact, row for row (training unchanged).
+    np.testing.assert_array_equal(holed.vectors, full.vectors[kept])
+    np.testing.assert_array_equal(holed.losses, full.losses[kept])
+
+
+def test_disk_full_in_the_prediction_store_keeps_earlier_records(
+    tmp_path, make_trainer, monkeypatch
+):
+    _reset_warn_once()
+    disk = _DiskFull({2})
+    monkeypatch.setattr(np, "savez_compressed", disk.savez_compressed)
+    monitor = InPCAMonitor(every_n_steps=1, num_probe_batches=1, geometry=False)
+    trainer = make_trainer([_FullAt(disk), monitor], max_steps=4)
+    with pytest.warns(UserWarning, match=r"could not write predictions .*Errno 28"):
+        trainer.fit(DigitsModule(hidden=4), loader(32))
+    assert trainer.global_step == 4 and disk.failures == 1
+    store = PredictionStore.open(str(monitor.store_dir))
+    assert store.steps() == [0, 1, 3, 4]
+    assert not [n for n in os.listdir(store.path) if n.startswith(".tmp_")]  # no half record
+    # The records on disk are the ones the monitor computed (its in-memory trajectory).
+    records = {r.step: r for r in store.records()}
+    for step, logp in zip(monitor._trajectory.steps, monitor._trajectory.logps, strict=True):
+        if step != 2:
+            np.testing.assert_array_equal(records[step].logp, logp)
