@@ -27,6 +27,7 @@ from typing_extensions import override
 from .._checks import check_positive_int as _check_positive_int
 from ..dashboard import tensorboard_writer, warn_once, write_custom_scalars_layout
 from ..dashboard.layout import merge_layouts
+from ..dashboard.writer import mark_resumed
 from ..linalg.operators import HVPFailedError
 from . import _context as ctx
 from ._schedule import Coordinator, coordinator_for
@@ -204,6 +205,8 @@ class ScheduledMonitor(Callback):
             layouts = [cb._layout() for cb in trainer.callbacks if isinstance(cb, ScheduledMonitor)]
             if writer is not None:
                 write_custom_scalars_layout(writer, merge_layouts(*layouts))
+                if trainer.global_step > 0:  # resumed: the steps after the checkpoint are redone
+                    mark_resumed(writer, trainer.global_step + 1)
         step = trainer.global_step
         self._seen_step = step
         if self.every_n_steps is not None and step == 0 and self.last_measured_step != 0:

@@ -10,11 +10,13 @@ import builtins
 import errno
 import json
 import os
+import random
 
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_landscape.dashboard.hessian as hessian_dashboard
 import lightning_landscape.sampling.store as store_module
@@ -22,6 +24,7 @@ from lightning_landscape import DiffusionMapMonitor, HessianSpectrumMonitor, InP
 from lightning_landscape.dashboard.writer import _reset_warn_once
 from lightning_landscape.sampling.predictions import PredictionStore
 from lightning_landscape.sampling.store import TrajectoryStore
+from tests.callbacks._events import load_events
 from tests.callbacks._models import DigitsModule, loader
 
 
@@ -80,16 +83,47 @@ def test_a_failure_while_logging_skips_and_training_goes_on(make_trainer, monkey
     assert monitor.num_measurements == 3 and monitor.skipped == 3
 
 
+class DrawsThenFails(FailsWhenMeasured):
+    """Draws from the torch, numpy and Python RNGs inside the measurement, then raises."""
+
+    def training_step(self, batch, batch_idx):
+        if not self.training:
+            torch.rand(3), np.random.rand(3), random.random()
+        return super().training_step(batch, batch_idx)
+
+
+def _rng_states() -> tuple:
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+class _SeesTheInterrupt(Callback):
+    """Records the RNG states before the monitor's first measurement (it runs first) and what
+    Lightning's on_exception hook sees when the interrupt reaches it."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.before = _rng_states()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.at_exception = _rng_states()
+        self.modes = [m.training for m in pl_module.modules()]
+        self.hidden = hasattr(pl_module, "hidden")
+
+
 def test_keyboard_interrupt_in_a_measurement_restores_the_module_first(make_trainer):
-    module = FailsWhenMeasured(KeyboardInterrupt())
-    trainer = make_trainer([_monitor()], max_steps=6)
+    module = DrawsThenFails(KeyboardInterrupt())
+    seen = _SeesTheInterrupt()
+    trainer = make_trainer([seen, _monitor()], max_steps=6)
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown after an interrupt
         trainer.fit(module, loader(32))
     assert trainer.interrupted and trainer.global_step == 0
-    # The measurement had switched the module to eval mode and set an attribute: both undone
-    # before the interrupt reached Lightning.
+    # The measurement had switched the module to eval mode, set an attribute and drawn from
+    # every RNG: all undone before the interrupt reached Lightning.
+    assert all(seen.modes) and not seen.hidden
     assert all(m.training for m in module.modules())
-    assert not hasattr(module, "hidden")
+    torch_state, np_state, py_state = seen.at_exception
+    assert torch.equal(torch_state, seen.before[0])
+    np.testing.assert_array_equal(np_state, seen.before[1])
+    assert py_state == seen.before[2]
 
 
 # -- disk full -------------------------------------------------------------------------------
@@ -199,3 +233,44 @@ def test_disk_full_in_the_prediction_store_keeps_earlier_records(
     for step, logp in zip(monitor._trajectory.steps, monitor._trajectory.logps, strict=True):
         if step != 2:
             np.testing.assert_array_equal(records[step].logp, logp)
+
+
+# -- killed mid-measurement, resumed from the last checkpoint ----------------------------------
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: nothing catches it."""
+
+
+class KilledWhenMeasured(DigitsModule):
+    def __init__(self, kill_at: int | None) -> None:
+        super().__init__(hidden=4)
+        self.kill_at = kill_at
+
+    def training_step(self, batch, batch_idx):
+        if not self.training and self.trainer.global_step == self.kill_at:
+            raise Killed
+        return super().training_step(batch, batch_idx)
+
+
+def test_killed_mid_measurement_and_resumed_logs_every_step_once(tmp_path, make_trainer):
+    def fit(kill_at: int | None, ckpt_path: str | None = None) -> list:
+        monitors = [
+            HessianSpectrumMonitor(every_n_steps=2, top_k=2, density=False, trace=False),
+            DiffusionMapMonitor(every_n_steps=1, n_components=2, embed_every_n_epochs=None),
+        ]
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+        trainer = make_trainer([*monitors, saver], max_steps=10, enable_checkpointing=True)
+        trainer.fit(KilledWhenMeasured(kill_at), loader(32), ckpt_path=ckpt_path)
+        return monitors
+
+    with pytest.raises(Killed):
+        fit(kill_at=6)  # inside the Hessian measurement at step 6, before the step-6 checkpoint
+    saved = sorted(os.listdir(tmp_path / "ckpt"))
+    assert saved == ["epoch=0-step=3.ckpt"]
+    hessian, diffusion = fit(None, ckpt_path=str(tmp_path / "ckpt" / saved[0]))
+    assert hessian.num_measurements == 6 and hessian.skipped == 0  # 0, 2 and 4 to 10 resumed
+    acc = load_events(str(tmp_path))
+    for tag in ("landscape/hessian/eigenvalue_01", "landscape/hessian/seconds"):
+        assert [e.step for e in acc.Scalars(tag)] == [0, 2, 4, 6, 8, 10], tag
+    assert list(_read_trajectory(str(diffusion.store_dir)).steps) == list(range(11))
