@@ -506,13 +506,18 @@ class LandscapeMonitor(ScheduledMonitor):
         clock = self._now
         t0 = clock()
         result = None
-        batches = self._probe if self._probe is not None else self._guarded_probe(trainer, step)
+        batches = self._probe if self._probe is not None else self._guarded_probe(trainer)
         batches = batches or []
         loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
+        # Decided before the measurement's collectives: a rank without probe batches would skip
+        # them all and leave the others waiting in one.
+        empty = ctx.any_rank(trainer, not batches, pl_module.device)
         try:
-            if not batches:
+            if empty:
                 raise FloatingPointError(
-                    "the probe set is empty (the training loader gave no batch)"
+                    "the probe set is empty on "
+                    + ("this rank" if not batches else "another rank")
+                    + " (the training loader gave no batch, or taking it failed)"
                 )
             with ctx.isolated(pl_module, train_mode=self.train_mode):
                 result = self._compute(pl_module, batches, loss_fn, ctx.make_reduce(trainer))
@@ -540,9 +545,10 @@ class LandscapeMonitor(ScheduledMonitor):
         self._reschedule(trainer, step, self.last_cost)
 
     # -- probe set ---------------------------------------------------------------------------
-    def _guarded_probe(self, trainer: Trainer, step: int | None = None) -> list[Any] | None:
+    def _guarded_probe(self, trainer: Trainer) -> list[Any] | None:
         """The probe set, or None after a failure to take it (out of memory moving it to the
-        device, a loader error): skipped and counted, taken again at the next measurement.
+        device, a loader error), warned on the rank that failed and tried again at the next
+        measurement.
 
         No collective inside: a rank that fails here leaves the others unblocked, and its empty
         probe set makes the measurement a skip on every rank (``_measure`` all-reduces it).
@@ -553,7 +559,13 @@ class LandscapeMonitor(ScheduledMonitor):
         except Exception as err:
             # Not a resume at the retry: the directory is named again then, not read back.
             self._probe, self.probe_dir = None, probe_dir
-            self._skip(trainer, trainer.global_step if step is None else step, err, "probe capture")
+            warnings.warn(  # this rank only knows; the default filter shows it once
+                f"{type(self).__name__}: could not take the probe set on rank "
+                f"{trainer.global_rank} ({type(err).__name__}: {err}); measurements are skipped "
+                "until it can be taken (tried again at each).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return self._probe
 
     def _check_defaults(self, trainer: Trainer, pl_module: LightningModule) -> None:
