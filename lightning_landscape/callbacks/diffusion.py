@@ -191,7 +191,16 @@ class DiffusionMapMonitor(ScheduledMonitor):
             return
         key = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.state_key)[:120]
         root = self.directory or _log_dir(trainer)
-        self.recorder.open(pl_module, os.path.join(root, "landscape_diffusion", key))
+        try:
+            self.recorder.open(pl_module, os.path.join(root, "landscape_diffusion", key))
+        except OSError as err:  # disk full, read-only: no trajectory this fit, training goes on
+            warn_once(
+                f"{self.name}-store",
+                f"DiffusionMapMonitor: could not open the trajectory store under {root} ({err}); "
+                "nothing is recorded in this fit.",
+                category=RuntimeWarning,
+            )
+            return
         last = self.last_measured_step  # the saved embedding, cut back to the checkpoint
         self.embedder.load(self._previous_path(), until_step=-1 if last is None else last)
 

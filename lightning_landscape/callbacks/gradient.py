@@ -93,6 +93,10 @@ class GradientCovarianceMonitor(LandscapeMonitor):
             Required with manual optimisation.
         outputs_fn: ``(model, batch) -> (logits, targets)`` for the per-sample-loss path (when
             vmap fails, e.g. batch norm in train mode); default ``(model(batch[0]), batch[1])``.
+            Both paths are tried at fit start on the first probe batch: where neither applies
+            with the defaults, the probe covariance is off with one notice (the training-step
+            signal goes on); where an ``outputs_fn`` passed here is needed and does not apply,
+            ``ValueError`` before step 1.
         per_sample_loss_fn: ``(logits, targets) -> (n,)``; default cross-entropy.
         method: ``"auto"``, ``"gram"`` or ``"lanczos"`` (see ``gradient_covariance``).
         train_mode: measure in train mode (not deterministic under DDP).

@@ -107,8 +107,11 @@ class InPCAMonitor(LandscapeMonitor):
         num_probe_batches: probe batches per rank.
         probe_dataloader: take the probe set from this loader (e.g. a validation loader).
         outputs_fn: ``outputs_fn(model, batch) -> (logits, targets)`` with logits (n, C) and
-            integer targets (n,); default ``(model(batch[0]), batch[1])``. Where it does not
-            apply the predictions are skipped with one notice (the geometry goes on).
+            integer targets (n,); default ``(model(batch[0]), batch[1])``. Tried at fit start
+            on the first probe batch: where the default does not apply (no ``forward``, dict
+            batches, outputs that are not logits) the predictions are off with one notice (the
+            geometry goes on); an ``outputs_fn`` passed here that does not apply raises
+            ``ValueError`` before step 1.
         loss_fn: ``loss_fn(model, batch) -> scalar`` for the path losses; default
             ``training_step``.
         train_mode: measure in train mode instead of eval mode (not deterministic under DDP).

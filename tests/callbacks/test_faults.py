@@ -133,12 +133,12 @@ class _DiskFull:
     """A store module's ``open``: appends write half their bytes, then fail with ENOSPC, at the
     steps ``full_at`` (switched on by :class:`_FullAt` at each step end, before the monitor)."""
 
-    def __init__(self, full_at: set[int]) -> None:
-        self.full_at, self.active, self.failures = full_at, False, 0
+    def __init__(self, full_at: set[int], active: bool = False) -> None:
+        self.full_at, self.active, self.failures = full_at, active, 0
 
     def open(self, path, mode="r", *args, **kwargs):
         f = builtins.open(path, mode, *args, **kwargs)
-        return _HalfWriter(f, self) if self.active and "a" in mode else f
+        return _HalfWriter(f, self) if self.active and ("a" in mode or "w" in mode) else f
 
     def savez_compressed(self, file, *args, **kwargs):  # numpy's, for the prediction store
         if self.active:
@@ -212,6 +212,20 @@ def test_disk_full_in_the_trajectory_store_keeps_earlier_samples(
     # Every sample before and after the failures is intact, row for row (training unchanged).
     np.testing.assert_array_equal(holed.vectors, full.vectors[kept])
     np.testing.assert_array_equal(holed.losses, full.losses[kept])
+
+
+def test_disk_full_when_the_trajectory_store_is_created_records_nothing_and_trains_on(
+    tmp_path, make_trainer, monkeypatch
+):
+    _reset_warn_once()
+    disk = _DiskFull(set(), active=True)
+    monkeypatch.setattr(store_module, "open", disk.open, raising=False)
+    monitor = DiffusionMapMonitor(every_n_steps=1, n_components=2)
+    trainer = make_trainer([monitor], max_steps=3)
+    with pytest.warns(RuntimeWarning, match=r"could not open the trajectory store .*Errno 28"):
+        trainer.fit(DigitsModule(hidden=4), loader(32))
+    assert trainer.global_step == 3 and disk.failures == 1
+    assert monitor.num_measurements == 0
 
 
 def test_disk_full_in_the_prediction_store_keeps_earlier_records(
