@@ -27,6 +27,7 @@ from typing_extensions import override
 from .._checks import check_positive_int
 from ..dashboard import tensorboard_writer, warn_once, write_custom_scalars_layout
 from ..dashboard.layout import merge_layouts
+from ..dashboard.writer import mark_resumed
 from ..linalg.operators import HVPFailedError
 from . import _context as ctx
 from ._schedule import Coordinator, coordinator_for
@@ -204,6 +205,8 @@ class ScheduledMonitor(Callback):
             layouts = [cb._layout() for cb in trainer.callbacks if isinstance(cb, ScheduledMonitor)]
             if writer is not None:
                 write_custom_scalars_layout(writer, merge_layouts(*layouts))
+                if trainer.global_step > 0:  # resumed: the steps after the checkpoint are redone
+                    mark_resumed(writer, trainer.global_step + 1)
         step = trainer.global_step
         self._seen_step = step
         if self.every_n_steps is not None and step == 0 and self.last_measured_step != 0:
@@ -486,7 +489,8 @@ class LandscapeMonitor(ScheduledMonitor):
                 "train_mode=True"
             )
         t0 = self._coord.clock() if self._coord is not None else 0.0
-        self._probe = self._load_or_capture_probe(trainer)
+        self._probe = self._guarded_probe(trainer)
+        self._check_defaults(trainer, pl_module)
         if self._coord is not None:  # capturing (or loading) the probe set is overhead too
             self._charge(self._coord.clock() - t0)
         super().on_train_start(trainer, pl_module)
@@ -502,12 +506,18 @@ class LandscapeMonitor(ScheduledMonitor):
         clock = self._now
         t0 = clock()
         result = None
-        batches = self._probe or []
+        batches = self._probe if self._probe is not None else self._guarded_probe(trainer)
+        batches = batches or []
         loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
+        # Decided before the measurement's collectives: a rank without probe batches would skip
+        # them all and leave the others waiting in one.
+        empty = ctx.any_rank(trainer, not batches, pl_module.device)
         try:
-            if not batches:
+            if empty:
                 raise FloatingPointError(
-                    "the probe set is empty (the training loader gave no batch)"
+                    "the probe set is empty on "
+                    + ("this rank" if not batches else "another rank")
+                    + " (the training loader gave no batch, or taking it failed)"
                 )
             with ctx.isolated(pl_module, train_mode=self.train_mode):
                 result = self._compute(pl_module, batches, loss_fn, ctx.make_reduce(trainer))
@@ -535,6 +545,35 @@ class LandscapeMonitor(ScheduledMonitor):
         self._reschedule(trainer, step, self.last_cost)
 
     # -- probe set ---------------------------------------------------------------------------
+    def _guarded_probe(self, trainer: Trainer) -> list[Any] | None:
+        """The probe set, or None after a failure to take it (out of memory moving it to the
+        device, a loader error), warned on the rank that failed and tried again at the next
+        measurement.
+
+        No collective inside: a rank that fails here leaves the others unblocked, and its empty
+        probe set makes the measurement a skip on every rank (``_measure`` all-reduces it).
+        """
+        probe_dir = self.probe_dir
+        try:
+            self._probe = self._load_or_capture_probe(trainer)
+        except Exception as err:
+            # Not a resume at the retry: the directory is named again then, not read back.
+            self._probe, self.probe_dir = None, probe_dir
+            warnings.warn(  # this rank only knows; the default filter shows it once
+                f"{type(self).__name__}: could not take the probe set on rank "
+                f"{trainer.global_rank} ({type(err).__name__}: {err}); measurements are skipped "
+                "until it can be taken (tried again at each).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return self._probe
+
+    def _check_defaults(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Switch off, with one warning each, the parts whose defaults cannot apply to this
+        module (tried on the probe set at fit start, decided on all ranks alike); raise a
+        ``ValueError`` for an argument the user passed that cannot apply. Nothing to check here.
+        """
+
     def _probe_file(self, trainer: Trainer) -> str:
         if self.probe_dir is None:
             self.probe_dir = os.path.join(trainer.default_root_dir, ".landscape_probes")

@@ -192,7 +192,16 @@ class DiffusionMapMonitor(ScheduledMonitor):
             return
         key = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.state_key)[:120]
         root = self.directory or _log_dir(trainer)
-        self.recorder.open(pl_module, os.path.join(root, "landscape_diffusion", key))
+        try:
+            self.recorder.open(pl_module, os.path.join(root, "landscape_diffusion", key))
+        except OSError as err:  # disk full, read-only: no trajectory this fit, training goes on
+            warn_once(
+                f"{self.name}-store",
+                f"DiffusionMapMonitor: could not open the trajectory store under {root} ({err}); "
+                "nothing is recorded in this fit.",
+                category=RuntimeWarning,
+            )
+            return
         last = self.last_measured_step  # the saved embedding, cut back to the checkpoint
         self.embedder.load(self._previous_path(), until_step=-1 if last is None else last)
 
@@ -239,7 +248,11 @@ class DiffusionMapMonitor(ScheduledMonitor):
 
     def _record(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         epoch, t0 = trainer.current_epoch, self._now()
-        done = self.recorder.record(pl_module, step=step, epoch=epoch, loss=self._last_loss)
+        try:
+            done = self.recorder.record(pl_module, step=step, epoch=epoch, loss=self._last_loss)
+        except OSError as err:  # disk full: the store keeps the samples before, training goes on
+            self._skip(trainer, step, err, "sample")
+            return
         if done is False:
             self.skipped += 1
             warn_once(

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import Unpack, override
 
 from .._checks import (
@@ -31,7 +32,8 @@ from ..linalg import (
 )
 from ..linalg.covariance import CovarianceOptions
 from ..linalg.operators import default_batch_size
-from ..linalg.per_sample import OutputsFn
+from ..linalg.per_sample import OutputsFn, per_sample_problems
+from . import _context as ctx
 from ._base import LandscapeMonitor
 from ._schedule import HESSIAN_EIGENPAIRS, dependency_order
 
@@ -91,6 +93,10 @@ class GradientCovarianceMonitor(LandscapeMonitor):
             Required with manual optimisation.
         outputs_fn: ``(model, batch) -> (logits, targets)`` for the per-sample-loss path (when
             vmap fails, e.g. batch norm in train mode); default ``(model(batch[0]), batch[1])``.
+            Both paths are tried at fit start on the first probe batch: where neither applies
+            with the defaults, the probe covariance is off with one notice (the training-step
+            signal goes on); where an ``outputs_fn`` passed here is needed and does not apply,
+            ``ValueError`` before step 1.
         per_sample_loss_fn: ``(logits, targets) -> (n,)``; default cross-entropy.
         method: ``"auto"``, ``"gram"`` or ``"lanczos"`` (see ``gradient_covariance``).
         train_mode: measure in train mode (not deterministic under DDP).
@@ -185,6 +191,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         self._batch_size: int | None = None
         self._logged_step: int | None = None
         self._per_sample: Literal["auto", "vmap", "outputs"] = "auto"
+        self._covariance_on = True  # off for the fit when no per-sample path applies
 
     def _state_key(self) -> str:
         return self._generate_state_key(
@@ -301,7 +308,79 @@ class GradientCovarianceMonitor(LandscapeMonitor):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._grad_params = None
+        self._covariance_on = True
         super().on_train_start(trainer, pl_module)
+
+    @override
+    def _check_defaults(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Switch the probe covariance off when neither per-sample path applies (the training
+        step signal goes on); raise if a user's ``outputs_fn`` was the one left to apply."""
+        problems: dict[str, str | None] = {"vmap": None, "outputs": None}
+        if self._probe:
+            problems = self._per_sample_problems(pl_module, self._probe[0])
+        device = pl_module.device
+        failed = [ctx.any_rank(trainer, problems[k] is not None, device) for k in problems]
+        if failed == [True, False] and self._per_sample == "auto":
+            # Decided here, not at the first measurement: single-sample calls may work at step 0
+            # and fail once a training step has left its state (an RNN's hidden state).
+            self._per_sample = "outputs"
+            rank_zero_warn(
+                "GradientCovarianceMonitor: single-sample calls of the loss under vmap fail on "
+                f"this module ({problems['vmap'] or 'on another rank'}); per-sample gradients "
+                "come from outputs_fn's per-sample losses of the full batch (one Jacobian row "
+                "per sample: slower). Pass a loss_fn that works on single samples to avoid it.",
+                category=RuntimeWarning,
+            )
+        if not all(failed):
+            return
+        why = "; ".join(f"{k}: {v or 'failed on another rank'}" for k, v in problems.items())
+        if self.outputs_fn is not None:
+            raise ValueError(
+                "GradientCovarianceMonitor: outputs_fn must return (logits (n, C), targets (n,)) "
+                f"for per_sample_loss_fn on the training batches; got, on the first probe batch, "
+                f"{why}"
+            )
+        self._covariance_on = False
+        rank_zero_warn(
+            "GradientCovarianceMonitor: no per-sample gradients with the defaults on this module "
+            f"({why}); the probe covariance is off for this fit, the training-step noise goes "
+            "on. Pass outputs_fn=(lambda model, batch: (logits, targets)) (with "
+            "per_sample_loss_fn= if not cross-entropy), or a loss_fn=(lambda model, batch: "
+            "loss) that works on single samples.",
+        )
+
+    def _per_sample_problems(self, pl_module: LightningModule, batch: Any) -> dict[str, Any]:
+        loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
+        full_batch = None
+        with ctx.isolated(pl_module, train_mode=self.train_mode):
+            try:
+                # As a training step would have first: state kept on the module (an RNN's hidden
+                # state sized for the batch) is what the measurements will meet.
+                with torch.no_grad():
+                    loss_fn(pl_module, batch)
+            except Exception as err:
+                full_batch = f"{type(err).__name__}: {str(err)[:200]}"
+            try:
+                problems = per_sample_problems(
+                    pl_module,
+                    loss_fn,
+                    batch,
+                    outputs_fn=self.outputs_fn,
+                    per_sample_loss_fn=self.per_sample_loss_fn,
+                    batch_size_fn=self.batch_size_fn,
+                )
+            except torch.OutOfMemoryError:  # no verdict: the measurements will tell
+                return {"vmap": None, "outputs": None}
+        return {**problems, "vmap": full_batch or problems["vmap"]}
+
+    @override
+    def _due(self, trainer: Trainer, pl_module: LightningModule, step: int) -> bool:
+        return self._covariance_on and super()._due(trainer, pl_module, step)
+
+    @override
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        if self._covariance_on:
+            super()._measure(trainer, pl_module, step)
 
     @override
     def on_train_batch_start(

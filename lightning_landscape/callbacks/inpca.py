@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -107,8 +108,11 @@ class InPCAMonitor(LandscapeMonitor):
         num_probe_batches: probe batches per rank.
         probe_dataloader: take the probe set from this loader (e.g. a validation loader).
         outputs_fn: ``outputs_fn(model, batch) -> (logits, targets)`` with logits (n, C) and
-            integer targets (n,); default ``(model(batch[0]), batch[1])``. Where it does not
-            apply the predictions are skipped with one notice (the geometry goes on).
+            integer targets (n,); default ``(model(batch[0]), batch[1])``. Tried at fit start
+            on the first probe batch: where the default does not apply (no ``forward``, dict
+            batches, outputs that are not logits) the predictions are off with one notice (the
+            geometry goes on); an ``outputs_fn`` passed here that does not apply raises
+            ``ValueError`` before step 1.
         loss_fn: ``loss_fn(model, batch) -> scalar`` for the path losses; default
             ``training_step``.
         train_mode: measure in train mode instead of eval mode (not deterministic under DDP).
@@ -218,6 +222,37 @@ class InPCAMonitor(LandscapeMonitor):
         if self.last_measured_step is None:
             # The origin of the trajectory (progress coordinate, distance from init).
             self._measure(trainer, pl_module, trainer.global_step)
+
+    @override
+    def _check_defaults(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Switch the predictions off when the default ``outputs_fn`` does not give logits on
+        the first probe batch (the geometry goes on); raise when the user's does not."""
+        if not self._predictions_enabled:  # checkpointed: the same on every rank
+            return
+        failure = None
+        if self._probe:
+            outputs_fn = self.outputs_fn or ctx.default_outputs
+            try:
+                with ctx.isolated(pl_module, train_mode=self.train_mode):
+                    predict_shard(pl_module, self._probe[:1], outputs_fn)
+            except torch.OutOfMemoryError:  # no verdict: the measurements will tell
+                pass
+            except Exception as err:
+                failure = f"{type(err).__name__}: {str(err)[:200]}"
+        if not ctx.any_rank(trainer, failure is not None, pl_module.device):
+            return
+        why = failure or "it failed on another rank"
+        if self.outputs_fn is not None:
+            raise ValueError(
+                "InPCAMonitor: outputs_fn must return (logits (n, C), integer targets (n,)) on "
+                f"the training batches; got, on the first probe batch, {why}"
+            )
+        self._predictions_enabled = False
+        rank_zero_warn(
+            f"InPCAMonitor: the default outputs_fn does not apply to this module ({why}); "
+            "predictions and the InPCA embedding are off for this fit, the trajectory geometry "
+            "goes on. Pass outputs_fn=(lambda model, batch: (logits, labels)).",
+        )
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["missing_tensorboard", "tensorboard_writer", "warn_once"]
+__all__ = ["mark_resumed", "missing_tensorboard", "tensorboard_writer", "warn_once"]
 
 _warned_keys: set[str] = set()
 _warned_lock = threading.Lock()
@@ -50,6 +50,27 @@ def tensorboard_writer(trainer: Any) -> SummaryWriter | Any | None:
     tensorboard = next((lg.experiment for lg in loggers if isinstance(lg, kinds)), None)
     mirrors = mirrors_for(loggers)
     return FanOutWriter(tensorboard, mirrors) if mirrors else tensorboard
+
+
+def mark_resumed(writer: Any, step: int) -> None:
+    """Tell TensorBoard's readers that the run restarts at ``step``: they drop what an earlier
+    process of the run wrote at ``step`` and later, which a run resumed from a checkpoint writes
+    again (a session-log START event; TensorBoard's own restart marker).
+
+    Without it a step measured after the last checkpoint and before a crash shows twice. Raw
+    event files keep both copies; readers that ignore the marker see them.
+
+    Args:
+        writer: from :func:`tensorboard_writer` (a ``SummaryWriter`` or a ``FanOutWriter``).
+        step: the first step the resumed run writes again.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    summary_writer = getattr(writer, "tensorboard", writer)  # a FanOutWriter's TensorBoard part
+    get = getattr(summary_writer, "_get_file_writer", None)
+    if get is not None:
+        event = Event(step=int(step), session_log=SessionLog(status=SessionLog.START))
+        get().add_event(event)
 
 
 def missing_tensorboard(key: str, monitor: str, what: str, *, any_logger: bool) -> None:

@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from .operators import LossFn, _resolve_params, curvature_context, default_batch_size
 
-__all__ = ["OutputsFn", "PerSampleLossFn", "per_sample_gradients"]
+__all__ = ["OutputsFn", "PerSampleLossFn", "per_sample_gradients", "per_sample_problems"]
 
 OutputsFn = Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
 PerSampleLossFn = Callable[[Tensor, Tensor], Tensor]
@@ -326,6 +326,60 @@ def per_sample_gradients(
             out[i : i + len(rows)] = rows
             i += len(rows)
         return out
+
+
+def per_sample_problems(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batch: Any,
+    *,
+    outputs_fn: OutputsFn | None = None,
+    per_sample_loss_fn: PerSampleLossFn | None = None,
+    batch_size_fn: Callable[[Any], int] | None = None,
+    samples: int = 2,
+) -> dict[str, str | None]:
+    """Which per-sample path applies to ``model`` on ``batch``: tried on its first ``samples``.
+
+    Cheap (a ``vmap`` over ``samples`` single-sample calls, one forward of the batch and one
+    Jacobian row), for a caller that must know before a long run whether the defaults apply.
+    ``.grad`` is never written; the caller isolates any state ``loss_fn`` keeps.
+
+    Returns:
+        ``{"vmap": problem, "outputs": problem}``, each None where the path works, else the
+        error as ``"Type: message"``. ``outputs`` is tried with :func:`_default_outputs` when
+        ``outputs_fn`` is None; ``vmap`` is a problem when ``loss_fn`` is None.
+
+    Raises:
+        torch.OutOfMemoryError: passed through (it says nothing about applicability).
+    """
+    names, plist = _resolve_params(model, None)
+    problems: dict[str, str | None] = {"vmap": "no loss_fn", "outputs": None}
+    try:
+        n = int((batch_size_fn or default_batch_size)(batch))
+    except Exception as err:  # no batch size: neither path can split the batch
+        return dict.fromkeys(problems, _describe(err))
+    ps = _PerSample(
+        model, loss_fn, names, plist, outputs_fn or _default_outputs, per_sample_loss_fn, "auto"
+    )
+    if loss_fn is not None:
+        try:
+            ps._vmap_grads(batch, n, 0, min(n, samples))
+            problems["vmap"] = None
+        except torch.OutOfMemoryError:  # says nothing about whether the path applies
+            raise
+        except Exception as err:
+            problems["vmap"] = _describe(err)
+    try:
+        ps._jacobian_rows(ps._outputs_losses(batch, n), 0, 1)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:
+        problems["outputs"] = _describe(err)
+    return problems
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err)[:200]}"
 
 
 def _check_per_sample(per_sample: Any) -> None:

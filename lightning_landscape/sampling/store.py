@@ -153,21 +153,30 @@ class TrajectoryStore:
 
         Raises:
             ValueError: If ``vector`` does not have ``dim`` finite-or-not float entries.
+            OSError: If a write fails (disk full); the store is left with the samples before.
         """
         v = np.ascontiguousarray(np.asarray(vector, dtype="<f8").reshape(-1))
         if v.size != self.dim:
             raise ValueError(f"vector must have dim={self.dim} entries; got {v.size}")
-        with open(self._vec_path, "ab") as f:
-            f.write(v.tobytes())
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
         loss_text = repr(float(loss)) if loss is not None else "nan"
-        with open(self._meta_path, "a", encoding="utf-8") as f:
-            f.write(f"{int(step)},{int(epoch)},{loss_text}\n")
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
+        meta_bytes = os.path.getsize(self._meta_path)
+        try:
+            with open(self._vec_path, "ab") as f:
+                f.write(v.tobytes())
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            with open(self._meta_path, "a", encoding="utf-8") as f:
+                f.write(f"{int(step)},{int(epoch)},{loss_text}\n")
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+        except BaseException:
+            # A partial row (disk full, an interrupt) would shift every later row: cut both files
+            # back to the samples before (shortening a file needs no free space).
+            os.truncate(self._vec_path, self._rows * self._row_bytes)
+            os.truncate(self._meta_path, meta_bytes)
+            raise
         self._rows += 1
 
     def truncate(self, rows: int) -> None:

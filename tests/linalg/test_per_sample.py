@@ -9,6 +9,7 @@ from torch import nn
 import lightning_landscape.linalg.covariance as covariance_module
 from lightning_landscape.linalg import per_sample_gradients
 from lightning_landscape.linalg.per_sample import per_sample_gradients as direct
+from lightning_landscape.linalg.per_sample import per_sample_problems
 from tests._reference import cross_entropy_loss, digits_batches, make_mlp
 
 
@@ -77,3 +78,38 @@ def test_bad_options_raise(kwargs, match):
     (batch,) = digits_batches([5], torch.float64)
     with pytest.raises(ValueError, match=match):
         per_sample_gradients(model, cross_entropy_loss, batch, **kwargs)
+
+
+class _NoForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+
+def test_per_sample_problems_names_the_path_that_fails():
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    mlp = nn.Linear(4, 3)
+
+    def loss(model, batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    assert per_sample_problems(mlp, loss, (x, y)) == {"vmap": None, "outputs": None}
+    # No forward: single-sample calls through the submodule work, the default outputs do not.
+    no_forward = _NoForward()
+
+    def sub_loss(model, batch):
+        return nn.functional.cross_entropy(model.lin(batch[0]), batch[1])
+
+    got = per_sample_problems(no_forward, sub_loss, (x, y))
+    assert got["vmap"] is None and got["outputs"].startswith("NotImplementedError")
+    # A dict batch: the default outputs need (inputs, targets); no loss_fn: no vmap path.
+    got = per_sample_problems(mlp, None, {"x": x, "y": y})
+    assert got["vmap"] == "no loss_fn" and "(inputs, targets)" in got["outputs"]
+    # Logits per token: the per-sample losses have the wrong length.
+    got = per_sample_problems(
+        mlp, loss, (x, y), outputs_fn=lambda m, b: (m(b[0]).repeat(2, 1), b[1].repeat(2))
+    )
+    assert got["vmap"] is None and "vector of the 6 per-sample losses" in got["outputs"]
+    # .grad is never written.
+    assert all(p.grad is None for p in [*mlp.parameters(), *no_forward.parameters()])
