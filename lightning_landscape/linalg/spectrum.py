@@ -38,7 +38,7 @@ from .outliers import split_outliers
 from .slq import density_error, pooled_measure, quadrature_rows, spectral_density
 from .trace import basis_trace, deflated_samples, mean_stderr
 
-__all__ = ["HessianSpectrum", "hessian_spectrum", "parameter_groups"]
+__all__ = ["HessianSpectrum", "hessian_spectrum", "parameter_groups", "subspace_overlap"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -504,6 +504,13 @@ def _more_probes(samples: Tensor, exact: float, scale: float | None) -> int:
     if se <= target or have >= MAX_TRACE_PROBES:
         return 0
     return min(MAX_TRACE_PROBES - have, math.ceil(have * (se / target) ** 2) - have)
+
+
+def subspace_overlap(previous: Tensor, current: Tensor) -> float:
+    """Overlap of two subspaces (their rows' spans), in [0, 1]: the mean squared cosine of the
+    ``min(k₁, k₂)`` principal angles between them; 1 when one contains the other."""
+    Y = torch.linalg.qr(current.detach().to(torch.float64).T).Q.T
+    return _overlap(previous.detach(), Y)[0]
 
 
 def _overlap(previous: Tensor, Y: Tensor) -> tuple[float, np.ndarray]:

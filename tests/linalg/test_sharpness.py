@@ -9,6 +9,7 @@ import torch
 
 from lightning_landscape.linalg import MatrixOperator
 from lightning_landscape.linalg.sharpness import (
+    adam_hyperparameters,
     adam_preconditioner,
     adam_stability,
     adam_threshold,
@@ -24,12 +25,14 @@ def test_sgd_and_momentum_thresholds_analytically() -> None:
     assert sgd_threshold(0.1, momentum=0.9, dampening=0.5) == pytest.approx(2 * 1.9 / 0.05)
     assert sgd_threshold(0.1, momentum=0.9, nesterov=True) == pytest.approx(2 * 1.9 / 0.1 / 2.8)
     assert adam_threshold(0.9) == pytest.approx(38.0)
+    assert adam_threshold(0.9, lr=1e-3) == pytest.approx(38_000.0)  # Cohen et al.'s 38/η
     s = stability_from_param_group(5.0, {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0})
     assert (s.ratio, s.threshold, s.kind) == (pytest.approx(0.25), pytest.approx(20.0), "sgd")
     s = stability_from_param_group(5.0, {"lr": 0.1, "momentum": 0.5, "weight_decay": 1.0})
     assert s.kind == "momentum" and s.sharpness == 6.0
     assert s.ratio == pytest.approx(6.0 * 0.1 / (2 * 1.5))
     assert adam_stability(19.0, 0.9).ratio == pytest.approx(0.5)
+    assert adam_stability(1900.0, 0.9, lr=0.01).threshold == pytest.approx(3800.0)
 
 
 def _heavy_ball_diverges(lam: float, lr: float, beta: float, steps: int = 400) -> bool:
@@ -101,9 +104,29 @@ def test_adam_preconditioner_from_the_optimizer_state_read_only() -> None:
         assert float(st["step"]) == 3.0
     v_hat = torch.cat([opt.state[w]["exp_avg_sq"], opt.state[b]["exp_avg_sq"]]).double()
     v_hat = v_hat / (1 - 0.99**3)
-    torch.testing.assert_close(P, (v_hat.sqrt() + 1e-8) / 0.01)
+    # The next step's first-moment bias correction 1 - β1^(t+1) is folded in; lr is not.
+    torch.testing.assert_close(P, (1 - 0.9**4) * (v_hat.sqrt() + 1e-8))
     for k, v in before.items():
         assert torch.equal(opt.state[w][k], v)
+    assert adam_hyperparameters(opt) == (0.01, 0.9)
+
+
+def test_adam_preconditioner_reads_the_amsgrad_maximum_and_groups_must_agree() -> None:
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    b = torch.nn.Parameter(torch.tensor([0.5]))
+    opt = torch.optim.Adam([w, b], lr=0.1, betas=(0.5, 0.9), amsgrad=True)
+    for scale in (3.0, 1.0):  # a smaller second gradient: the maximum differs from v
+        opt.zero_grad()
+        (scale * (w**2).sum() + scale * b.sum() ** 2).backward()
+        opt.step()
+    v_max = torch.cat([opt.state[w]["max_exp_avg_sq"], opt.state[b]["max_exp_avg_sq"]]).double()
+    v = torch.cat([opt.state[w]["exp_avg_sq"], opt.state[b]["exp_avg_sq"]]).double()
+    assert not torch.allclose(v_max, v)
+    expected = (1 - 0.5**3) * ((v_max / (1 - 0.9**2)).sqrt() + 1e-8)
+    torch.testing.assert_close(adam_preconditioner(opt, [w, b]), expected)
+    two = torch.optim.Adam([{"params": [w]}, {"params": [b], "lr": 0.2}], lr=0.1)
+    assert adam_hyperparameters(two) is None  # no single line
+    assert adam_hyperparameters(torch.optim.SGD([w], lr=0.1)) is None
 
 
 def test_errors() -> None:
