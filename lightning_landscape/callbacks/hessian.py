@@ -162,17 +162,19 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         warm_start: keep the previous measurement's top-k eigenvectors (``top_k × D`` numbers
             on the model's device, not checkpointed: a resumed run starts cold) and log
             ``subspace_overlap``, the overlap of successive top-k subspaces. With
-            ``density=False`` the top-k run also starts from them (fewer products when the
-            weights moved little); with the density on, the cold run doubles as the first
-            quadrature probe, which a warm run cannot, so it stays cold (a warm one cost
-            1.6-1.7x the products on the digits models of ``benchmarks/hvp_counts.py``).
+            ``density=False, trace=False`` the top-k run also starts from them (0.62-0.88x the
+            products of a cold run after a small move on the models of
+            ``benchmarks/hvp_counts.py``). With the density or the trace on it stays cold: the
+            cold run doubles as the first quadrature probe and its Krylov basis deflates the
+            trace, which a warm run's smaller basis does less well (warm cost 1.3-1.8x there).
         log_batch_spread: with several probe batches, also the top eigenvalue of each probe
             batch's own Hessian (the curvature one SGD step sees): ``lambda_max_batch_mean``,
             ``_min``, ``_max``, ``_std``. A short Lanczos run per batch, started from the
             whole probe set's top eigenvector; its products (each on one batch) are counted in
             ``num_hvps``.
-        batch_max_hvps: product cap of each per-batch run; a capped run reads low by at most
-            about its residual (``lambda_max_batch_residual``, the largest).
+        batch_max_hvps: product cap of each per-batch run; a capped run reads low (a Ritz
+            value never exceeds λ_max), typically by about its residual (the largest is logged
+            as ``lambda_max_batch_residual``).
         **spectrum_kwargs: further options of :func:`~lightning_landscape.hessian_spectrum`
             (``tol``, ``max_iter``, ``num_slq_probes``, ``slq_steps``, ``num_trace_probes``,
             ``retain_graph``, ``batch_size_fn``, ``dtype``).
@@ -362,10 +364,11 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         previous = self._previous if self.warm_start else None
         spread = self._spread_on(len(batches))
         vectors = self.keep_eigenvectors or share is not None or self.warm_start or spread
+        warm = None if self.density or self.trace else previous  # where it saves products
         result = hessian_spectrum(
             pl_module, loss_fn, batches, top_k=self.top_k, density=self.density,
             trace=self.trace, seed=self.seed, groups=self.groups, reduce_fn=reduce_fn,
-            return_eigenvectors=vectors, warm_start=None if self.density else previous,
+            return_eigenvectors=vectors, warm_start=warm,
             **self.spectrum_kwargs,
         )  # fmt: skip
         extra: dict[str, float] = {}

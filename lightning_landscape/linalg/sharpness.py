@@ -239,8 +239,9 @@ class BatchSharpness:
 
     Attributes:
         eigenvalues: (B,) λ_max of each batch's mean loss, in batch order.
-        residuals: (B,) their error bounds ``||Hv - θv||``; a Ritz value never exceeds the
-            true λ_max, so a run stopped by the cap reads low by at most about its residual.
+        residuals: (B,) their residuals ``||Hv - θv||``: a Ritz value never exceeds λ_max
+            and lies within its residual of an eigenvalue (the top one when the start is close
+            to its eigenvector), so a run stopped by the cap reads low.
         num_hvps: Hessian-vector products spent, all batches together (each on one batch).
     """
 
