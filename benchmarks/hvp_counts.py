@@ -16,8 +16,9 @@ a time, so the table reads the same on any machine. For each model the script me
   of the bases by the memory model :func:`~lightning_landscape.linalg.lanczos_memory`;
 * ``monitor warm start`` (a line per model under the table): what ``HessianSpectrumMonitor``'s
   own measurement costs on the moved weights, cold and warm-started from the previous one, both
-  keeping their eigenvectors as the monitor does: at its defaults (density and trace on), with
-  ``density=False`` (top 10 and trace) and with ``density=False, trace=False`` (top 10 only).
+  keeping their Ritz vectors as the monitor does (``return_eigenvectors="ritz"``): at its
+  defaults (density and trace on), with ``density=False`` (top 10 and trace) and with
+  ``density=False, trace=False`` (top 10 only).
 
 With ``--accuracy`` the small models' dense float64 Hessians (``torch.func``) check the defaults
 against the targets (top 10 to 1e-4 relative, W1 <= 2% of the spectral range, trace within 5%
@@ -213,7 +214,7 @@ def _monitor_warm(model: nn.Module, moved: nn.Module, batches: list, loss_fn: Ca
         ("no_density", False, True),
         ("top10", False, False),
     ):
-        kw = dict(top_k=10, density=density, trace=trace, return_eigenvectors=True)
+        kw = dict(top_k=10, density=density, trace=trace, return_eigenvectors="ritz")
         prev = hessian_spectrum(model, loss_fn, batches, **kw)
         cold = hessian_spectrum(moved, loss_fn, batches, **kw)
         warm = hessian_spectrum(moved, loss_fn, batches, warm_start=prev, **kw)

@@ -276,7 +276,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         self._previous: torch.Tensor | None = None  # last top-k eigenvectors (warm start)
         self._above_line = 0  # consecutive measurements above the stability line
         self._warned_above_line = False
-        self._trainer: Callable[[], Trainer | None] = lambda: None
+        self._trainer: weakref.ref[Trainer] | None = None
 
     def _state_key(self) -> str:
         return self._generate_state_key(
@@ -334,7 +334,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         layout = hessian_layout(self.tag_prefix, groups=self._group_names)
         (charts,) = layout.values()
         p = re.escape(self.tag_prefix.rstrip("/"))
-        trainer = self._trainer()
+        trainer = self._trainer() if self._trainer is not None else None
         optimizers = getattr(trainer, "optimizers", None) or []
         if optimizers and adam_hyperparameters(optimizers[0]) is not None:
             # Adam's line is not λ_max's: the SGD chart would set λ_max against it.
@@ -348,6 +348,10 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         ]
         charts[_OVERLAP_CHART] = [rf"{p}/subspace_overlap$"]
         return layout
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the callbacks; a weak reference cannot be, and is not needed there.
+        return {**self.__dict__, "_trainer": None}
 
     def _spread_on(self, num_batches: int) -> bool:
         return self.log_batch_spread and num_batches > 1
@@ -363,7 +367,10 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             share.withdraw(HESSIAN_EIGENPAIRS)  # a failed measurement shares nothing
         previous = self._previous if self.warm_start else None
         spread = self._spread_on(len(batches))
-        vectors = self.keep_eigenvectors or share is not None or self.warm_start or spread
+        kept = self.keep_eigenvectors or share is not None
+        # The overlap and the per-batch start need no converged vectors: the Ritz vectors the
+        # eigenvalues leave are free, converging them cost up to 1.6x the products.
+        vectors = True if kept else ("ritz" if self.warm_start or spread else False)
         warm = None if self.density or self.trace else previous  # where it saves products
         result = hessian_spectrum(
             pl_module, loss_fn, batches, top_k=self.top_k, density=self.density,
@@ -382,7 +389,6 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             adam, used = self._adam_sharpness(pl_module, batches, loss_fn, reduce_fn)
             hvps += used
         self._previous = result.eigenvectors if self.warm_start else None
-        kept = self.keep_eigenvectors or share is not None
         result = dataclasses.replace(
             result, num_hvps=hvps, eigenvectors=result.eigenvectors if kept else None
         )

@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_landscape.linalg import MatrixOperator
+from lightning_landscape.linalg import MatrixOperator, hessian_spectrum
 from lightning_landscape.linalg.sharpness import (
     adam_hyperparameters,
     adam_preconditioner,
     adam_stability,
     adam_threshold,
+    batch_sharpness,
     preconditioned_sharpness,
     sgd_threshold,
     stability_from_param_group,
 )
+from tests._reference import cross_entropy_loss, dense_hessian, digits_batches, make_mlp
 
 
 def test_sgd_and_momentum_thresholds_analytically() -> None:
@@ -143,3 +145,38 @@ def test_errors() -> None:
         preconditioned_sharpness(op, torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="p_diag must be positive and finite"):
         preconditioned_sharpness(op, torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_batch_sharpness_against_dense_per_batch_hessians() -> None:
+    model = make_mlp("tanh", seed=0, hidden=8).double()
+    batches = digits_batches([24, 40, 32], dtype=torch.float64)
+    exact = [
+        float(torch.linalg.eigvalsh(dense_hessian(model, cross_entropy_loss, [b])).max())
+        for b in batches
+    ]
+    whole = torch.linalg.eigh(dense_hessian(model, cross_entropy_loss, batches)).eigenvectors
+    res = batch_sharpness(
+        model, cross_entropy_loss, batches, start=whole[:, -1], max_hvps=200, tol=1e-10
+    )
+    np.testing.assert_allclose(res.eigenvalues, exact, rtol=1e-8)
+    assert res.residuals.shape == (3,) and res.num_hvps > 0
+    # Capped: a Ritz value never exceeds λ_max, and the warm start keeps it close.
+    capped = batch_sharpness(model, cross_entropy_loss, batches, start=whole[:, -1], max_hvps=4)
+    assert capped.num_hvps <= 3 * 4
+    assert np.all(capped.eigenvalues <= np.asarray(exact) * (1 + 1e-12))
+    with pytest.raises(ValueError, match="max_hvps must be an integer >= 2; got 1"):
+        batch_sharpness(model, cross_entropy_loss, batches, max_hvps=1)
+
+
+def test_ritz_vectors_cost_nothing_extra_and_lie_near_the_eigenvectors() -> None:
+    model = make_mlp("tanh", seed=0, hidden=8).double()
+    batches = digits_batches([64, 64], dtype=torch.float64)
+    kw = dict(top_k=3, density=False, trace=False)
+    plain = hessian_spectrum(model, cross_entropy_loss, batches, **kw)
+    ritz = hessian_spectrum(model, cross_entropy_loss, batches, return_eigenvectors="ritz", **kw)
+    full = hessian_spectrum(model, cross_entropy_loss, batches, return_eigenvectors=True, **kw)
+    assert plain.eigenvectors is None and ritz.eigenvectors is not None
+    assert ritz.num_hvps == plain.num_hvps <= full.num_hvps
+    U = torch.linalg.eigh(dense_hessian(model, cross_entropy_loss, batches)).eigenvectors
+    cos = torch.linalg.svdvals(U[:, -3:].T @ ritz.eigenvectors.T)
+    assert float(cos.min()) > 0.99
