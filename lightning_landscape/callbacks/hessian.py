@@ -127,6 +127,11 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     measurements; the end-of-fit measurement always runs. ``every_n_steps`` / ``every_n_epochs``
     give a fixed, reproducible schedule instead.
 
+    Edge of stability: the sharpness is set against the first optimizer's stability line; for
+    Adam/AdamW that is the preconditioned sharpness λ_max(P⁻¹H) with Adam's own second moment
+    (Cohen et al. 2022), measured during training, which tools reporting λ_max(H) alone miss
+    (Adam's λ_max(H) may sit far above 2/η while training is stable).
+
     Args:
         top_k: number of top eigenvalues.
         every_n_steps: measure at every ``n``-th optimizer step (step 0 included).
@@ -159,14 +164,14 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             extra Lanczos run on ``P^{-1/2} H P^{-1/2}`` (typically 20-60 products, counted in
             ``num_hvps``), from the first optimizer step on. Warns once when the ratio stays
             above 1 for :data:`ABOVE_LINE_MEASUREMENTS` consecutive measurements.
-        warm_start: keep the previous measurement's top-k eigenvectors (``top_k × D`` numbers
+        warm_start: keep the previous measurement's top-k Ritz vectors (``top_k × D`` numbers
             on the model's device, not checkpointed: a resumed run starts cold) and log
-            ``subspace_overlap``, the overlap of successive top-k subspaces. With
-            ``density=False, trace=False`` the top-k run also starts from them (0.62-0.88x the
-            products of a cold run after a small move on the models of
-            ``benchmarks/hvp_counts.py``). With the density or the trace on it stays cold: the
-            cold run doubles as the first quadrature probe and its Krylov basis deflates the
-            trace, which a warm run's smaller basis does less well (warm cost 1.3-1.8x there).
+            ``subspace_overlap``, the overlap of successive top-k subspaces (free: the vectors
+            are those the converged eigenvalues leave). With ``density=False, trace=False`` the
+            top-k run also starts from them (0.61-0.87x the products of a cold run after a
+            small move on the models of ``benchmarks/hvp_counts.py``). With the density or the
+            trace on it stays cold: the cold run doubles as the first quadrature probe and its
+            Krylov basis deflates the trace, which a warm run cannot match (1.2-1.9x there).
         log_batch_spread: with several probe batches, also the top eigenvalue of each probe
             batch's own Hessian (the curvature one SGD step sees): ``lambda_max_batch_mean``,
             ``_min``, ``_max``, ``_std``. A short Lanczos run per batch, started from the
