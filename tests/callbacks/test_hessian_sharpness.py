@@ -190,3 +190,21 @@ def test_adam_layout_sets_the_preconditioned_sharpness_against_its_line(tmp_path
     assert not [
         t for t, tags in charts.items() if t != adam and any("threshold" in x for x in tags)
     ]
+
+
+def test_adam_groups_with_different_lr_have_no_single_line(tmp_path, make_trainer):
+    class TwoLr(DigitsModule):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            first, last = self.net[0].parameters(), self.net[-1].parameters()
+            groups = [{"params": first}, {"params": last, "lr": 0.1}]
+            return torch.optim.Adam(groups, lr=0.01)
+
+    monitor = HessianSpectrumMonitor(every_n_steps=2, top_k=1, num_probe_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([monitor], max_steps=2).fit(TwoLr(hidden=8), loader(32))
+    tags = load_events(str(tmp_path)).Tags()["scalars"]
+    assert "landscape/hessian/eigenvalue_01" in tags
+    assert "landscape/hessian/sharpness_ratio" not in tags
+    assert "landscape/hessian/preconditioned_sharpness" not in tags
+    assert any("one lr and β₁" in str(w.message) for w in caught)

@@ -180,3 +180,21 @@ def test_ritz_vectors_cost_nothing_extra_and_lie_near_the_eigenvectors() -> None
     U = torch.linalg.eigh(dense_hessian(model, cross_entropy_loss, batches)).eigenvectors
     cos = torch.linalg.svdvals(U[:, -3:].T @ ritz.eigenvectors.T)
     assert float(cos.min()) > 0.99
+
+
+def _frozen_adam_diverges(sharpness: float, lr: float, beta1: float, steps: int = 2000) -> bool:
+    """Adam's update with its preconditioner frozen, x ← x − η m / p, m ← β1 m + (1−β1) g, on
+    ½ λ x² with λ/p = ``sharpness`` (the preconditioned sharpness)."""
+    p, x, m = 3.0, 1.0, 0.0
+    lam = sharpness * p
+    for _ in range(steps):
+        m = beta1 * m + (1 - beta1) * lam * x
+        x -= lr * m / p
+    return abs(x) > 1.0
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.5, 0.9])
+def test_adam_threshold_is_where_frozen_adam_starts_to_diverge(beta1) -> None:
+    thr = adam_threshold(beta1, lr=0.01)
+    assert _frozen_adam_diverges(1.02 * thr, 0.01, beta1)
+    assert not _frozen_adam_diverges(0.98 * thr, 0.01, beta1)
