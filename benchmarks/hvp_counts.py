@@ -13,7 +13,12 @@ a time, so the table reads the same on any machine. For each model the script me
   noise), started from the previous measurement's Ritz vectors (measured with
   ``return_eigenvectors=True``), next to a cold top 10 on the same moved weights;
 * ``bounded top-10``: top 10 with a basis budget of 24 vectors (thick restart), and the bytes
-  of the bases by the memory model :func:`~lightning_landscape.linalg.lanczos_memory`.
+  of the bases by the memory model :func:`~lightning_landscape.linalg.lanczos_memory`;
+* ``monitor warm start`` (a line per model under the table): what ``HessianSpectrumMonitor``'s
+  own measurement costs on the moved weights, cold and warm-started from the previous one, both
+  keeping their Ritz vectors as the monitor does (``return_eigenvectors="ritz"``): at its
+  defaults (density and trace on), with ``density=False`` (top 10 and trace) and with
+  ``density=False, trace=False`` (top 10 only).
 
 With ``--accuracy`` the small models' dense float64 Hessians (``torch.func``) check the defaults
 against the targets (top 10 to 1e-4 relative, W1 <= 2% of the spectral range, trace within 5%
@@ -194,10 +199,27 @@ def measure(name: str) -> dict[str, Any]:
         "bounded_rel_diff": float(
             np.max(np.abs(bounded.eigenvalues - alone.eigenvalues) / np.abs(alone.eigenvalues))
         ),
+        **_monitor_warm(model, moved, batches, loss_fn),
         "full_basis_bytes": lanczos_memory(D, steps, dtype=torch.float32),
         "bounded_basis_bytes": lanczos_memory(D, steps, top_k=10, max_basis_rows=12),
         "_results": (model, batches, loss_fn, defaults),
     }
+
+
+def _monitor_warm(model: nn.Module, moved: nn.Module, batches: list, loss_fn: Callable) -> dict:
+    """The monitor's measurement on the moved weights, cold and warm, density on and off."""
+    out = {}
+    for name, density, trace in (
+        ("density", True, True),
+        ("no_density", False, True),
+        ("top10", False, False),
+    ):
+        kw = dict(top_k=10, density=density, trace=trace, return_eigenvectors="ritz")
+        prev = hessian_spectrum(model, loss_fn, batches, **kw)
+        cold = hessian_spectrum(moved, loss_fn, batches, **kw)
+        warm = hessian_spectrum(moved, loss_fn, batches, warm_start=prev, **kw)
+        out[f"monitor_{name}_cold"], out[f"monitor_{name}_warm"] = cold.num_hvps, warm.num_hvps
+    return out
 
 
 def accuracy(row: dict[str, Any]) -> dict[str, float]:
@@ -270,6 +292,14 @@ def main() -> None:
             f"| {row['warm_ratio']:.2f} | {row['bounded_top10']} |",
             flush=True,
         )
+    for row in rows:
+        cases = {"defaults": "density", "density=False": "no_density", "top 10 only": "top10"}
+        parts = [
+            f"{label} {row[f'monitor_{k}_cold']} / {row[f'monitor_{k}_warm']} "
+            f"({row[f'monitor_{k}_warm'] / row[f'monitor_{k}_cold']:.2f}x)"
+            for label, k in cases.items()
+        ]
+        print(f"{row['model']}: monitor cold / warm HVPs (moved 1e-3): " + ", ".join(parts))
     for row in rows:
         row.pop("_results")
         if "top10_rel_err" in row:

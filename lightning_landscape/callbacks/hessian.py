@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
@@ -12,12 +15,21 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import Unpack
 
-from .._checks import check_bool, forward_options
+from .._checks import check_bool, check_int, forward_options
 from ..dashboard import SpectrumAxis, hessian_layout, warn_once
 from ..dashboard.hessian import log_hessian_spectrum
-from ..linalg import HessianSpectrum, hessian_spectrum, parameter_groups
+from ..linalg import HessianOperator, HessianSpectrum, hessian_spectrum, parameter_groups
 from ..linalg._spectrum_options import check_spectrum_options
-from ..linalg.sharpness import stability_from_param_group
+from ..linalg.sharpness import (
+    Stability,
+    adam_hyperparameters,
+    adam_preconditioner,
+    adam_stability,
+    batch_sharpness,
+    preconditioned_sharpness,
+    stability_from_param_group,
+)
+from ..linalg.spectrum import subspace_overlap
 from ._base import LandscapeMonitor
 from ._schedule import HESSIAN_EIGENPAIRS
 
@@ -43,6 +55,29 @@ def _row_pass_seconds(device: torch.device, dim: int) -> float:
 
 
 __all__ = ["HessianSpectrumMonitor"]
+
+#: Consecutive measurements above the stability line before the (single) warning: at the edge
+#: of stability the ratio hovers around 1, so one reading above it is expected.
+ABOVE_LINE_MEASUREMENTS = 3
+
+#: Options of :class:`HessianOperator` the extra runs (per batch, Adam) share with the spectrum.
+_OPERATOR_OPTIONS = ("retain_graph", "batch_size_fn", "dtype", "hvp")
+
+
+_ADAM_CHART = "Adam: preconditioned sharpness λ_max(P⁻¹H) vs stability line 2(1+β₁)/((1-β₁)η)"
+_RATIO_CHART = "sharpness_ratio (sharpness / stability threshold; 1 = edge of stability)"
+_SPREAD_CHART = "λ_max per probe batch: min, mean, max, std (and the probe set's λ_max)"
+_OVERLAP_CHART = "top-k subspace overlap with the previous measurement (1 = unchanged)"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Measurement:
+    """One measurement: the spectrum and the scalars of the runs beside it."""
+
+    result: HessianSpectrum
+    extra: dict[str, float]
+    stability: Stability | None = None  # Adam's (SGD's is set from λ_max when logged)
+
 
 #: Options of :func:`hessian_spectrum` the monitor sets itself (the rest are forwarded).
 _SET_HERE = (
@@ -92,6 +127,11 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     measurements; the end-of-fit measurement always runs. ``every_n_steps`` / ``every_n_epochs``
     give a fixed, reproducible schedule instead.
 
+    Edge of stability: the sharpness is set against the first optimizer's stability line; for
+    Adam/AdamW that is the preconditioned sharpness λ_max(P⁻¹H) with Adam's own second moment
+    (Cohen et al. 2022), measured during training, which tools reporting λ_max(H) alone miss
+    (Adam's λ_max(H) may sit far above 2/η while training is stable).
+
     Args:
         top_k: number of top eigenvalues.
         every_n_steps: measure at every ``n``-th optimizer step (step 0 included).
@@ -115,9 +155,31 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             asks the trainer's coordinator for them (a :class:`GradientCovarianceMonitor` in
             the same trainer does), and then published there with the step they are of.
         clock: time source for the budget (tests).
-        log_sharpness: log ``sharpness_ratio`` (λ_max over the optimizer's stability
-            threshold, 1 = edge of stability) and ``stability_threshold``, read from the first
-            optimizer's ``param_groups`` (SGD-like); warns once when above 1.
+        log_sharpness: log ``sharpness_ratio`` (sharpness over the first optimizer's stability
+            threshold, 1 = edge of stability) and ``stability_threshold``. SGD-like optimizers
+            (``lr``, ``momentum``... in ``param_groups``): the sharpness is λ_max. Adam/AdamW:
+            the preconditioned sharpness λ_max(P⁻¹H), ``P = (1-β₁^{t+1}) diag(√v̂_t + ε)``
+            from the optimizer's state, against ``2(1+β₁)/((1-β₁)η)`` (38/η at β₁ = 0.9;
+            Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"), by an
+            extra Lanczos run on ``P^{-1/2} H P^{-1/2}`` (typically 20-60 products, counted in
+            ``num_hvps``), from the first optimizer step on. Warns once when the ratio stays
+            above 1 for :data:`ABOVE_LINE_MEASUREMENTS` consecutive measurements.
+        warm_start: keep the previous measurement's top-k Ritz vectors (``top_k × D`` numbers
+            on the model's device, not checkpointed: a resumed run starts cold) and log
+            ``subspace_overlap``, the overlap of successive top-k subspaces (free: the vectors
+            are those the converged eigenvalues leave). With ``density=False, trace=False`` the
+            top-k run also starts from them (0.61-0.87x the products of a cold run after a
+            small move on the models of ``benchmarks/hvp_counts.py``). With the density or the
+            trace on it stays cold: the cold run doubles as the first quadrature probe and its
+            Krylov basis deflates the trace, which a warm run cannot match (1.2-1.9x there).
+        log_batch_spread: with several probe batches, also the top eigenvalue of each probe
+            batch's own Hessian (the curvature one SGD step sees): ``lambda_max_batch_mean``,
+            ``_min``, ``_max``, ``_std``. A short Lanczos run per batch, started from the
+            whole probe set's top eigenvector; its products (each on one batch) are counted in
+            ``num_hvps``.
+        batch_max_hvps: product cap of each per-batch run; a capped run reads low (a Ritz
+            value never exceeds λ_max), typically by about its residual (the largest is logged
+            as ``lambda_max_batch_residual``).
         **spectrum_kwargs: further options of :func:`~lightning_landscape.hessian_spectrum`
             (``tol``, ``max_iter``, ``num_slq_probes``, ``slq_steps``, ``num_trace_probes``,
             ``retain_graph``, ``batch_size_fn``, ``dtype``).
@@ -131,8 +193,13 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         ``landscape/hessian/n_outliers``, ``bulk_edge``, ``lambda_min``;
         ``landscape/hessian/ratio_max_over_bulk_edge`` (λ_max / bulk edge) and
         ``ratio_max_over_kth`` (λ_1 / λ_k);
-        ``landscape/hessian/sharpness_ratio`` (λ_max / stability threshold; 2/η for SGD,
-        2(1+β)/η with momentum β) and ``stability_threshold``, with ``log_sharpness``;
+        ``landscape/hessian/sharpness_ratio`` (sharpness / stability threshold; 2/η for SGD,
+        2(1+β)/η with momentum β, 2(1+β₁)/((1-β₁)η) for Adam) and ``stability_threshold``,
+        and ``preconditioned_sharpness`` (Adam), with ``log_sharpness``;
+        ``landscape/hessian/subspace_overlap`` (in [0, 1], mean squared cosine of the
+        principal angles between this and the previous top-k subspace), with ``warm_start``;
+        ``landscape/hessian/lambda_max_batch_mean``, ``_min``, ``_max``, ``_std`` (sample
+        standard deviation) and ``_residual``, with ``log_batch_spread``;
         ``landscape/hessian/seconds``, ``num_hvps``, ``skipped``;
         ``landscape/hessian/<group>/eigenvalue_01`` … with ``groups``;
         histogram ``landscape/hessian/spectrum_signed_log``: x = sign(λ)·log10(1+|λ|/τ) with τ
@@ -168,6 +235,9 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         keep_eigenvectors: bool = False,
         clock: Callable[[], float] | None = None,
         log_sharpness: bool = True,
+        warm_start: bool = True,
+        log_batch_spread: bool = True,
+        batch_max_hvps: int = 16,
         **spectrum_kwargs: Unpack[HessianOptions],
     ) -> None:
         super().__init__(
@@ -204,10 +274,14 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         self.last_eigenvalues: np.ndarray | None = None
         self.axis: SpectrumAxis | None = None
         self._group_names: list[str] = []
-        if not isinstance(log_sharpness, bool):
-            raise ValueError(f"log_sharpness must be a bool; got {log_sharpness!r}")
-        self.log_sharpness = log_sharpness
+        self.log_sharpness = check_bool("log_sharpness", log_sharpness)
+        self.warm_start = check_bool("warm_start", warm_start)
+        self.log_batch_spread = check_bool("log_batch_spread", log_batch_spread)
+        self.batch_max_hvps = check_int("batch_max_hvps", batch_max_hvps, minimum=2)
+        self._previous: torch.Tensor | None = None  # last top-k eigenvectors (warm start)
+        self._above_line = 0  # consecutive measurements above the stability line
         self._warned_above_line = False
+        self._trainer: weakref.ref[Trainer] | None = None
 
     def _state_key(self) -> str:
         return self._generate_state_key(
@@ -216,6 +290,8 @@ class HessianSpectrumMonitor(LandscapeMonitor):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._trainer = weakref.ref(trainer)  # the layout asks which optimizer it is
+        self._previous = None  # a new fit (maybe another model) starts cold
         if self.groups is not None:
             self._group_names = list(parameter_groups(pl_module, self.groups))
 
@@ -228,7 +304,11 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         steps, processes, groups = self._run_shape()
         probes = self.spectrum_kwargs.get("num_trace_probes") or 8
         hvps = steps * processes + self.top_k + (probes if self.trace else 0)
-        return 2.0 * hvps * groups + 2.0
+        # Each per-batch product costs 1/B of a probe-set one; each extra run builds a graph.
+        extra = (self.batch_max_hvps + 2.0) if self._spread_on(self.num_probe_batches) else 0.0
+        if self.log_sharpness:
+            extra += 40.0 + 2.0  # an Adam run (not known yet whether the optimizer is Adam)
+        return 2.0 * hvps * groups + 2.0 + 2.0 * extra
 
     def _run_shape(self) -> tuple[int, int, int]:
         """Lanczos steps per process, processes in lockstep and spectra (whole model and
@@ -256,80 +336,200 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         return guess
 
     def _layout(self) -> dict[str, dict[str, list[str]]]:
-        return hessian_layout(self.tag_prefix, groups=self._group_names)
+        layout = hessian_layout(self.tag_prefix, groups=self._group_names)
+        (charts,) = layout.values()
+        p = re.escape(self.tag_prefix.rstrip("/"))
+        trainer = self._trainer() if self._trainer is not None else None
+        optimizers = getattr(trainer, "optimizers", None) or []
+        if optimizers and adam_hyperparameters(optimizers[0]) is not None:
+            # Adam's line is not λ_max's: the SGD chart would set λ_max against it.
+            for title in [t for t, tags in charts.items() if rf"{p}/stability_threshold$" in tags]:
+                del charts[title]
+            charts[_ADAM_CHART] = [rf"{p}/preconditioned_sharpness$", rf"{p}/stability_threshold$"]
+        charts[_RATIO_CHART] = [rf"{p}/sharpness_ratio$"]
+        charts[_SPREAD_CHART] = [
+            rf"{p}/lambda_max_batch_(min|mean|max|std)$",
+            rf"{p}/eigenvalue_01$",
+        ]
+        charts[_OVERLAP_CHART] = [rf"{p}/subspace_overlap$"]
+        return layout
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the callbacks; a weak reference cannot be, and is not needed there.
+        return {**self.__dict__, "_trainer": None}
+
+    def _spread_on(self, num_batches: int) -> bool:
+        return self.log_batch_spread and num_batches > 1
 
     def _compute(
         self, pl_module: LightningModule, batches: list[Any], loss_fn: Any, reduce_fn: Any
-    ) -> HessianSpectrum:
+    ) -> _Measurement:
         self.last_eigenvectors = self.last_eigenvalues = None
         # Another monitor asked for the eigenpairs: compute and publish them.
         coord = self._coord
         share = coord if coord is not None and coord.requested(HESSIAN_EIGENPAIRS) else None
         if share is not None:
             share.withdraw(HESSIAN_EIGENPAIRS)  # a failed measurement shares nothing
+        previous = self._previous if self.warm_start else None
+        spread = self._spread_on(len(batches))
+        kept = self.keep_eigenvectors or share is not None
+        # The overlap and the per-batch start need no converged vectors: the Ritz vectors the
+        # eigenvalues leave are free, converging them cost up to 1.6x the products.
+        vectors = True if kept else ("ritz" if self.warm_start or spread else False)
+        warm = None if self.density or self.trace else previous  # where it saves products
         result = hessian_spectrum(
-            pl_module,
-            loss_fn,
-            batches,
-            top_k=self.top_k,
-            density=self.density,
-            trace=self.trace,
-            seed=self.seed,
-            groups=self.groups,
-            reduce_fn=reduce_fn,
-            return_eigenvectors=self.keep_eigenvectors or share is not None,
+            pl_module, loss_fn, batches, top_k=self.top_k, density=self.density,
+            trace=self.trace, seed=self.seed, groups=self.groups, reduce_fn=reduce_fn,
+            return_eigenvectors=vectors, warm_start=warm,
             **self.spectrum_kwargs,
+        )  # fmt: skip
+        extra: dict[str, float] = {}
+        if previous is not None and result.subspace_overlap is None:
+            assert result.eigenvectors is not None
+            extra["subspace_overlap"] = subspace_overlap(previous, result.eigenvectors)
+        hvps, adam = result.num_hvps, None
+        if spread:
+            hvps += self._batch_spread(pl_module, batches, loss_fn, reduce_fn, result, extra)
+        if self.log_sharpness:
+            adam, used = self._adam_sharpness(pl_module, batches, loss_fn, reduce_fn)
+            hvps += used
+        self._previous = result.eigenvectors if self.warm_start else None
+        result = dataclasses.replace(
+            result, num_hvps=hvps, eigenvectors=result.eigenvectors if kept else None
         )
         self.last_eigenvectors = result.eigenvectors
         self.last_eigenvalues = result.eigenvalues
         if share is not None and result.eigenvectors is not None:
             share.publish(HESSIAN_EIGENPAIRS, pl_module.trainer.global_step, result)
-        return result
+        return _Measurement(result, extra, adam)
 
-    def _log(self, trainer: Trainer, step: int, result: HessianSpectrum, seconds: float) -> None:
-        extra = self._stability_scalars(trainer, result) if self.log_sharpness else {}
+    def _operator_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.spectrum_kwargs.items() if k in _OPERATOR_OPTIONS}
+
+    def _batch_spread(
+        self,
+        pl_module: LightningModule,
+        batches: list[Any],
+        loss_fn: Any,
+        reduce_fn: Any,
+        result: HessianSpectrum,
+        extra: dict[str, float],
+    ) -> int:
+        """λ_max of each probe batch, from the probe set's top eigenvector; its products."""
+        assert result.eigenvectors is not None
+        spread = batch_sharpness(
+            pl_module, loss_fn, batches, start=result.eigenvectors[0],
+            max_hvps=self.batch_max_hvps, tol=self.spectrum_kwargs.get("tol", 1e-5),
+            seed=self.seed, reduce_fn=reduce_fn, **self._operator_options(),
+        )  # fmt: skip
+        lam = spread.eigenvalues
+        if not np.all(np.isfinite(lam)):
+            raise FloatingPointError("a per-batch top eigenvalue is not finite")
+        extra["lambda_max_batch_mean"] = float(lam.mean())
+        extra["lambda_max_batch_min"] = float(lam.min())
+        extra["lambda_max_batch_max"] = float(lam.max())
+        extra["lambda_max_batch_std"] = float(lam.std(ddof=1))
+        extra["lambda_max_batch_residual"] = float(spread.residuals.max())
+        return spread.num_hvps
+
+    def _adam_sharpness(
+        self,
+        pl_module: LightningModule,
+        batches: list[Any],
+        loss_fn: Any,
+        reduce_fn: Any,
+    ) -> tuple[Stability | None, int]:
+        """Adam's preconditioned sharpness against its line, and its products.
+
+        Nothing before the optimizer's first step (no second moment yet), nor for optimizers
+        that are not Adam-like (their line is set from λ_max in :meth:`_log`).
+        """
+        try:
+            optimizers = pl_module.trainer.optimizers
+        except RuntimeError:  # a module measured outside fit: no optimizer to read
+            return None, 0
+        if not optimizers or "betas" not in optimizers[0].param_groups[0]:
+            return None, 0
+        optimizer = optimizers[0]
+        hyper = adam_hyperparameters(optimizer)
+        params = [p for _, p in pl_module.named_parameters() if p.requires_grad]
+        p_diag = adam_preconditioner(optimizer, params) if hyper is not None else None
+        if p_diag is None:
+            if hyper is None or optimizer.state:
+                warn_once(
+                    "hessian-adam-unsupported",
+                    "HessianSpectrumMonitor: Adam's preconditioned sharpness needs one lr and "
+                    "β₁ for all parameter groups and Adam state for every trainable parameter; "
+                    "not logged.",
+                )
+            return None, 0
+        op = HessianOperator(
+            pl_module, loss_fn, batches, reduce_fn=reduce_fn, **self._operator_options()
+        )
+        try:
+            value, used = preconditioned_sharpness(
+                op, p_diag, tol=self.spectrum_kwargs.get("tol", 1e-5), seed=self.seed
+            )
+        finally:
+            op.release()
+        return adam_stability(value, hyper[1], hyper[0]), used
+
+    def _log(self, trainer: Trainer, step: int, result: _Measurement, seconds: float) -> None:
+        extra = dict(result.extra)
+        st = result.stability
+        if st is None and self.log_sharpness:
+            st = self._sgd_stability(trainer, result.result)
+        if st is not None:
+            if st.kind == "adam":
+                extra["preconditioned_sharpness"] = st.sharpness
+            extra.update(sharpness_ratio=st.ratio, stability_threshold=st.threshold)
+            self._check_line(st, trainer)
         self.axis = log_hessian_spectrum(
-            trainer, step, result, prefix=self.tag_prefix, axis=self.axis,
+            trainer, step, result.result, prefix=self.tag_prefix, axis=self.axis,
             log_histogram=self.log_histogram, log_figure=self.log_figure, extra=extra,
         )  # fmt: skip
 
-    def _stability_scalars(self, trainer: Trainer, result: HessianSpectrum) -> dict[str, float]:
-        """``sharpness_ratio`` (λ_max / threshold, 1 = edge of stability) and the threshold.
+    def _check_line(self, st: Stability, trainer: Trainer) -> None:
+        """Warn once when the ratio was above 1 for several consecutive measurements: the
+        step is then unstable along the top eigenvector for the quadratic model; full-batch
+        training reaches the line and hovers at it (Cohen et al. 2021, 2022), else a step size
+        too large for the curvature."""
+        self._above_line = self._above_line + 1 if st.ratio > 1 else 0
+        if self._above_line < ABOVE_LINE_MEASUREMENTS or self._warned_above_line:
+            return
+        self._warned_above_line = True
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        warnings.warn(
+            f"HessianSpectrumMonitor: the sharpness has been above the stability threshold "
+            f"of {st.kind} (lr={lr}) for {self._above_line} consecutive measurements (now "
+            f"{st.ratio:.3g}x): training sits above the edge of stability (warned once).",
+            UserWarning,
+            stacklevel=2,
+        )
 
-        Reads the first optimizer's hyper-parameters at measurement time (never changes them):
-        SGD's ``lr``, ``momentum``, ``dampening``, ``nesterov``, ``weight_decay``; see
-        :mod:`lightning_landscape.linalg.sharpness`. Adam's line concerns the preconditioned
-        sharpness, which needs its own Lanczos run: not measured here (one notice). Warns once
-        when the ratio exceeds 1: the step is then unstable along the top eigenvector for the
-        quadratic model, which full-batch training typically reaches and hovers at (Cohen et
-        al. 2021), and which else signals a step size too large for the curvature.
-        """
+    def _sgd_stability(self, trainer: Trainer, result: HessianSpectrum) -> Stability | None:
+        """λ_max against SGD's line, from the first optimizer's hyper-parameters (read at
+        measurement time, never changed): ``lr``, ``momentum``, ``dampening``, ``nesterov``,
+        ``weight_decay``; see :mod:`lightning_landscape.linalg.sharpness`. None for Adam-like
+        optimizers (their line is measured in :meth:`_adam_sharpness`) and, with a notice,
+        for groups with different hyper-parameters."""
         optimizers = getattr(trainer, "optimizers", None) or []
         if not optimizers or result.eigenvalues.size == 0:
-            return {}
+            return None
         groups = optimizers[0].param_groups
+        if "betas" in groups[0]:
+            return None
         keys = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
-        if "betas" in groups[0] or any(
+        if any(
             tuple(g.get(k) for k in keys) != tuple(groups[0].get(k) for k in keys) for g in groups
         ):
             warn_once(
                 "hessian-sharpness-unsupported",
                 "HessianSpectrumMonitor: sharpness_ratio is logged for SGD-like optimizers with "
-                "one set of hyper-parameters; for Adam use "
-                "lightning_landscape.linalg.sharpness.preconditioned_sharpness.",
+                "one set of hyper-parameters and for Adam; not for this optimizer.",
             )
-            return {}
-        st = stability_from_param_group(float(result.eigenvalues[0]), groups[0])
-        if st.ratio > 1 and not self._warned_above_line:
-            self._warned_above_line = True
-            warnings.warn(
-                f"HessianSpectrumMonitor: sharpness {st.sharpness:.4g} is {st.ratio:.3g}x the "
-                f"stability threshold {st.threshold:.4g} of {st.kind} (lr={groups[0]['lr']}): "
-                "training sits above the edge of stability (warned once).",
-                UserWarning,
-                stacklevel=2,
-            )
-        return {"sharpness_ratio": st.ratio, "stability_threshold": st.threshold}
+            return None
+        return stability_from_param_group(float(result.eigenvalues[0]), groups[0])
 
     def _extra_state(self) -> dict[str, Any]:
         return {"axis": self.axis.to_dict() if self.axis is not None else None}

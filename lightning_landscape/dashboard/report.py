@@ -54,8 +54,16 @@ READING: dict[str, str] = {
     "seconds": "Wall time of each measurement (what the monitor costs).",
     "skipped": "Measurements skipped after a numerical failure (0 on a healthy run).",
     "num_hvps": "Hessian-vector products spent per measurement.",
-    "sharpness_ratio": "λ_max over the optimiser's stability threshold: 1 is the edge of "
-    "stability (Cohen et al. 2021).",
+    "sharpness_ratio": "Sharpness over the optimiser's stability threshold (λ_max for SGD, the "
+    "preconditioned λ_max(P⁻¹H) for Adam): 1 is the edge of stability (Cohen et al. 2021, 2022).",
+    "stability_threshold": "The optimiser's stability line: 2/η for SGD, 2(1+β)/η with momentum, "
+    "2(1+β₁)/((1-β₁)η) for Adam's preconditioned sharpness.",
+    "preconditioned_sharpness": "λ_max(P⁻¹H) with Adam's preconditioner P from its second "
+    "moment: what Adam's stability line bounds (Cohen et al. 2022).",
+    "lambda_max_batch": "Top eigenvalue of each probe batch's own Hessian (min, mean, max, std): "
+    "the curvature spread one minibatch step sees.",
+    "subspace_overlap": "Overlap of successive top-k Hessian subspaces (1 = unchanged, near 0 = "
+    "the top directions turned).",
 }
 
 #: Where a stem means something else in one monitor than in the table above.

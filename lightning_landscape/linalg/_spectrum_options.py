@@ -82,7 +82,7 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "warm_start": _warm_start,
     "max_basis_bytes": lambda name, v: check_positive_int(name, v, allow_none=True),
     "groups": _groups,
-    "return_eigenvectors": check_bool,
+    "return_eigenvectors": lambda name, v: check_choice(name, v, (True, False, "ritz")),
     "retain_graph": lambda name, v: check_choice(name, v, (True, False, "auto")),
     "hvp": lambda name, v: check_choice(name, v, ("exact", "finite_difference", "auto")),
     "reduce_fn": _optional_callable,

@@ -13,12 +13,21 @@ loss diverges along the top eigenvector.
   :math:`2(1+\beta)/(\eta(1-\delta))`; Nesterov: :math:`2(1+\beta)/(\eta(1-\delta)(1+2\beta))`.
   Coupled weight decay :math:`w` adds :math:`w` to every eigenvalue of the step's Hessian, so
   the sharpness compared is :math:`\lambda_{max} + w`.
-- Adam (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"): the
-  preconditioned sharpness :math:`\lambda_{max}(P^{-1}H)` with
-  :math:`P = \operatorname{diag}((\sqrt{\hat v_t}+\epsilon)/\eta)` from Adam's state, against
-  :math:`(2+2\beta_1)/(1-\beta_1)` (38 for :math:`\beta_1 = 0.9`). :math:`P^{-1}H` is similar to
-  the symmetric :math:`P^{-1/2}HP^{-1/2}`, whose top eigenvalue Lanczos finds
-  (:func:`preconditioned_sharpness`).
+- Adam (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"): Adam's step
+  is :math:`\theta_{t+1}-\theta_t = -\eta P_t^{-1} m_{t+1}` with the first moment
+  :math:`m_{t+1} = \beta_1 m_t + (1-\beta_1) g` and
+  :math:`P_t = (1-\beta_1^{t+1})\operatorname{diag}(\sqrt{\hat v_t}+\epsilon)` (the first
+  moment's bias correction of the next step folded in; it tends to 1 after a few dozen steps).
+  With P frozen this is EMA-momentum gradient descent on the preconditioned quadratic, stable
+  while the preconditioned sharpness :math:`\lambda_{max}(P^{-1}H)` stays below
+  :math:`(2+2\beta_1)/((1-\beta_1)\eta)` (38/η for :math:`\beta_1 = 0.9`).
+  :math:`P^{-1}H` is similar to the symmetric :math:`P^{-1/2}HP^{-1/2}`, whose top eigenvalue
+  Lanczos finds (:func:`preconditioned_sharpness`). :math:`\hat v_t` is the current state (the
+  next step's is not known yet). AdamW's decoupled weight decay (a factor
+  :math:`1-\eta w` outside the preconditioner) is not folded in: it moves the line by
+  :math:`\eta w`, negligible at usual settings.
+- Per batch (:func:`batch_sharpness`): the top eigenvalue of each probe batch's own Hessian, the
+  spread SGD's minibatch steps see.
 
 Nothing here modifies an optimizer: its hyper-parameters and state are only read.
 """
@@ -31,16 +40,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .lanczos import lanczos
+from .._checks import check_int
+from .lanczos import eigen_run, lanczos
+from .operators import HessianOperator, LossFn
 
 __all__ = [
+    "BatchSharpness",
     "Stability",
+    "adam_hyperparameters",
     "adam_preconditioner",
     "adam_stability",
     "adam_threshold",
+    "batch_sharpness",
     "preconditioned_sharpness",
     "sgd_threshold",
     "stability_from_param_group",
@@ -94,14 +109,14 @@ def sgd_threshold(
     return thr / (1.0 + 2.0 * beta) if nesterov and beta > 0 else thr
 
 
-def adam_threshold(beta1: float) -> float:
-    """``(2 + 2β₁)/(1 - β₁)``: the line of the preconditioned sharpness for Adam (38 at 0.9).
+def adam_threshold(beta1: float, lr: float = 1.0) -> float:
+    """``(2 + 2β₁)/((1 - β₁)η)``: the line of Adam's preconditioned sharpness (38/η at 0.9).
 
     Raises:
-        ValueError: ``beta1`` outside [0, 1).
+        ValueError: ``beta1`` outside [0, 1), ``lr <= 0``.
     """
     b = _unit("beta1", beta1)
-    return (2.0 + 2.0 * b) / (1.0 - b)
+    return (2.0 + 2.0 * b) / ((1.0 - b) * _positive("lr", lr))
 
 
 def stability_from_param_group(lambda_max: float, group: Mapping[str, Any]) -> Stability:
@@ -123,14 +138,29 @@ def stability_from_param_group(lambda_max: float, group: Mapping[str, Any]) -> S
     return Stability(sharpness=sharp, threshold=thr, ratio=sharp / thr, kind=kind)
 
 
+def adam_hyperparameters(optimizer: torch.optim.Optimizer) -> tuple[float, float] | None:
+    """``(lr, β₁)`` of an Adam-like optimizer (``betas``, ``eps`` in its groups), when every
+    group shares them; None otherwise (not Adam-like, or groups with different values: then
+    no single line exists)."""
+    groups = optimizer.param_groups
+    if not groups or any("betas" not in g or "eps" not in g for g in groups):
+        return None
+    first = (groups[0]["lr"], groups[0]["betas"][0])
+    if any((g["lr"], g["betas"][0]) != first for g in groups):
+        return None
+    return float(first[0]), float(first[1])
+
+
 def adam_preconditioner(
     optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]
 ) -> Tensor | None:
-    """Flat diagonal ``(sqrt(v̂_t) + ε)/η`` of Adam's preconditioner over ``params``, in order.
+    """Flat diagonal ``(1 - β₁^{t+1})(sqrt(v̂_t) + ε)`` of Adam's preconditioner over ``params``.
 
-    ``v̂_t = exp_avg_sq / (1 - β₂^t)`` (bias-corrected, as the step uses it). None when a
-    parameter has no Adam state yet (before the first step) or its group is not Adam-like.
-    Read-only: the state tensors are copied, never changed.
+    ``v̂_t = exp_avg_sq / (1 - β₂^t)`` (bias-corrected, as the step uses it; ``max_exp_avg_sq``
+    with ``amsgrad``), ``t`` the steps taken. The learning rate is not in ``P``: compare
+    λ_max(P⁻¹H) with :func:`adam_threshold` ``(β₁, lr)``. None when a parameter has no Adam
+    state yet (before the first step) or its group is not Adam-like. Read-only: the state
+    tensors are copied, never changed.
     """
     where = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     parts = []
@@ -139,9 +169,11 @@ def adam_preconditioner(
         if g is None or "exp_avg_sq" not in st or "betas" not in g or "step" not in st:
             return None
         step = float(st["step"])
-        v = st["exp_avg_sq"].detach().to(torch.float64)
-        v_hat = v / (1.0 - g["betas"][1] ** step) if step > 0 else v
-        parts.append(((v_hat.sqrt() + g["eps"]) / g["lr"]).reshape(-1))
+        beta1, beta2 = g["betas"]
+        v = st["max_exp_avg_sq" if g.get("amsgrad") else "exp_avg_sq"]
+        v = v.detach().to(torch.float64)
+        v_hat = v / (1.0 - beta2**step) if step > 0 else v
+        parts.append(((1.0 - beta1 ** (step + 1)) * (v_hat.sqrt() + g["eps"])).reshape(-1))
     return torch.cat(parts) if parts else None
 
 
@@ -187,14 +219,90 @@ def preconditioned_sharpness(
         raise ValueError("p_diag must be positive and finite everywhere")
     wrapped = _Preconditioned(operator, p_diag)
     start = wrapped.num_hvps
-    res = lanczos(wrapped, k=1, tol=tol, max_iter=max_iter, seed=seed)
+    res = lanczos(wrapped, top_k=1, tol=tol, max_iter=max_iter, seed=seed)
     value = float(res.eigenvalues[0])
     if not math.isfinite(value):
         raise FloatingPointError("the preconditioned sharpness is not finite")
     return value, wrapped.num_hvps - start
 
 
-def adam_stability(sharpness: float, beta1: float) -> Stability:
-    """Stability of Adam from its preconditioned sharpness λ_max(P⁻¹H)."""
-    thr = adam_threshold(beta1)
+def adam_stability(sharpness: float, beta1: float, lr: float = 1.0) -> Stability:
+    """Stability of Adam from its preconditioned sharpness λ_max(P⁻¹H), ``P`` as in
+    :func:`adam_preconditioner` (``lr`` not in ``P``)."""
+    thr = adam_threshold(beta1, lr)
     return Stability(sharpness=float(sharpness), threshold=thr, ratio=sharpness / thr, kind="adam")
+
+
+@dataclass(frozen=True, eq=False)
+class BatchSharpness:
+    """The top eigenvalue of each batch's own Hessian (:func:`batch_sharpness`).
+
+    Attributes:
+        eigenvalues: (B,) λ_max of each batch's mean loss, in batch order.
+        residuals: (B,) their residuals ``||Hv - θv||``: a Ritz value never exceeds λ_max
+            and lies within its residual of an eigenvalue (the top one when the start is close
+            to its eigenvector), so a run stopped by the cap reads low.
+        num_hvps: Hessian-vector products spent, all batches together (each on one batch).
+    """
+
+    eigenvalues: np.ndarray
+    residuals: np.ndarray
+    num_hvps: int
+
+
+def batch_sharpness(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Any],
+    *,
+    start: Tensor | None = None,
+    max_hvps: int = 16,
+    tol: float = 1e-4,
+    seed: int = 0,
+    **operator_options: Any,
+) -> BatchSharpness:
+    """λ_max of the Hessian of each batch's loss separately: the spread behind the probe set's
+    mean Hessian.
+
+    A short Lanczos run per batch, started from ``start`` (e.g. the top eigenvector of the
+    whole probe set's Hessian, plus a little noise), which is usually close to each batch's top
+    eigenvector, so a few products suffice; each run stops at ``tol`` (relative to its spectral
+    radius) or after ``max_hvps`` products.
+
+    Args:
+        model: the network (put it in eval mode first for a deterministic result).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss on a batch.
+        batches: the batches.
+        start: (D,) or (k, D) start direction(s); None: a Rademacher vector.
+        max_hvps: product cap per batch (at least 2).
+        tol: Lanczos tolerance.
+        seed: seeds the start noise.
+        **operator_options: options of :class:`~lightning_landscape.linalg.HessianOperator`
+            (``reduce_fn``: batch ``b`` is then the union of every process's batch ``b``).
+
+    Returns:
+        :class:`BatchSharpness`. Cost: at most ``max_hvps`` products per batch, each a backward
+        through one batch's graph, plus one graph build per batch.
+
+    Raises:
+        ValueError: ``max_hvps`` below 2, no batches.
+    """
+    check_int("max_hvps", max_hvps, minimum=2)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches must hold at least one batch; got none")
+    gen = torch.Generator().manual_seed(int(seed))
+    warm = None if start is None else start.detach().reshape(-1, start.shape[-1])
+    values, residuals, used = [], [], 0
+    for batch in batches:
+        op = HessianOperator(model, loss_fn, [batch], **operator_options)
+        try:
+            run = eigen_run(
+                op, k=1, which="LA", tol=tol, max_iter=max_hvps, generator=gen, warm_start=warm
+            )
+            used += op.num_hvps
+        finally:
+            op.release()
+        values.append(float(run.theta[0]))
+        residuals.append(float(run.residuals[0]))
+    return BatchSharpness(np.asarray(values), np.asarray(residuals), used)

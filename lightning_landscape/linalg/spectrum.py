@@ -38,7 +38,7 @@ from .outliers import split_outliers
 from .slq import density_error, pooled_measure, quadrature_rows, spectral_density
 from .trace import basis_trace, deflated_samples, mean_stderr
 
-__all__ = ["HessianSpectrum", "hessian_spectrum", "parameter_groups"]
+__all__ = ["HessianSpectrum", "hessian_spectrum", "parameter_groups", "subspace_overlap"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,7 +183,7 @@ def hessian_spectrum(
     slq_steps: int | None = None,
     num_trace_probes: int | None = None,
     groups: Literal["layer"] | Mapping[str, Sequence[str]] | None = None,
-    return_eigenvectors: bool = False,
+    return_eigenvectors: bool | Literal["ritz"] = False,
     warm_start: HessianSpectrum | Tensor | None = None,
     max_basis_bytes: int | None = None,
     params: Sequence[nn.Parameter] | None = None,
@@ -226,6 +226,9 @@ def hessian_spectrum(
             mapping ``{group: [parameter names or prefixes]}``; the blocks reuse the same graph.
         return_eigenvectors: keep the Ritz vectors (``(top_k, D)``, on the model's device); the
             run then converges their residuals too (``r <= tol ||H||``), not only the values.
+            ``"ritz"``: the Ritz vectors as they are once the values converged, at no extra
+            product (their residuals are reported; the angle to the eigenvector is about
+            ``r / gap``).
         warm_start: a previous result measured with ``return_eigenvectors=True``, or its
             vectors as rows: the eigenvalues come from a block Krylov run started from them
             (plus one random vector), far cheaper when the model moved little; the result then
@@ -319,22 +322,23 @@ def _spectrum(
     num_slq_probes: int | None,
     slq_steps: int | None,
     num_trace_probes: int | None,
-    return_eigenvectors: bool,
+    return_eigenvectors: bool | Literal["ritz"],
     max_basis_bytes: int | None,
     warm_start: Tensor | None = None,
 ) -> HessianSpectrum:
     t0 = time.perf_counter()
     start = op.num_hvps
     gen = torch.Generator().manual_seed(int(seed))
+    converge = return_eigenvectors is True  # "ritz": the vectors as the values leave them
     run = eigen_run(
         op, k=min(top_k, op.dim), which=which, tol=tol, max_iter=max_iter, generator=gen,
-        vectors=return_eigenvectors, warm_start=warm_start, max_basis_bytes=max_basis_bytes,
+        vectors=converge, warm_start=warm_start, max_basis_bytes=max_basis_bytes,
     )  # fmt: skip
     probes: list[_Process] = [run.proc] if run.proc is not None else []
     fields: dict[str, Any] = {}
     nodes = weights = None
     if density:
-        run, fields = _density(op, run, probes, gen, which, tol, return_eigenvectors,
+        run, fields = _density(op, run, probes, gen, which, tol, converge,
                                num_slq_probes, slq_steps)  # fmt: skip
         nodes, weights = fields["ritz_nodes"], fields["ritz_weights"]
     elif trace and probes:
@@ -504,6 +508,13 @@ def _more_probes(samples: Tensor, exact: float, scale: float | None) -> int:
     if se <= target or have >= MAX_TRACE_PROBES:
         return 0
     return min(MAX_TRACE_PROBES - have, math.ceil(have * (se / target) ** 2) - have)
+
+
+def subspace_overlap(previous: Tensor, current: Tensor) -> float:
+    """Overlap of two subspaces (their rows' spans), in [0, 1]: the mean squared cosine of the
+    ``min(k₁, k₂)`` principal angles between them; 1 when one contains the other."""
+    Y = torch.linalg.qr(current.detach().to(torch.float64).T).Q.T
+    return _overlap(previous.detach(), Y)[0]
 
 
 def _overlap(previous: Tensor, Y: Tensor) -> tuple[float, np.ndarray]:

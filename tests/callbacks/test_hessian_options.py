@@ -62,7 +62,7 @@ def test_a_valid_forwarded_option_reaches_the_core():
     module = DigitsModule(hidden=6).eval()
     it = iter(loader(32))
     batches = [next(it), next(it)]
-    result = monitor._compute(module, batches, cross_entropy_loss, None)
+    result = monitor._compute(module, batches, cross_entropy_loss, None).result
     # One row of quadrature nodes per probe, slq_steps nodes each.
     assert result.ritz_nodes.shape == (2, 12)
     assert result.eigenvectors is None

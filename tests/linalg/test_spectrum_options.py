@@ -52,7 +52,10 @@ def test_bad_option_is_refused_with_the_message_of_the_core(options, match):
     [
         ({"density": "yes"}, "density must be a bool; got 'yes'"),
         ({"trace": 1}, "trace must be a bool; got 1"),
-        ({"return_eigenvectors": None}, "return_eigenvectors must be a bool; got None"),
+        (
+            {"return_eigenvectors": None},
+            "return_eigenvectors must be True, False or 'ritz'; got None",
+        ),
         ({"seed": 1.5}, "seed must be an integer; got 1.5"),
         ({"groups": 5}, "groups must be None, 'layer' or a mapping; got 5"),
         ({"reduce_fn": 3}, "reduce_fn must be callable or None; got 3"),
