@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import re
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -18,16 +16,15 @@ from typing_extensions import Unpack
 from .._checks import check_bool, check_int, forward_options
 from ..dashboard import SpectrumAxis, hessian_layout, warn_once
 from ..dashboard.hessian import log_hessian_spectrum
-from ..linalg import HessianOperator, HessianSpectrum, hessian_spectrum, parameter_groups
-from ..linalg._spectrum_options import check_spectrum_options
+from ..linalg import HessianSpectrum, hessian_spectrum, parameter_groups
+from ..linalg._spectrum_options import HessianOptions, check_spectrum_options
+from ..linalg.lanczos import reorthogonalisation_seconds
 from ..linalg.sharpness import (
-    Stability,
+    OptimizerSharpness,
+    StabilityWatch,
     adam_hyperparameters,
-    adam_preconditioner,
-    adam_stability,
     batch_sharpness,
-    preconditioned_sharpness,
-    stability_from_param_group,
+    optimizer_sharpness,
 )
 from ..linalg.spectrum import subspace_overlap
 from ._base import LandscapeMonitor
@@ -35,23 +32,6 @@ from ._schedule import HESSIAN_EIGENPAIRS
 
 #: A priori seconds to draw the spectrum figure and write the histogram (one CPU core).
 _LOG_SECONDS_GUESS = 0.25
-
-
-def _row_pass_seconds(device: torch.device, dim: int) -> float:
-    """Seconds of one Gram-Schmidt pass ``w - (B @ w) @ B`` per float64 basis row of ``dim``
-    numbers on ``device``: timed on at most 8 × 2^19 numbers and scaled (memory-bound)."""
-    n, rows = max(1, min(dim, 1 << 19)), 8
-    gen = torch.Generator().manual_seed(0)
-    B = torch.randn(rows, n, generator=gen, dtype=torch.float64).to(device)
-    w = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        w = w - (B @ w) @ B
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best / rows * (dim / n)
 
 
 __all__ = ["HessianSpectrumMonitor"]
@@ -64,19 +44,13 @@ ABOVE_LINE_MEASUREMENTS = 3
 _OPERATOR_OPTIONS = ("retain_graph", "batch_size_fn", "dtype", "hvp")
 
 
-_ADAM_CHART = "Adam: preconditioned sharpness λ_max(P⁻¹H) vs stability line 2(1+β₁)/((1-β₁)η)"
-_RATIO_CHART = "sharpness_ratio (sharpness / stability threshold; 1 = edge of stability)"
-_SPREAD_CHART = "λ_max per probe batch: min, mean, max, std (and the probe set's λ_max)"
-_OVERLAP_CHART = "top-k subspace overlap with the previous measurement (1 = unchanged)"
-
-
 @dataclasses.dataclass(frozen=True)
 class _Measurement:
     """One measurement: the spectrum and the scalars of the runs beside it."""
 
     result: HessianSpectrum
     extra: dict[str, float]
-    stability: Stability | None = None  # Adam's (SGD's is set from λ_max when logged)
+    sharpness: OptimizerSharpness | None = None
 
 
 #: Options of :func:`hessian_spectrum` the monitor sets itself (the rest are forwarded).
@@ -92,25 +66,6 @@ _SET_HERE = (
     "reduce_fn",
     "warm_start",
 )
-
-
-class HessianOptions(TypedDict, total=False):
-    """The options of :func:`~lightning_landscape.hessian_spectrum` a monitor forwards.
-
-    Typed for LightningCLI / jsonargparse, which read ``**spectrum_kwargs`` through it; a test
-    keeps it equal to the core's keyword options less those the monitor sets itself.
-    """
-
-    tol: float
-    max_iter: int | None
-    num_slq_probes: int | None
-    slq_steps: int | None
-    num_trace_probes: int | None
-    max_basis_bytes: int | None
-    retain_graph: bool | Literal["auto"]
-    batch_size_fn: Callable[[Any], int] | None
-    dtype: torch.dtype | None
-    hvp: Literal["exact", "finite_difference", "auto"]
 
 
 class HessianSpectrumMonitor(LandscapeMonitor):
@@ -148,67 +103,31 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         seed: seeds the random probe vectors (the same at every measurement).
         log_histogram: write the spectrum to TensorBoard's histogram dashboard.
         log_figure: write a figure of the density with the outliers marked.
-        keep_eigenvectors: keep the top-k Ritz vectors of the last measurement on the callback
-            (``last_eigenvectors``, ``(top_k, D)`` on the model's device, and
-            ``last_eigenvalues``; None after a skipped measurement); their residuals are then
-            converged too, which costs more products. They are also kept when another monitor
-            asks the trainer's coordinator for them (a :class:`GradientCovarianceMonitor` in
-            the same trainer does), and then published there with the step they are of.
+        keep_eigenvectors: keep the last measurement's converged top-k eigenvectors as
+            ``last_eigenvectors`` (and ``last_eigenvalues``; more products). Also kept, and
+            published through the trainer's coordinator, when another monitor asks for them.
         clock: time source for the budget (tests).
-        log_sharpness: log ``sharpness_ratio`` (sharpness over the first optimizer's stability
-            threshold, 1 = edge of stability) and ``stability_threshold``. SGD-like optimizers
-            (``lr``, ``momentum``... in ``param_groups``): the sharpness is λ_max. Adam/AdamW:
-            the preconditioned sharpness λ_max(P⁻¹H), ``P = (1-β₁^{t+1}) diag(√v̂_t + ε)``
-            from the optimizer's state, against ``2(1+β₁)/((1-β₁)η)`` (38/η at β₁ = 0.9;
-            Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"), by an
-            extra Lanczos run on ``P^{-1/2} H P^{-1/2}`` (typically 20-60 products, counted in
-            ``num_hvps``), from the first optimizer step on. Warns once when the ratio stays
-            above 1 for :data:`ABOVE_LINE_MEASUREMENTS` consecutive measurements.
-        warm_start: keep the previous measurement's top-k Ritz vectors (``top_k × D`` numbers
-            on the model's device, not checkpointed: a resumed run starts cold) and log
-            ``subspace_overlap``, the overlap of successive top-k subspaces (free: the vectors
-            are those the converged eigenvalues leave). With ``density=False, trace=False`` the
-            top-k run also starts from them (0.61-0.87x the products of a cold run after a
-            small move on the models of ``benchmarks/hvp_counts.py``). With the density or the
-            trace on it stays cold: the cold run doubles as the first quadrature probe and its
-            Krylov basis deflates the trace, which a warm run cannot match (1.2-1.9x there).
-        log_batch_spread: with several probe batches, also the top eigenvalue of each probe
-            batch's own Hessian (the curvature one SGD step sees): ``lambda_max_batch_mean``,
-            ``_min``, ``_max``, ``_std``. A short Lanczos run per batch, started from the
-            whole probe set's top eigenvector; its products (each on one batch) are counted in
-            ``num_hvps``.
-        batch_max_hvps: product cap of each per-batch run; a capped run reads low (a Ritz
-            value never exceeds λ_max), typically by about its residual (the largest is logged
-            as ``lambda_max_batch_residual``).
+        log_sharpness: log the sharpness against the first optimizer's stability line: λ_max
+            for SGD-like optimizers, Adam's preconditioned sharpness λ_max(P⁻¹H) (one extra
+            Lanczos run, counted in ``num_hvps``) for Adam/AdamW; warns once when it stays
+            above the line for :data:`ABOVE_LINE_MEASUREMENTS` measurements. Formulas in
+            :mod:`lightning_landscape.linalg.sharpness`.
+        warm_start: keep the previous top-k Ritz vectors (in memory, not checkpointed) and log
+            ``subspace_overlap`` (free); with ``density=False, trace=False`` the top-k run also
+            starts from them (with density or trace on, a cold run is cheaper: it doubles as
+            the first quadrature probe and deflates the trace).
+        log_batch_spread: with several probe batches, also λ_max of each batch's own Hessian
+            (a short Lanczos run per batch from the probe set's top eigenvector).
+        batch_max_hvps: product cap of each per-batch run (a capped run reads low, by about the
+            logged ``lambda_max_batch_residual``).
         **spectrum_kwargs: further options of :func:`~lightning_landscape.hessian_spectrum`
             (``tol``, ``max_iter``, ``num_slq_probes``, ``slq_steps``, ``num_trace_probes``,
             ``retain_graph``, ``batch_size_fn``, ``dtype``).
 
-    Logged metrics (step axis = ``trainer.global_step``; scalars go to every logger, the rest to
-    a TensorBoardLogger only):
-        ``landscape/hessian/eigenvalue_01`` … ``eigenvalue_{top_k}``: top eigenvalues (one
-        multi-line chart in the custom-scalars dashboard);
-        ``landscape/hessian/residual_01`` …: their error bounds ``||Hv - θv||``;
-        ``landscape/hessian/trace``, ``trace_stderr``;
-        ``landscape/hessian/n_outliers``, ``bulk_edge``, ``lambda_min``;
-        ``landscape/hessian/ratio_max_over_bulk_edge`` (λ_max / bulk edge) and
-        ``ratio_max_over_kth`` (λ_1 / λ_k);
-        ``landscape/hessian/sharpness_ratio`` (sharpness / stability threshold; 2/η for SGD,
-        2(1+β)/η with momentum β, 2(1+β₁)/((1-β₁)η) for Adam) and ``stability_threshold``,
-        and ``preconditioned_sharpness`` (Adam), with ``log_sharpness``;
-        ``landscape/hessian/subspace_overlap`` (in [0, 1], mean squared cosine of the
-        principal angles between this and the previous top-k subspace), with ``warm_start``;
-        ``landscape/hessian/lambda_max_batch_mean``, ``_min``, ``_max``, ``_std`` (sample
-        standard deviation) and ``_residual``, with ``log_batch_spread``;
-        ``landscape/hessian/seconds``, ``num_hvps``, ``skipped``;
-        ``landscape/hessian/<group>/eigenvalue_01`` … with ``groups``;
-        histogram ``landscape/hessian/spectrum_signed_log``: x = sign(λ)·log10(1+|λ|/τ) with τ
-        fixed at the first measurement (0.1% of |λ|max), y = log10(1 + number of eigenvalues),
-        so single outliers stay visible beside a bulk of thousands; explained in the text card
-        ``landscape/hessian/spectrum_axis``;
-        image ``landscape/hessian/density``: the density on a log scale, outliers and bulk edge
-        marked, and the top eigenvalues with error bars. TensorBoard keeps 10 images per tag
-        unless started with ``--samples_per_plugin images=100``.
+    Logged: under ``landscape/hessian/`` on the ``trainer.global_step`` axis (top eigenvalues
+    and their error bounds, trace, outliers and bulk edge, sharpness against the stability
+    line, per-batch λ_max, subspace overlap, cost; a signed-log spectrum histogram and the
+    density figure); the README's "What you see in TensorBoard" lists every tag.
     """
 
     name = "hessian"
@@ -241,32 +160,21 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         **spectrum_kwargs: Unpack[HessianOptions],
     ) -> None:
         super().__init__(
-            every_n_steps=every_n_steps,
-            every_n_epochs=every_n_epochs,
-            max_overhead=max_overhead,
-            num_probe_batches=num_probe_batches,
-            probe_dataloader=probe_dataloader,
-            loss_fn=loss_fn,
-            train_mode=train_mode,
+            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
+            max_overhead=max_overhead, num_probe_batches=num_probe_batches,
+            probe_dataloader=probe_dataloader, loss_fn=loss_fn, train_mode=train_mode,
             clock=clock,
-        )
+        )  # fmt: skip
         self.spectrum_kwargs = forward_options(
             hessian_spectrum, spectrum_kwargs, owner=HessianSpectrumMonitor, exclude=_SET_HERE
         )
         # The core's own checker: a bad forwarded value fails here, not minutes into fit.
         check_spectrum_options(
-            top_k=top_k,
-            groups=groups,
-            density=density,
-            trace=trace,
-            seed=seed,
+            top_k=top_k, groups=groups, density=density, trace=trace, seed=seed,
             **self.spectrum_kwargs,
-        )
-        self.top_k = top_k
-        self.groups = groups
-        self.density = density
-        self.trace = trace
-        self.seed = seed
+        )  # fmt: skip
+        self.top_k, self.groups, self.seed = top_k, groups, seed
+        self.density, self.trace = density, trace
         self.log_histogram = check_bool("log_histogram", log_histogram)
         self.log_figure = check_bool("log_figure", log_figure)
         self.keep_eigenvectors = check_bool("keep_eigenvectors", keep_eigenvectors)
@@ -279,8 +187,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         self.log_batch_spread = check_bool("log_batch_spread", log_batch_spread)
         self.batch_max_hvps = check_int("batch_max_hvps", batch_max_hvps, minimum=2)
         self._previous: torch.Tensor | None = None  # last top-k eigenvectors (warm start)
-        self._above_line = 0  # consecutive measurements above the stability line
-        self._warned_above_line = False
+        self._watch = StabilityWatch(ABOVE_LINE_MEASUREMENTS)  # the above-the-line warning
         self._trainer: weakref.ref[Trainer] | None = None
 
     def _state_key(self) -> str:
@@ -329,30 +236,17 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         guess = super()._cost_guess(trainer, pl_module)
         steps, processes, groups = self._run_shape()
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        row = _row_pass_seconds(pl_module.device, dim)
+        row = reorthogonalisation_seconds(pl_module.device, dim)
         guess += groups * processes * steps * steps / 2 * row
         if self.log_figure or self.log_histogram:
             guess += _LOG_SECONDS_GUESS
         return guess
 
     def _layout(self) -> dict[str, dict[str, list[str]]]:
-        layout = hessian_layout(self.tag_prefix, groups=self._group_names)
-        (charts,) = layout.values()
-        p = re.escape(self.tag_prefix.rstrip("/"))
         trainer = self._trainer() if self._trainer is not None else None
         optimizers = getattr(trainer, "optimizers", None) or []
-        if optimizers and adam_hyperparameters(optimizers[0]) is not None:
-            # Adam's line is not λ_max's: the SGD chart would set λ_max against it.
-            for title in [t for t, tags in charts.items() if rf"{p}/stability_threshold$" in tags]:
-                del charts[title]
-            charts[_ADAM_CHART] = [rf"{p}/preconditioned_sharpness$", rf"{p}/stability_threshold$"]
-        charts[_RATIO_CHART] = [rf"{p}/sharpness_ratio$"]
-        charts[_SPREAD_CHART] = [
-            rf"{p}/lambda_max_batch_(min|mean|max|std)$",
-            rf"{p}/eigenvalue_01$",
-        ]
-        charts[_OVERLAP_CHART] = [rf"{p}/subspace_overlap$"]
-        return layout
+        adam = bool(optimizers) and adam_hyperparameters(optimizers[0]) is not None
+        return hessian_layout(self.tag_prefix, groups=self._group_names, adam=adam)
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the callbacks; a weak reference cannot be, and is not needed there.
@@ -387,12 +281,12 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         if previous is not None and result.subspace_overlap is None:
             assert result.eigenvectors is not None
             extra["subspace_overlap"] = subspace_overlap(previous, result.eigenvectors)
-        hvps, adam = result.num_hvps, None
+        hvps, sharp = result.num_hvps, None
         if spread:
             hvps += self._batch_spread(pl_module, batches, loss_fn, reduce_fn, result, extra)
         if self.log_sharpness:
-            adam, used = self._adam_sharpness(pl_module, batches, loss_fn, reduce_fn)
-            hvps += used
+            sharp = self._sharpness(pl_module, batches, loss_fn, reduce_fn, result)
+            hvps += sharp.num_hvps if sharp is not None else 0
         self._previous = result.eigenvectors if self.warm_start else None
         result = dataclasses.replace(
             result, num_hvps=hvps, eigenvectors=result.eigenvectors if kept else None
@@ -401,7 +295,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         self.last_eigenvalues = result.eigenvalues
         if share is not None and result.eigenvectors is not None:
             share.publish(HESSIAN_EIGENPAIRS, pl_module.trainer.global_step, result)
-        return _Measurement(result, extra, adam)
+        return _Measurement(result, extra, sharp)
 
     def _operator_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.spectrum_kwargs.items() if k in _OPERATOR_OPTIONS}
@@ -432,104 +326,51 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         extra["lambda_max_batch_residual"] = float(spread.residuals.max())
         return spread.num_hvps
 
-    def _adam_sharpness(
+    def _sharpness(
         self,
         pl_module: LightningModule,
         batches: list[Any],
         loss_fn: Any,
         reduce_fn: Any,
-    ) -> tuple[Stability | None, int]:
-        """Adam's preconditioned sharpness against its line, and its products.
-
-        Nothing before the optimizer's first step (no second moment yet), nor for optimizers
-        that are not Adam-like (their line is set from λ_max in :meth:`_log`).
-        """
+        result: HessianSpectrum,
+    ) -> OptimizerSharpness | None:
+        """The first optimizer's sharpness against its line (Adam: an extra Lanczos run)."""
         try:
             optimizers = pl_module.trainer.optimizers
         except RuntimeError:  # a module measured outside fit: no optimizer to read
-            return None, 0
-        if not optimizers or "betas" not in optimizers[0].param_groups[0]:
-            return None, 0
-        optimizer = optimizers[0]
-        hyper = adam_hyperparameters(optimizer)
-        params = [p for _, p in pl_module.named_parameters() if p.requires_grad]
-        p_diag = adam_preconditioner(optimizer, params) if hyper is not None else None
-        if p_diag is None:
-            if hyper is None or optimizer.state:
-                warn_once(
-                    "hessian-adam-unsupported",
-                    "HessianSpectrumMonitor: Adam's preconditioned sharpness needs one lr and "
-                    "β₁ for all parameter groups and Adam state for every trainable parameter; "
-                    "not logged.",
-                )
-            return None, 0
-        op = HessianOperator(
-            pl_module, loss_fn, batches, reduce_fn=reduce_fn, **self._operator_options()
-        )
-        try:
-            value, used = preconditioned_sharpness(
-                op, p_diag, tol=self.spectrum_kwargs.get("tol", 1e-5), seed=self.seed
-            )
-        finally:
-            op.release()
-        return adam_stability(value, hyper[1], hyper[0]), used
+            return None
+        if not optimizers or result.eigenvalues.size == 0:
+            return None
+        return optimizer_sharpness(
+            pl_module, loss_fn, batches, optimizers[0], lambda_max=float(result.eigenvalues[0]),
+            tol=self.spectrum_kwargs.get("tol", 1e-5), seed=self.seed, reduce_fn=reduce_fn,
+            **self._operator_options(),
+        )  # fmt: skip
 
     def _log(self, trainer: Trainer, step: int, result: _Measurement, seconds: float) -> None:
         extra = dict(result.extra)
-        st = result.stability
-        if st is None and self.log_sharpness:
-            st = self._sgd_stability(trainer, result.result)
+        sharp = result.sharpness
+        if sharp is not None and sharp.unsupported is not None:
+            warn_once("hessian-sharpness-unsupported", f"HessianSpectrumMonitor: "
+                      f"{sharp.unsupported}; sharpness_ratio is not logged.")  # fmt: skip
+        st = sharp.stability if sharp is not None else None
         if st is not None:
             if st.kind == "adam":
                 extra["preconditioned_sharpness"] = st.sharpness
             extra.update(sharpness_ratio=st.ratio, stability_threshold=st.threshold)
-            self._check_line(st, trainer)
+            if self._watch.update(st):
+                warnings.warn(
+                    f"HessianSpectrumMonitor: the sharpness has been above the stability "
+                    f"threshold of {st.kind} (lr={trainer.optimizers[0].param_groups[0]['lr']}) "
+                    f"for {self._watch.above} consecutive measurements (now {st.ratio:.3g}x): "
+                    "training sits above the edge of stability (warned once).",
+                    UserWarning,
+                    stacklevel=2,
+                )
         self.axis = log_hessian_spectrum(
             trainer, step, result.result, prefix=self.tag_prefix, axis=self.axis,
             log_histogram=self.log_histogram, log_figure=self.log_figure, extra=extra,
         )  # fmt: skip
-
-    def _check_line(self, st: Stability, trainer: Trainer) -> None:
-        """Warn once when the ratio was above 1 for several consecutive measurements: the
-        step is then unstable along the top eigenvector for the quadratic model; full-batch
-        training reaches the line and hovers at it (Cohen et al. 2021, 2022), else a step size
-        too large for the curvature."""
-        self._above_line = self._above_line + 1 if st.ratio > 1 else 0
-        if self._above_line < ABOVE_LINE_MEASUREMENTS or self._warned_above_line:
-            return
-        self._warned_above_line = True
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
-        warnings.warn(
-            f"HessianSpectrumMonitor: the sharpness has been above the stability threshold "
-            f"of {st.kind} (lr={lr}) for {self._above_line} consecutive measurements (now "
-            f"{st.ratio:.3g}x): training sits above the edge of stability (warned once).",
-            UserWarning,
-            stacklevel=2,
-        )
-
-    def _sgd_stability(self, trainer: Trainer, result: HessianSpectrum) -> Stability | None:
-        """λ_max against SGD's line, from the first optimizer's hyper-parameters (read at
-        measurement time, never changed): ``lr``, ``momentum``, ``dampening``, ``nesterov``,
-        ``weight_decay``; see :mod:`lightning_landscape.linalg.sharpness`. None for Adam-like
-        optimizers (their line is measured in :meth:`_adam_sharpness`) and, with a notice,
-        for groups with different hyper-parameters."""
-        optimizers = getattr(trainer, "optimizers", None) or []
-        if not optimizers or result.eigenvalues.size == 0:
-            return None
-        groups = optimizers[0].param_groups
-        if "betas" in groups[0]:
-            return None
-        keys = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
-        if any(
-            tuple(g.get(k) for k in keys) != tuple(groups[0].get(k) for k in keys) for g in groups
-        ):
-            warn_once(
-                "hessian-sharpness-unsupported",
-                "HessianSpectrumMonitor: sharpness_ratio is logged for SGD-like optimizers with "
-                "one set of hyper-parameters and for Adam; not for this optimizer.",
-            )
-            return None
-        return stability_from_param_group(float(result.eigenvalues[0]), groups[0])
 
     def _extra_state(self) -> dict[str, Any]:
         return {"axis": self.axis.to_dict() if self.axis is not None else None}

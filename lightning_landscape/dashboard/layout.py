@@ -90,12 +90,20 @@ def merge_layouts(*layouts: Mapping[str, Mapping[str, Sequence[str]]]) -> Layout
     return merged
 
 
-def hessian_layout(prefix: str = "landscape/hessian", *, groups: Sequence[str] = ()) -> Layout:
+_SGD_LINE_CHART = "sharpness vs stability line (λ_max, threshold; sharpness_ratio 1 = edge)"
+_ADAM_LINE_CHART = "Adam: preconditioned sharpness λ_max(P⁻¹H) vs stability line 2(1+β₁)/((1-β₁)η)"
+
+
+def hessian_layout(
+    prefix: str = "landscape/hessian", *, groups: Sequence[str] = (), adam: bool = False
+) -> Layout:
     """Charts for the Hessian monitor's scalars.
 
     Matches the tags ``<prefix>/eigenvalue_01``…, ``residual_01``…, ``trace``, ``trace_stderr``,
     ``n_outliers``, ``bulk_edge``, ``lambda_min``, ``ratio_max_over_bulk_edge``,
-    ``ratio_max_over_kth``, ``stability_threshold``, ``seconds``, ``num_hvps``, ``skipped``
+    ``ratio_max_over_kth``, ``stability_threshold``, ``sharpness_ratio``,
+    ``preconditioned_sharpness``, ``lambda_max_batch_*``, ``subspace_overlap``, ``seconds``,
+    ``num_hvps``, ``skipped``
     and, per parameter group,
     ``<prefix>/<group>/eigenvalue_01``…. Scalars of different units get different charts.
 
@@ -103,6 +111,8 @@ def hessian_layout(prefix: str = "landscape/hessian", *, groups: Sequence[str] =
         prefix: Tag prefix of the monitor.
         groups: Parameter-group names; each gets a chart of its top eigenvalues. Whatever the
             groups, one chart shows the largest eigenvalue of every group.
+        adam: the optimizer is Adam-like: its line is set against the preconditioned sharpness
+            ``preconditioned_sharpness``, not against λ_max (one unit per chart).
 
     Returns:
         ``{"landscape: hessian": {chart_title: [tag_regex, ...]}}`` (category named after
@@ -125,7 +135,7 @@ def hessian_layout(prefix: str = "landscape/hessian", *, groups: Sequence[str] =
             rf"{p}/lambda_min$",
         ],
         "number of outliers": [rf"{p}/n_outliers$"],
-        "sharpness vs stability line (λ_max, threshold; sharpness_ratio 1 = edge)": [
+        _SGD_LINE_CHART: [
             rf"{p}/eigenvalue_01$",
             rf"{p}/stability_threshold$",
         ],
@@ -134,7 +144,20 @@ def hessian_layout(prefix: str = "landscape/hessian", *, groups: Sequence[str] =
             rf"{p}/ratio_max_over_kth$",
         ],
         "largest eigenvalue per parameter group": [rf"{p}/[^/]+/eigenvalue_01$"],
+        "sharpness_ratio (sharpness / stability threshold; 1 = edge of stability)": [
+            rf"{p}/sharpness_ratio$"
+        ],
+        "λ_max per probe batch: min, mean, max, std (and the probe set's λ_max)": [
+            rf"{p}/lambda_max_batch_(min|mean|max|std)$",
+            rf"{p}/eigenvalue_01$",
+        ],
+        "top-k subspace overlap with the previous measurement (1 = unchanged)": [
+            rf"{p}/subspace_overlap$"
+        ],
     }
+    if adam:  # Adam's line is not λ_max's: the SGD chart would set λ_max against it
+        del charts[_SGD_LINE_CHART]
+        charts[_ADAM_LINE_CHART] = [rf"{p}/preconditioned_sharpness$", rf"{p}/stability_threshold$"]
     for group in groups:
         if not isinstance(group, str) or not group:
             raise ValueError(f"groups must hold non-empty strings; got {group!r}")

@@ -9,7 +9,7 @@ the model (``top_k`` at most the dimension, ``params`` belonging to it) stay in 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import torch
 
@@ -22,7 +22,7 @@ from .._checks import (
     check_positive_int,
 )
 
-__all__ = ["check_spectrum_options"]
+__all__ = ["HessianOptions", "check_spectrum_options"]
 
 
 def _groups(name: str, value: Any) -> None:
@@ -110,3 +110,22 @@ def check_spectrum_options(**options: Any) -> None:
             check_int("max_iter", options["max_iter"], minimum=1, allow_none=True)
         elif options["max_iter"] is not None:
             check_int("max_iter", options["max_iter"], minimum=top_k, what=f"top_k={top_k}")
+
+
+class HessianOptions(TypedDict, total=False):
+    """The options of :func:`~lightning_landscape.hessian_spectrum` a monitor forwards.
+
+    Typed for LightningCLI / jsonargparse, which read ``**spectrum_kwargs`` through it; a test
+    keeps it equal to the core's keyword options less those the monitor sets itself.
+    """
+
+    tol: float
+    max_iter: int | None
+    num_slq_probes: int | None
+    slq_steps: int | None
+    num_trace_probes: int | None
+    max_basis_bytes: int | None
+    retain_graph: bool | Literal["auto"]
+    batch_size_fn: Callable[[Any], int] | None
+    dtype: torch.dtype | None
+    hvp: Literal["exact", "finite_difference", "auto"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1004,3 +1005,20 @@ def lanczos(
         converged=run.converged,
         basis_rows=run.basis_rows,
     )
+
+
+def reorthogonalisation_seconds(device: torch.device, dim: int) -> float:
+    """Seconds of one Gram-Schmidt pass ``w - (B @ w) @ B`` per float64 basis row of ``dim``
+    numbers on ``device``: timed on at most 8 × 2^19 numbers and scaled (memory-bound)."""
+    n, rows = max(1, min(dim, 1 << 19)), 8
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(rows, n, generator=gen, dtype=torch.float64).to(device)
+    w = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        w = w - (B @ w) @ B
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best / rows * (dim / n)

@@ -48,14 +48,20 @@ from .._checks import check_int
 from .lanczos import eigen_run, lanczos
 from .operators import HessianOperator, LossFn
 
+#: Hyper-parameters of SGD-like optimizers that set the stability line; all groups must agree.
+SGD_LINE_KEYS = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
+
 __all__ = [
     "BatchSharpness",
+    "OptimizerSharpness",
     "Stability",
+    "StabilityWatch",
     "adam_hyperparameters",
     "adam_preconditioner",
     "adam_stability",
     "adam_threshold",
     "batch_sharpness",
+    "optimizer_sharpness",
     "preconditioned_sharpness",
     "sgd_threshold",
     "stability_from_param_group",
@@ -306,3 +312,98 @@ def batch_sharpness(
         values.append(float(run.theta[0]))
         residuals.append(float(run.residuals[0]))
     return BatchSharpness(np.asarray(values), np.asarray(residuals), used)
+
+
+@dataclass(frozen=True, eq=False)
+class OptimizerSharpness:
+    """The sharpness a given optimizer's stability line concerns (:func:`optimizer_sharpness`).
+
+    Attributes:
+        stability: the sharpness against the line; None when there is none to draw (no
+            optimizer step yet for Adam, or an optimizer this module has no line for).
+        num_hvps: Hessian-vector products spent (Adam's Lanczos run; 0 for SGD-like).
+        unsupported: why no line can be drawn for this optimizer, a sentence for a one-time
+            notice; None when it was measured or will be once the optimizer has state.
+    """
+
+    stability: Stability | None
+    num_hvps: int = 0
+    unsupported: str | None = None
+
+
+def optimizer_sharpness(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Any],
+    optimizer: torch.optim.Optimizer,
+    *,
+    lambda_max: float,
+    tol: float = 1e-5,
+    seed: int = 0,
+    **operator_options: Any,
+) -> OptimizerSharpness:
+    """The sharpness against ``optimizer``'s stability line, whatever the optimizer.
+
+    SGD-like (no ``betas``): ``lambda_max`` against :func:`stability_from_param_group`, no
+    products. Adam-like: λ_max(P⁻¹H) by :func:`preconditioned_sharpness` with Adam's own state
+    (:func:`adam_preconditioner`), against :func:`adam_threshold`. The optimizer is only read.
+
+    Args:
+        model: the network the optimizer trains (its trainable parameters, in order).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss on a batch.
+        batches: the probe batches.
+        optimizer: the optimizer whose line is wanted.
+        lambda_max: the Hessian's top eigenvalue on ``batches`` (measured already).
+        tol: Lanczos tolerance of Adam's run.
+        seed: seeds Adam's run.
+        **operator_options: options of :class:`~lightning_landscape.linalg.HessianOperator`.
+    """
+    groups = optimizer.param_groups
+    if "betas" not in groups[0]:
+        first = tuple(groups[0].get(k) for k in SGD_LINE_KEYS)
+        if any(tuple(g.get(k) for k in SGD_LINE_KEYS) != first for g in groups):
+            return OptimizerSharpness(
+                None, unsupported="parameter groups with different SGD hyper-parameters"
+            )
+        return OptimizerSharpness(stability_from_param_group(lambda_max, groups[0]))
+    hyper = adam_hyperparameters(optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    p_diag = adam_preconditioner(optimizer, params) if hyper is not None else None
+    if p_diag is None:
+        if hyper is None or optimizer.state:
+            return OptimizerSharpness(
+                None,
+                unsupported="Adam's preconditioned sharpness needs one lr and β₁ for all "
+                "parameter groups and Adam state for every trainable parameter",
+            )
+        return OptimizerSharpness(None)  # before the first step: no second moment yet
+    op = HessianOperator(model, loss_fn, batches, **operator_options)
+    try:
+        value, used = preconditioned_sharpness(op, p_diag, tol=tol, seed=seed)
+    finally:
+        op.release()
+    return OptimizerSharpness(adam_stability(value, hyper[1], hyper[0]), used)
+
+
+class StabilityWatch:
+    """Says once when training has sat above the stability line for ``patience`` consecutive
+    measurements: at the edge of stability the ratio hovers around 1 (Cohen et al. 2021,
+    2022), so a single reading above it is expected.
+
+    Args:
+        patience: consecutive measurements above the line before :meth:`update` says so.
+    """
+
+    def __init__(self, patience: int = 3) -> None:
+        self.patience = check_int("patience", patience, minimum=1)
+        self.above = 0
+        self.fired = False
+
+    def update(self, stability: Stability) -> bool:
+        """Count one measurement; True exactly once, at the first ``patience``-th in a row
+        above the line."""
+        self.above = self.above + 1 if stability.ratio > 1 else 0
+        if self.fired or self.above < self.patience:
+            return False
+        self.fired = True
+        return True

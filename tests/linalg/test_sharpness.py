@@ -198,3 +198,17 @@ def test_adam_threshold_is_where_frozen_adam_starts_to_diverge(beta1) -> None:
     thr = adam_threshold(beta1, lr=0.01)
     assert _frozen_adam_diverges(1.02 * thr, 0.01, beta1)
     assert not _frozen_adam_diverges(0.98 * thr, 0.01, beta1)
+
+
+def test_stability_watch_fires_once_after_consecutive_readings_above_the_line():
+    from lightning_landscape.linalg.sharpness import Stability, StabilityWatch
+
+    def st(ratio: float) -> Stability:
+        return Stability(sharpness=ratio, threshold=1.0, ratio=ratio, kind="sgd")
+
+    watch = StabilityWatch(patience=3)
+    # A dip below the line restarts the count; the warning comes once, at the third in a row.
+    said = [watch.update(st(r)) for r in (1.2, 1.1, 0.9, 1.3, 1.4, 1.5, 1.6, 0.5, 2, 2, 2)]
+    assert said == [False] * 5 + [True] + [False] * 5
+    with pytest.raises(ValueError, match="patience"):
+        StabilityWatch(patience=0)
