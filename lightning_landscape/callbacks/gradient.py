@@ -287,7 +287,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._noise.release()
-        if not (self.track_training_noise and self.ddp_comm_hook):
+        if not (self.track_training_noise and self.ddp_comm_hook) or self._off is not None:
             return
         try:  # not DDP over 2+ processes, or the strategy registered its own hook
             self._noise.attach_ddp(getattr(trainer.strategy, "model", None), pl_module.device)
@@ -317,7 +317,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self.track_training_noise:
+        if not self.track_training_noise or self._off is not None:
             return
         params = self._grad_params
         if params is None:  # all of them: a fine-tuning schedule may unfreeze some later
@@ -336,7 +336,8 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
-        if self.track_training_noise and step % every == 0 and step != self._logged_step:
+        on = self.track_training_noise and self._off is None
+        if on and step % every == 0 and step != self._logged_step:
             self._logged_step = step
             # Every rank: with the comm hook, compute() holds a collective.
             noise = self._noise.compute(trace=self.last_trace, num_samples=self.last_num_samples)

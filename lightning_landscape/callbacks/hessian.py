@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
 import numpy as np
@@ -257,6 +258,24 @@ class HessianSpectrumMonitor(LandscapeMonitor):
 
     def _layout(self) -> dict[str, dict[str, list[str]]]:
         return hessian_layout(self.tag_prefix, groups=self._group_names)
+
+    def _reduced(self) -> contextlib.AbstractContextManager[str] | None:
+        if not (self.density or self.trace):
+            return None  # top-k only already: nothing to leave out
+        return self._top_k_only()
+
+    @contextlib.contextmanager
+    def _top_k_only(self) -> Iterator[str]:
+        density, trace = self.density, self.trace
+        self.density = self.trace = False
+        try:
+            yield "the top-k eigenvalues only, without density and trace"
+        finally:
+            self.density, self.trace = density, trace
+
+    def _what(self) -> str:
+        parts = [f"top-{self.top_k}"] + [n for n in ("density", "trace") if getattr(self, n)]
+        return f"the Hessian spectrum ({', '.join(parts)})"
 
     def _compute(
         self, pl_module: LightningModule, batches: list[Any], loss_fn: Any, reduce_fn: Any
