@@ -545,7 +545,9 @@ class LandscapeMonitor(ScheduledMonitor):
         params = [p for p in pl_module.parameters() if p.requires_grad]
         times = []
         with ctx.isolated(pl_module, train_mode=self.train_mode):
-            for _ in range(2):  # the first pass pays one-off initialisation: keep the faster
+            # The first pass pays one-off initialisation: keep the faster of two, unless the
+            # first is long enough for that to be a small part of it.
+            while len(times) < 2 and (not times or times[0] < QUIET_SECONDS / 10):
                 t0 = clock()
                 for batch in self._probe or []:
                     torch.autograd.grad(loss_fn(pl_module, batch), params, allow_unused=True)

@@ -29,9 +29,10 @@ from ..linalg import (
     gradient_covariance,
     hessian_alignment,
 )
-from ..linalg.covariance import CovarianceOptions
+from ..linalg.covariance import GRAM_MAX_ELEMENTS, CovarianceOptions
 from ..linalg.operators import default_batch_size
 from ..linalg.per_sample import OutputsFn
+from . import _context as ctx
 from ._base import LandscapeMonitor
 from ._schedule import HESSIAN_EIGENPAIRS, dependency_order
 
@@ -185,6 +186,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         self._batch_size: int | None = None
         self._logged_step: int | None = None
         self._per_sample: Literal["auto", "vmap", "outputs"] = "auto"
+        self._route = method  # the covariance route the cost guess assumes
 
     def _state_key(self) -> str:
         return self._generate_state_key(
@@ -218,7 +220,24 @@ class GradientCovarianceMonitor(LandscapeMonitor):
     def _gradient_equivalents(self) -> float:
         # One per-sample-gradient pass (vmap) costs about 3 probe gradients; the operator route
         # adds a Lanczos run of up to ~N products of about 3 each, guessed as 6 top_k.
-        return 4.0 + (3.0 * 6 * self.top_k if self.method == "lanczos" else 0.0)
+        return 4.0 + (3.0 * 6 * self.top_k if self._route == "lanczos" else 0.0)
+
+    @override
+    def _cost_guess(self, trainer: Trainer, pl_module: LightningModule) -> float:
+        # method="auto" decided as gradient_covariance decides it: guessing the Gram route for a
+        # model that takes the Lanczos one put a 35 s measurement at 7 s.
+        self._route = self.method
+        if self.method == "auto":
+            size = self.batch_size_fn or default_batch_size
+            try:
+                n = sum(size(b) for b in self._probe or [])
+            except ValueError:  # no batch size to read: the measurement will say so, not this
+                n = 0
+            d = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            limit = self.covariance_kwargs.get("gram_max_elements", GRAM_MAX_ELEMENTS)
+            parallel = ctx.make_reduce(trainer) is not None
+            self._route = "lanczos" if parallel or n * d > limit else "gram"
+        return super()._cost_guess(trainer, pl_module)
 
     def _layout(self) -> dict[str, dict[str, list[str]]]:
         return gradient_layout(self.tag_prefix)

@@ -228,3 +228,13 @@ def test_sanity_checking_measures_nothing(tmp_path):
     )
     trainer.fit(module, loader(32), loader(32, n=64))
     assert module.validated and steps == [(0, False), (4, False), (8, False)]
+
+
+@pytest.mark.parametrize(("limit", "route"), [(None, "gram"), (1, "lanczos")])
+def test_gradient_cost_guess_assumes_the_route_auto_takes(make_trainer, limit, route):
+    kw = {} if limit is None else {"gram_max_elements": limit}
+    monitor = GradientCovarianceMonitor(top_k=2, **kw)
+    make_trainer([monitor], max_steps=8).fit(DigitsModule(), loader(32))
+    # 128 probe samples x 1210 parameters: under the default Gram limit, over a limit of 1.
+    assert monitor._route == route and monitor.num_measurements == 1
+    assert monitor._gradient_equivalents() == 4.0 + (3.0 * 6 * 2 if route == "lanczos" else 0)
