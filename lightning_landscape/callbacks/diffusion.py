@@ -324,6 +324,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
         clock = self._now
         if budget and not self._affordable():
             return
+        announced = self._announce(trainer, step, self._embed_cost())
         t0 = clock()
         traj = self.recorder.load()
         rows = self.embedder.select(traj.steps, step)
@@ -348,17 +349,25 @@ class DiffusionMapMonitor(ScheduledMonitor):
         total = clock() - t0
         self.last_embed_cost = (total, int(rows.size))
         self._charge(total)
+        self._announce_done(trainer, step, total, announced)
 
     def _affordable(self) -> bool:
         """Whether the predicted cost (the last embedding's, scaled by the embedder's cost model)
         and as much again for the end of fit fit in the budget (see ``Coordinator.affords``)."""
         if self._coord is None:
             return True
-        cost = 0.0
-        if self.last_embed_cost is not None:
-            seconds, n_last = self.last_embed_cost
-            cost = seconds * self.embedder.cost(self.recorder.rows) / self.embedder.cost(n_last)
-        return self._coord.affords(self.name, cost, self.max_overhead)
+        return self._coord.affords(self.name, self._embed_cost() or 0.0, self.max_overhead)
+
+    def _embed_cost(self) -> float | None:
+        """Predicted seconds of an embedding now: the last one's, scaled by the embedder's cost
+        model to the samples recorded since (None before the first)."""
+        if self.last_embed_cost is None:
+            return None
+        seconds, n_last = self.last_embed_cost
+        return seconds * self.embedder.cost(self.recorder.rows) / self.embedder.cost(n_last)
+
+    def _what(self) -> str:
+        return f"the diffusion map of {self.recorder.rows} samples"
 
     def _accept(
         self,

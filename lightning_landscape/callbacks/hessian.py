@@ -90,8 +90,12 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     probe set and the Hessian-vector products are all-reduced, so the result is that of the union.
 
     Schedule: by default a wall-time budget (``max_overhead``, 5% of training time) places the
-    measurements; the end-of-fit measurement always runs. ``every_n_steps`` / ``every_n_epochs``
-    give a fixed, reproducible schedule instead.
+    measurements; the end-of-fit measurement always runs, as the top-k eigenvalues only
+    (``density=False, trace=False``) when the fit so far is too short to afford the full one.
+    ``every_n_steps`` / ``every_n_epochs`` give a fixed, reproducible schedule instead. Under
+    ``fast_dev_run``, or on the budget in a fit too short even for the top-k, it measures nothing
+    (one line says so); a measurement of 5 s or more is announced (docs/design.md, "Fixed costs
+    and short fits").
 
     Args:
         top_k: number of top eigenvalues.

@@ -238,3 +238,28 @@ def test_gradient_cost_guess_assumes_the_route_auto_takes(make_trainer, limit, r
     # 128 probe samples x 1210 parameters: under the default Gram limit, over a limit of 1.
     assert monitor._route == route and monitor.num_measurements == 1
     assert monitor._gradient_equivalents() == 4.0 + (3.0 * 6 * 2 if route == "lanczos" else 0)
+
+
+def test_progress_lines_go_through_a_live_progress_bar(tmp_path, capsys, said):
+    clock = FakeClock()
+    monitor = HessianSpectrumMonitor(
+        top_k=2, every_n_steps=100, clock=clock, retain_graph=False, log_figure=False
+    )
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(TimedDigits(clock, seconds=0.1), loader(32))
+    out = capsys.readouterr().out
+    # Step 0 comes before the bar exists: rank_zero_info. The end of fit, while the bar is
+    # live: its print (tqdm.write, to stdout).
+    step0 = "measured the Hessian spectrum (top-2, density, trace) at step 0 in"
+    assert any(step0 in line for line in said), said
+    assert "measuring the Hessian spectrum (top-2) at step 4" in out
+    assert "measured the Hessian spectrum (top-2) at step 4" in out
+    assert not [line for line in said if "at step 4" in line], said
