@@ -4,10 +4,11 @@ What is measured: the wall time of ``Trainer.fit`` of Lightning's demo Transform
 (``benchmarks/models.py`` "transformer": 16 sequences of 32 Markov tokens a batch, SGD) with the
 four monitors at their defaults (``HessianSpectrumMonitor()``, ``GradientCovarianceMonitor()``,
 ``DiffusionMapMonitor()``, ``InPCAMonitor()``) and without, under ``fast_dev_run=True`` and for
-``--steps`` steps (24); each fit's measurement counts, the one-line notices the monitors gave,
-and every file a fit wrote outside its logger's directory (the working directory and
-``default_root_dir`` are two other temporary folders). Seconds depend on the machine and its
-load; the counts and the file list do not.
+``--steps`` steps (24); each fit's measurement counts, the seconds charged to each monitor,
+the diffusion embeddings made, the one-line notices the monitors gave, and every file a fit
+wrote outside its logger's directory (the working directory and ``default_root_dir`` are two
+other temporary folders). Seconds depend on the machine and its load; the counts and the file
+list do not.
 
 Run (from the repository root)::
 
@@ -35,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import transformer
 
 import lightning_landscape as ll
+
+#: The lines of lightning_landscape (its monitors' names, or the package's).
+NOTICES = ("lightning_landscape", "Hessian", "GradientCovariance", "DiffusionMap", "InPCA")
 
 
 class DemoLM(L.LightningModule):
@@ -95,6 +99,7 @@ def fit(monitored: bool, **trainer_kw) -> dict:
         "seconds": seconds,
         "charged": {k: round(v, 1) for k, v in (coord.spent if coord else {}).items()},
         "measurements": {type(m).__name__: m.num_measurements for m in monitors},
+        "embeddings": sum(getattr(m, "num_embeddings", 0) for m in monitors),
         "outside_logs": outside,
     }
 
@@ -107,7 +112,7 @@ def main() -> None:
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage().startswith(("lightning_landscape", "HessianSpectrum")):
+            if record.getMessage().startswith(NOTICES):
                 lines.append(record.getMessage())
 
     import lightning_utilities.core.rank_zero as rank_zero
@@ -122,6 +127,7 @@ def main() -> None:
             label = "four monitors" if monitored else "no monitor"
             print(f"{name:>12} {label:>13}: {out['seconds']:6.1f} s", out["measurements"])
             print(f"{'':>28}seconds charged to each monitor's budget: {out['charged']}")
+            print(f"{'':>28}diffusion embeddings: {out['embeddings']}")
             print(f"{'':>28}files outside the log dir: {out['outside_logs'] or 'none'}")
             for line in lines:
                 print(f"{'':>28}{line}")
