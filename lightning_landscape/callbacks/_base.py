@@ -11,6 +11,7 @@ cost from a timed probe gradient; its subclasses supply ``_compute`` (call a cor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -30,6 +31,7 @@ from ..dashboard.layout import merge_layouts
 from ..dashboard.writer import mark_resumed
 from ..linalg.operators import HVPFailedError
 from . import _context as ctx
+from ._fixed_costs import QUIET_SECONDS, say, too_costly
 from ._schedule import Coordinator, coordinator_for
 
 __all__: list[str] = []
@@ -132,6 +134,9 @@ class ScheduledMonitor(Callback):
         # Per-fit objects, created in setup/on_train_start (ddp_spawn pickles callbacks).
         self._coord: Coordinator | None = None
         self._seen_step: int | None = None
+        # Why this monitor measures nothing in this fit (fast_dev_run, a fit too short), if so.
+        self._off: str | None = None
+        self._expected: float | None = None  # seconds the next measurement should take
 
     # -- subclass hooks ----------------------------------------------------------------------
     def _measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
@@ -156,6 +161,20 @@ class ScheduledMonitor(Callback):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def _reduced(self) -> contextlib.AbstractContextManager[str] | None:
+        """A context in which :meth:`_measure` (and :meth:`_cost_guess`) make the monitor's
+        reduced measurement, the one a short fit can afford at its end; it yields a few words
+        on what is left out. None (the default): the monitor has no reduced form."""
+        return None
+
+    def _what(self) -> str:
+        """What a measurement computes, for the progress lines of long measurements."""
+        return "its measurement"
+
+    def _step_seconds_guess(self) -> float | None:
+        """Seconds of a training step before the coordinator has timed one, if known."""
+        return None
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -190,6 +209,13 @@ class ScheduledMonitor(Callback):
             return
         ctx.check_strategy(trainer, type(self).__name__)
         self._coord = coordinator_for(trainer, self.name, self._clock)
+        self._off = "fast_dev_run" if getattr(trainer, "fast_dev_run", False) else None
+        if self._off is not None and self._coord.first_notice("fast_dev_run"):
+            say(
+                trainer,
+                "lightning_landscape: fast_dev_run, so the landscape monitors measure nothing "
+                "and write nothing in this run (like Lightning's loggers and checkpoints).",
+            )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -199,10 +225,16 @@ class ScheduledMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._off is not None:
+            return
         if trainer.is_global_zero and self._coord is not None and not self._coord.layout_written:
             self._coord.layout_written = True
             writer = tensorboard_writer(trainer)
-            layouts = [cb._layout() for cb in trainer.callbacks if isinstance(cb, ScheduledMonitor)]
+            layouts = [
+                cb._layout()
+                for cb in trainer.callbacks
+                if isinstance(cb, ScheduledMonitor) and cb._off is None
+            ]
             if writer is not None:
                 write_custom_scalars_layout(writer, merge_layouts(*layouts))
                 if trainer.global_step > 0:  # resumed: the steps after the checkpoint are redone
@@ -217,7 +249,7 @@ class ScheduledMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step == self._seen_step:  # not an optimizer step (gradient accumulation)
+        if step == self._seen_step or self._off is not None:  # not an optimizer step, or off
             return
         self._seen_step = step
         assert self._coord is not None
@@ -228,21 +260,22 @@ class ScheduledMonitor(Callback):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self.every_n_epochs
-        if n is not None and (trainer.current_epoch + 1) % n == 0:
+        if n is not None and (trainer.current_epoch + 1) % n == 0 and self._off is None:
             step = trainer.global_step
             if step != self.last_measured_step:
                 self._measure(trainer, pl_module, step)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish_fit(trainer, pl_module)
+        if self._off is None:
+            self._finish_fit(trainer, pl_module)
         self._end_barrier(trainer)
 
     def _finish_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """End-of-fit work of every rank (the last measurement), before the closing barrier."""
         step = trainer.global_step
         if step != self.last_measured_step:
-            self._measure(trainer, pl_module, step)
+            self._measure_end(trainer, pl_module, step)
             if self.uses_budget and self._coord is not None:
                 spent = self._coord.spent.get(self.name, 0.0)
                 allowed = self.max_overhead * self._coord.train_seconds
@@ -254,6 +287,64 @@ class ScheduledMonitor(Callback):
                         f"({self.max_overhead:.0%} of {self._coord.train_seconds:.1f} s of "
                         "training); the run was too short for this measurement.",
                     )
+
+    def _measure_end(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """The end-of-fit measurement: the reduced one (:meth:`_reduced`) when the full one is
+        predicted to cost more than the fit so far affords (``_fixed_costs.too_costly``)."""
+        reduced = self._reduced()
+        if reduced is None:
+            self._measure(trainer, pl_module, step)
+            return
+        full = self._charged_guess(trainer, pl_module)
+        cost = self.last_cost if self.last_cost is not None else full
+        fit = self._fit_seconds(step)
+        if not trainer.strategy.broadcast(too_costly(cost, fit), 0):
+            self._measure(trainer, pl_module, step)
+            return
+        with reduced as left_out:
+            # The reduced cost: the measured one scaled as the a-priori guesses scale.
+            small = self._charged_guess(trainer, pl_module)
+            self._expected = cost * small / full if full > 0 else None
+            if self._coord is not None and self._coord.first_notice(f"end:{self.name}"):
+                say(
+                    trainer,
+                    f"{type(self).__name__}: the end-of-fit measurement (about {cost:.0f} s) "
+                    f"would take more than the fit so far ({fit:.1f} s of training) affords; "
+                    f"measuring {left_out} instead.",
+                )
+            try:
+                self._measure(trainer, pl_module, step)
+            finally:
+                self._expected = None
+
+    def _charged_guess(self, trainer: Trainer, pl_module: LightningModule) -> float:
+        """:meth:`_cost_guess`, its timing passes charged to the budget."""
+        clock = self._now
+        t0 = clock()
+        guess = self._cost_guess(trainer, pl_module)
+        self._charge(clock() - t0)
+        return guess
+
+    def _fit_seconds(self, steps: int) -> float | None:
+        """Predicted training seconds of ``steps`` steps (timed steps, else a guess)."""
+        per_step = self._coord.step_seconds if self._coord is not None else None
+        if per_step is None:
+            per_step = self._step_seconds_guess()
+        return None if per_step is None else per_step * steps
+
+    def _announce(self, trainer: Trainer, step: int, expected: float | None) -> bool:
+        """One line before a measurement expected to take :data:`QUIET_SECONDS` or more."""
+        if expected is None or expected < QUIET_SECONDS:
+            return False
+        name = type(self).__name__
+        say(trainer, f"{name}: measuring {self._what()} at step {step} (about {expected:.0f} s)")
+        return True
+
+    def _announce_done(self, trainer: Trainer, step: int, seconds: float, announced: bool) -> None:
+        """One line after a measurement that was announced or took :data:`QUIET_SECONDS`."""
+        if announced or seconds >= QUIET_SECONDS:
+            name = type(self).__name__
+            say(trainer, f"{name}: measured {self._what()} at step {step} in {seconds:.1f} s")
 
     def _end_barrier(self, trainer: Trainer) -> None:
         """Hold every rank until rank 0 has finished logging the end of fit.
@@ -423,6 +514,8 @@ class LandscapeMonitor(ScheduledMonitor):
         self.probe_dir: str | None = None
         # Per-fit objects, created in on_train_start (ddp_spawn pickles callbacks).
         self._probe: list[Any] | None = None
+        self._probe_seconds: float | None = None  # one timed gradient over the probe set
+        self._guess: float | None = None  # the latest a-priori cost
 
     # -- subclass hooks ----------------------------------------------------------------------
     def _compute(
@@ -444,19 +537,34 @@ class LandscapeMonitor(ScheduledMonitor):
         The training step time is a poor proxy (for small models it is mostly framework
         overhead), so the probe gradient itself is timed, without touching ``.grad``.
         """
+        if self._probe_seconds is None:  # timed once a fit: the guesses differ by their scale
+            self._probe_seconds = self._time_probe_gradient(pl_module)
+        self._guess = self._gradient_equivalents() * self._probe_seconds
+        return self._guess
+
+    def _time_probe_gradient(self, pl_module: LightningModule) -> float:
         clock = self._now
         loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
         params = [p for p in pl_module.parameters() if p.requires_grad]
         times = []
         with ctx.isolated(pl_module, train_mode=self.train_mode):
-            for _ in range(2):  # the first pass pays one-off initialisation: keep the faster
+            # The first pass pays one-off initialisation: keep the faster of two, unless the
+            # first is long enough for that to be a small part of it.
+            while len(times) < 2 and (not times or times[0] < QUIET_SECONDS / 10):
                 t0 = clock()
                 for batch in self._probe or []:
                     torch.autograd.grad(loss_fn(pl_module, batch), params, allow_unused=True)
                 if pl_module.device.type == "cuda":
                     torch.cuda.synchronize(pl_module.device)
                 times.append(clock() - t0)
-        return self._gradient_equivalents() * min(times)
+        return min(times)
+
+    @override
+    def _step_seconds_guess(self) -> float | None:
+        # A training step is at least one batch gradient: the probe gradient over one batch.
+        if self._probe_seconds is None or not self._probe:
+            return None
+        return self._probe_seconds / len(self._probe)
 
     # -- Lightning hooks ---------------------------------------------------------------------
     @override
@@ -488,12 +596,39 @@ class LandscapeMonitor(ScheduledMonitor):
                 "measurement pass); use train_mode=False (eval mode, the default); got "
                 "train_mode=True"
             )
+        self._probe_seconds = self._guess = None
+        if self._off is not None:
+            return
         t0 = self._coord.clock() if self._coord is not None else 0.0
         self._probe = self._guarded_probe(trainer)
         self._check_defaults(trainer, pl_module)
         if self._coord is not None:  # capturing (or loading) the probe set is overhead too
             self._charge(self._coord.clock() - t0)
+        self._check_short_fit(trainer, pl_module)
         super().on_train_start(trainer, pl_module)
+
+    def _check_short_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Stay off for this fit if even the reduced measurement costs more than the whole
+        fit affords (``_fixed_costs``); only on the budget: an explicit schedule is the user's."""
+        total = _final_step(trainer)
+        if not self.uses_budget or total is None or total <= trainer.global_step:
+            return
+        assert self._coord is not None
+        reduced = self._reduced()
+        with reduced if reduced is not None else contextlib.nullcontext("") as left_out:
+            cost = self._charged_guess(trainer, pl_module)
+        fit = self._fit_seconds(total - trainer.global_step)
+        if not trainer.strategy.broadcast(too_costly(cost, fit), 0):
+            return
+        self._off = "short fit"
+        if self._coord.first_notice(f"short:{self.name}"):
+            smallest = f", {left_out}," if left_out else ""
+            say(
+                trainer,
+                f"{type(self).__name__}: off for this fit: its smallest measurement{smallest} "
+                f"would take about {cost:.0f} s, more than this fit of {total} steps (about "
+                f"{fit:.1f} s of training) affords. Fit longer, or give every_n_steps.",
+            )
 
     @override
     def _finish_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -504,6 +639,8 @@ class LandscapeMonitor(ScheduledMonitor):
     @override
     def _measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         clock = self._now
+        expected = next((c for c in (self._expected, self.last_cost, self._guess) if c), None)
+        announced = trainer.is_global_zero and self._announce(trainer, step, expected)
         t0 = clock()
         result = None
         batches = self._probe if self._probe is not None else self._guarded_probe(trainer)
@@ -538,6 +675,7 @@ class LandscapeMonitor(ScheduledMonitor):
             if result is not None:
                 self._log_guarded(trainer, step, result, seconds)
             self._log_cost(trainer, step, seconds)
+            self._announce_done(trainer, step, clock() - t0, announced)
         # Writing figures and histograms is overhead too: the budget is charged with it.
         total = clock() - t0
         self._charge(total)
@@ -576,7 +714,10 @@ class LandscapeMonitor(ScheduledMonitor):
 
     def _probe_file(self, trainer: Trainer) -> str:
         if self.probe_dir is None:
-            self.probe_dir = os.path.join(trainer.default_root_dir, ".landscape_probes")
+            # Beside the run's logs, never in the working directory; rank 0's directory on
+            # every rank (a logger's version may be resolved on rank 0 only).
+            root = trainer.strategy.broadcast(_log_dir(trainer), 0)
+            self.probe_dir = os.path.join(root, "landscape_probes")
         key = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.state_key)[:120]
         return os.path.join(self.probe_dir, f"{key}_rank{trainer.global_rank}.pt")
 

@@ -83,6 +83,7 @@ class Coordinator:
         # Results shared between monitors (not checkpointed: each names the step it is of).
         self._board: dict[str, tuple[int, Any]] = {}
         self._requests: set[str] = set()
+        self._notices: set[str] = set()  # one-line notices given (once per trainer)
 
     # -- results shared between monitors -----------------------------------------------------
     def publish(self, name: str, step: int, value: Any) -> None:
@@ -107,6 +108,14 @@ class Coordinator:
     def requested(self, name: str) -> bool:
         """Whether some monitor asked for ``name`` (read by its provider when it measures)."""
         return name in self._requests
+
+    def first_notice(self, key: str) -> bool:
+        """True the first time ``key`` is asked: a notice shared by all monitors of a trainer
+        (or by all of one class) is given once."""
+        if key in self._notices:
+            return False
+        self._notices.add(key)
+        return True
 
     # -- timing ------------------------------------------------------------------------------
     def tick(self, step: int) -> None:

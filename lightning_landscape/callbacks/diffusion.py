@@ -19,10 +19,16 @@ from ..dashboard.diffusion import diffusion_layout, write_diffusion_embedding
 from ..embeddings.diffusion import DiffusionMap, DiffusionOptions, DisconnectedGraphError
 from ..embeddings.trajectory import TrajectoryEmbedder
 from ..sampling.store import Trajectory
-from ._base import NUMERICAL_FAILURES, ScheduledMonitor, _log_dir
+from ._base import NUMERICAL_FAILURES, ScheduledMonitor, _final_step, _log_dir
 from ._recorder import TrajectoryRecorder
 
 __all__ = ["DiffusionMapMonitor"]
+
+#: Recording interval of ``every_n_steps=None`` in a fit long enough for it.
+DEFAULT_EVERY_N_STEPS = 10
+#: With ``every_n_steps=None`` a shorter fit records more often, so that the embedded window
+#: holds at least this many times the ``n_components + 2`` samples an embedding needs.
+SAMPLES_PER_MINIMUM = 2
 
 
 class DiffusionMapMonitor(ScheduledMonitor):
@@ -58,10 +64,14 @@ class DiffusionMapMonitor(ScheduledMonitor):
     one barrier that every rank reaches at the end of fit, so nothing can deadlock.
 
     Args:
-        every_n_steps: record a sample every ``n`` optimizer steps.
+        every_n_steps: record a sample every ``n`` optimizer steps. None (default): every 10
+            steps, or more often in a fit whose known length (``max_steps``, or epochs ×
+            batches) would give fewer than 2 × (``n_components`` + 2) samples in the embedded
+            window: every ``max(1, window // (2 * (n_components + 2)))`` steps.
         embed_every_n_epochs: ``"auto"``: at epoch ends when the budget affords it; ``n``: at
             the end of every ``n``-th epoch; None: not at epoch ends.
-        embed_every_n_steps: embed every ``n`` steps instead (a multiple of ``every_n_steps``).
+        embed_every_n_steps: embed every ``n`` steps instead (a multiple of ``every_n_steps``;
+            with ``every_n_steps=None`` the interval is a divisor of it).
         sample: ``"parameters"`` or ``"gradients"``.
         n_components: diffusion coordinates / eigenvalues to compute.
         n_neighbors: neighbours per sample in the kNN graph.
@@ -98,7 +108,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
     def __init__(
         self,
         *,
-        every_n_steps: int = 10,
+        every_n_steps: int | None = None,
         embed_every_n_epochs: int | Literal["auto"] | None = "auto",
         embed_every_n_steps: int | None = None,
         sample: Literal["parameters", "gradients"] = "parameters",
@@ -121,9 +131,9 @@ class DiffusionMapMonitor(ScheduledMonitor):
         clock: Callable[[], float] | None = None,
         **diffusion_kwargs: Unpack[DiffusionOptions],
     ) -> None:
-        check_positive_int("every_n_steps", every_n_steps)
+        check_positive_int("every_n_steps", every_n_steps, allow_none=True)
         super().__init__(
-            every_n_steps=every_n_steps,
+            every_n_steps=every_n_steps or DEFAULT_EVERY_N_STEPS,
             max_overhead=0.05 if max_overhead is None else max_overhead,
             clock=clock,
         )
@@ -149,6 +159,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
         self.embed_budget = max_overhead is not None
         self.embed_every_n_epochs = embed_every_n_epochs
         self.embed_every_n_steps = embed_every_n_steps
+        self.requested_every_n_steps = every_n_steps  # None: adapted to each fit's length
         self.sample = sample
         self.log_projector, self.log_figure = log_projector, log_figure
         self.log_histogram, self.directory = log_histogram, directory
@@ -177,7 +188,9 @@ class DiffusionMapMonitor(ScheduledMonitor):
         return self._last_result
 
     def _state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, sample=self.sample)
+        # The key of checkpoints made before the interval adapted: None reads as the default.
+        every = self.requested_every_n_steps or DEFAULT_EVERY_N_STEPS
+        return self._generate_state_key(every_n_steps=every, sample=self.sample)
 
     def _layout(self) -> dict[str, dict[str, list[str]]]:
         return diffusion_layout(self.tag_prefix)
@@ -188,7 +201,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or self._off is not None:
             return
         key = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.state_key)[:120]
         root = self.directory or _log_dir(trainer)
@@ -204,6 +217,52 @@ class DiffusionMapMonitor(ScheduledMonitor):
             return
         last = self.last_measured_step  # the saved embedding, cut back to the checkpoint
         self.embedder.load(self._previous_path(), until_step=-1 if last is None else last)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        total = _final_step(trainer)
+        if total is not None and self._off is None:
+            if self.requested_every_n_steps is None:
+                self.every_n_steps = self._interval_for(total)
+            self._check_sample_count(trainer, total)
+        super().on_train_start(trainer, pl_module)
+
+    def _window_start(self, total: int) -> int:
+        """First step of the window the end-of-fit embedding takes its samples from."""
+        start = self.embedder.burn_in_steps
+        if self.embedder.window_steps is not None:
+            start = max(start, total - self.embedder.window_steps + 1)
+        return start
+
+    def _interval_for(self, total: int) -> int:
+        """The recording interval of ``every_n_steps=None`` for a fit of ``total`` steps."""
+        span = max(total - self._window_start(total) + 1, 1)
+        every = min(DEFAULT_EVERY_N_STEPS, max(1, span // (SAMPLES_PER_MINIMUM * self._needed)))
+        n = self.embed_every_n_steps
+        if n is not None:  # the embeddings fall on recorded steps
+            every = max(d for d in range(1, every + 1) if n % d == 0)
+        return every
+
+    @property
+    def _needed(self) -> int:
+        return self.embedder.min_samples
+
+    def _check_sample_count(self, trainer: Trainer, total: int) -> None:
+        """Say at the start, not after the fit, when the end-of-fit embedding will lack
+        samples (the same notice as :meth:`_embed`'s)."""
+        assert self.every_n_steps is not None
+        every, start = self.every_n_steps, self._window_start(total)
+        # Multiples of the interval in [start, total], and the end-of-fit sample.
+        ends = total % every != 0 and total >= start
+        count = max(total // every - -(-max(start, 0) // every) + 1, 0) + ends
+        if count < self._needed and trainer.is_global_zero:
+            warn_once(
+                f"{self.name}-few-samples",
+                f"DiffusionMapMonitor: this fit of {total} steps will record {count} samples "
+                f"(every {self.every_n_steps} steps) in the embedded window, fewer than "
+                f"n_components + 2 = {self._needed}: no embedding (record more often with "
+                "every_n_steps, or lower burn_in_steps).",
+            )
 
     @override
     def on_train_batch_end(
@@ -273,6 +332,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
         clock = self._now
         if budget and not self._affordable():
             return
+        announced = self._announce(trainer, step, self._embed_cost())
         t0 = clock()
         traj = self.recorder.load()
         rows = self.embedder.select(traj.steps, step)
@@ -297,17 +357,25 @@ class DiffusionMapMonitor(ScheduledMonitor):
         total = clock() - t0
         self.last_embed_cost = (total, int(rows.size))
         self._charge(total)
+        self._announce_done(trainer, step, total, announced)
 
     def _affordable(self) -> bool:
         """Whether the predicted cost (the last embedding's, scaled by the embedder's cost model)
         and as much again for the end of fit fit in the budget (see ``Coordinator.affords``)."""
         if self._coord is None:
             return True
-        cost = 0.0
-        if self.last_embed_cost is not None:
-            seconds, n_last = self.last_embed_cost
-            cost = seconds * self.embedder.cost(self.recorder.rows) / self.embedder.cost(n_last)
-        return self._coord.affords(self.name, cost, self.max_overhead)
+        return self._coord.affords(self.name, self._embed_cost() or 0.0, self.max_overhead)
+
+    def _embed_cost(self) -> float | None:
+        """Predicted seconds of an embedding now: the last one's, scaled by the embedder's cost
+        model to the samples recorded since (None before the first)."""
+        if self.last_embed_cost is None:
+            return None
+        seconds, n_last = self.last_embed_cost
+        return seconds * self.embedder.cost(self.recorder.rows) / self.embedder.cost(n_last)
+
+    def _what(self) -> str:
+        return f"the diffusion map of {self.recorder.rows} samples"
 
     def _accept(
         self,
@@ -380,7 +448,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
         self.last_embed_cost = (float(cost[0]), int(cost[1])) if cost is not None else None
 
 
-def _check_schedule(every_n_steps: int, n_epochs: Any, n_steps: int | None) -> None:
+def _check_schedule(every_n_steps: int | None, n_epochs: Any, n_steps: int | None) -> None:
     """The embedding schedule: ``embed_every_n_epochs`` and ``embed_every_n_steps``."""
     if n_epochs not in ("auto", None) and (
         isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs <= 0
@@ -389,7 +457,7 @@ def _check_schedule(every_n_steps: int, n_epochs: Any, n_steps: int | None) -> N
             f"embed_every_n_epochs must be 'auto', a positive integer or None; got {n_epochs!r}"
         )
     check_positive_int("embed_every_n_steps", n_steps, allow_none=True)
-    if n_steps is not None and n_steps % every_n_steps:
+    if n_steps is not None and every_n_steps is not None and n_steps % every_n_steps:
         raise ValueError(
             "embed_every_n_steps must be a multiple of every_n_steps "
             f"({every_n_steps}); got {n_steps}"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -79,8 +80,12 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     probe set and the Hessian-vector products are all-reduced, so the result is that of the union.
 
     Schedule: by default a wall-time budget (``max_overhead``, 5% of training time) places the
-    measurements; the end-of-fit measurement always runs. ``every_n_steps`` / ``every_n_epochs``
-    give a fixed, reproducible schedule instead.
+    measurements; the end-of-fit measurement always runs, as the top-k eigenvalues only
+    (``density=False, trace=False``) when the fit so far is too short to afford the full one.
+    ``every_n_steps`` / ``every_n_epochs`` give a fixed, reproducible schedule instead. Under
+    ``fast_dev_run``, or on the budget in a fit too short even for the top-k, it measures nothing
+    (one line says so); a measurement of 5 s or more is announced (docs/design.md, "Fixed costs
+    and short fits").
 
     Edge of stability: the sharpness is set against the first optimizer's stability line; for
     Adam/AdamW that is the preconditioned sharpness λ_max(P⁻¹H) with Adam's own second moment
@@ -254,6 +259,24 @@ class HessianSpectrumMonitor(LandscapeMonitor):
 
     def _spread_on(self, num_batches: int) -> bool:
         return self.log_batch_spread and num_batches > 1
+
+    def _reduced(self) -> contextlib.AbstractContextManager[str] | None:
+        if not (self.density or self.trace):
+            return None  # top-k only already: nothing to leave out
+        return self._top_k_only()
+
+    @contextlib.contextmanager
+    def _top_k_only(self) -> Iterator[str]:
+        density, trace = self.density, self.trace
+        self.density = self.trace = False
+        try:
+            yield "the top-k eigenvalues only, without density and trace"
+        finally:
+            self.density, self.trace = density, trace
+
+    def _what(self) -> str:
+        parts = [f"top-{self.top_k}"] + [n for n in ("density", "trace") if getattr(self, n)]
+        return f"the Hessian spectrum ({', '.join(parts)})"
 
     def _compute(
         self, pl_module: LightningModule, batches: list[Any], loss_fn: Any, reduce_fn: Any

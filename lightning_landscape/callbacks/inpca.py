@@ -219,7 +219,7 @@ class InPCAMonitor(LandscapeMonitor):
         if trainer.is_global_zero:
             self._reopen_store()
         super().on_train_start(trainer, pl_module)
-        if self.last_measured_step is None:
+        if self.last_measured_step is None and self._off is None:
             # The origin of the trajectory (progress coordinate, distance from init).
             self._measure(trainer, pl_module, trainer.global_step)
 

@@ -1,0 +1,265 @@
+"""Fixed costs: fast_dev_run, short fits, the bounded end-of-fit measurement, progress lines,
+files only under the log directory, and schedules that follow the fit's length."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import warnings
+
+import lightning as L
+import lightning_utilities.core.rank_zero as rank_zero
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_landscape import (
+    DiffusionMapMonitor,
+    GradientCovarianceMonitor,
+    HessianSpectrumMonitor,
+    InPCAMonitor,
+)
+from lightning_landscape.callbacks._fixed_costs import FIXED_COST_SHARE, QUIET_SECONDS, too_costly
+from lightning_landscape.dashboard import writer as dashboard_writer
+from tests._reference import cross_entropy_loss, dense_hessian
+from tests.callbacks._clock import FakeClock
+from tests.callbacks._events import load_events, scalar_series
+from tests.callbacks._models import DigitsModule, loader
+
+
+@pytest.fixture
+def said():
+    """The lines given through ``rank_zero_info`` during the test."""
+    lines: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = _Keep(level=logging.INFO)
+    rank_zero.log.addHandler(handler)
+    yield lines
+    rank_zero.log.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_notices():
+    dashboard_writer._reset_warn_once()
+
+
+class TimedDigits(DigitsModule):
+    """Each ``training_step`` call (training, or a monitor's loss) takes ``seconds`` on a fake
+    clock: measurements cost what their passes over the probe set cost, machine-independently."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
+
+    def training_step(self, batch, batch_idx):
+        self.clock.now += self.seconds
+        return super().training_step(batch, batch_idx)
+
+
+def _files(root) -> list[str]:
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+    )
+
+
+def _four(clock=None) -> list:
+    return [
+        HessianSpectrumMonitor(top_k=2, clock=clock),
+        GradientCovarianceMonitor(top_k=2, clock=clock),
+        DiffusionMapMonitor(clock=clock),
+        InPCAMonitor(clock=clock),
+    ]
+
+
+def test_too_costly_rule():
+    fit = 100.0
+    assert not too_costly(FIXED_COST_SHARE * fit, fit)  # at the share: affordable
+    assert too_costly(FIXED_COST_SHARE * fit + 1, fit)
+    assert not too_costly(QUIET_SECONDS * 0.99, 0.0)  # quiet costs are always paid
+    assert too_costly(QUIET_SECONDS, 0.0)
+    assert not too_costly(None, 1.0) and not too_costly(1e6, None)  # unknown: runs as before
+
+
+def test_fast_dev_run_measures_and_writes_nothing(tmp_path, make_trainer, monkeypatch, said):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monitors = _four()
+    module = DigitsModule()
+    make_trainer(monitors, root=tmp_path / "root", fast_dev_run=True).fit(module, loader(32))
+    assert module.step_calls == 1  # the fit ran its one step, the monitors stayed out
+    assert [m.num_measurements for m in monitors] == [0, 0, 0, 0]
+    assert monitors[2].store_dir is None and monitors[3]._store is None
+    assert _files(tmp_path) == []
+    assert sum(line.startswith("lightning_landscape: fast_dev_run") for line in said) == 1, said
+
+
+def test_files_stay_under_the_log_directory(tmp_path, make_trainer, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monitors = _four()
+    logger = TensorBoardLogger(save_dir=str(tmp_path / "logs"), name="run")
+    trainer = make_trainer(monitors, logger=logger, root=tmp_path / "root")
+    trainer.fit(DigitsModule(), loader(32))
+    assert all(m.num_measurements > 0 for m in monitors)
+    files = _files(tmp_path)
+    assert files and all(f.startswith(os.path.join("logs", "run", "version_0")) for f in files)
+    kinds = {f.split(os.sep)[3] for f in files}
+    assert {"landscape_probes", "landscape_diffusion", "landscape_inpca"} <= kinds, kinds
+
+
+def test_resume_finds_the_probe_set_under_the_first_runs_logs(tmp_path):
+    def trainer(steps, callbacks):
+        return L.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            callbacks=callbacks,
+            logger=TensorBoardLogger(save_dir=str(tmp_path / "logs"), name="run"),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(tmp_path / "root"),
+        )
+
+    kw = {"every_n_steps": 4, "top_k": 2, "density": False, "trace": False}
+    first = HessianSpectrumMonitor(**kw)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4)
+    trainer(4, [first, ckpt]).fit(DigitsModule(), loader(32, shuffle=True))
+    assert first.probe_dir == str(tmp_path / "logs" / "run" / "version_0" / "landscape_probes")
+    second = HessianSpectrumMonitor(**kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(8, [second]).fit(
+            DigitsModule(), loader(32, shuffle=True), ckpt_path=ckpt.best_model_path
+        )
+    assert not [w for w in caught if "probe set" in str(w.message)]
+    assert second.probe_dir == first.probe_dir and second.num_measurements == 1 + 2
+
+
+def test_budget_monitor_stays_off_in_a_fit_too_short_for_it(make_trainer, said):
+    clock = FakeClock()
+    hessian = HessianSpectrumMonitor(top_k=2, clock=clock)
+    diffusion = DiffusionMapMonitor(clock=clock)
+    module = TimedDigits(clock, seconds=0.1)
+    make_trainer([hessian, diffusion], max_steps=12).fit(module, loader(32))
+    # The reduced measurement: 6·top_k Lanczos products, two gradients each, over 4 probe
+    # batches, against 12 steps of one batch: about 12 s for a fit of 1.2 s.
+    assert hessian.num_measurements == 0 and hessian._off == "short fit"
+    assert diffusion.num_measurements > 0  # recording costs nothing a priori: it stays on
+    notices = [line for line in said if "off for this fit" in line]
+    assert len(notices) == 1 and "HessianSpectrumMonitor" in notices[0], said
+
+
+def test_end_of_fit_measurement_shrinks_and_long_ones_say_so(tmp_path, make_trainer, said):
+    clock = FakeClock()
+    monitor = HessianSpectrumMonitor(top_k=2, every_n_steps=100, clock=clock, retain_graph=False)
+    module = TimedDigits(clock, seconds=0.1)
+    make_trainer([monitor], max_steps=12).fit(module, loader(32))
+    # Step 0: the full measurement (density, trace), seconds of fake time. Step 12: predicted
+    # as much, over half of the 1.2 s of training: the top-k only.
+    assert monitor.num_measurements == 2 and monitor.density and monitor.trace
+    acc = load_events(str(tmp_path))
+    assert set(scalar_series(acc, "landscape/hessian/trace")) == {0}
+    assert set(scalar_series(acc, "landscape/hessian/eigenvalue_01")) == {0, 12}
+    H = dense_hessian(module, cross_entropy_loss, list(itertools.islice(loader(32), 4)))
+    top = torch.linalg.eigvalsh(H).flip(0)[:2].numpy()
+    assert monitor.last_eigenvalues == pytest.approx(top, rel=1e-5)
+    assert sum("eigenvalues only, without density and trace" in line for line in said) == 1, said
+    # Step 0 was not announced (no prediction yet) but reported; step 12 both.
+    assert [line.split(": ")[1].split(" at step")[0] for line in said if " step " in line] == [
+        "measured the Hessian spectrum (top-2, density, trace)",
+        "measuring the Hessian spectrum (top-2)",
+        "measured the Hessian spectrum (top-2)",
+    ], said
+
+
+def test_quick_measurements_are_silent(make_trainer, said):
+    make_trainer([HessianSpectrumMonitor(top_k=2, every_n_steps=4)], max_steps=8).fit(
+        DigitsModule(), loader(32)
+    )
+    assert not [line for line in said if "Hessian" in line], said
+
+
+def test_short_fit_records_enough_for_a_diffusion_map(make_trainer):
+    monitor = DiffusionMapMonitor(log_projector=False, log_figure=False)
+    make_trainer([monitor], max_steps=60).fit(DigitsModule(), loader(32))
+    # 60 // (2 · (6 + 2)) = 3: steps 0, 3, …, 60; at the default 10 only 7 < 8 samples.
+    assert monitor.every_n_steps == 3 and monitor.recorder.rows == 21
+    assert monitor.last_result is not None and monitor.num_embeddings >= 1
+    assert monitor.requested_every_n_steps is None  # the next fit adapts again
+
+
+def test_too_few_samples_are_announced_at_fit_start(make_trainer):
+    monitor = DiffusionMapMonitor(every_n_steps=10, log_projector=False, log_figure=False)
+    with pytest.warns(UserWarning, match="this fit of 60 steps will record 7 samples"):
+        make_trainer([monitor], max_steps=60).fit(DigitsModule(), loader(32))
+    assert monitor.every_n_steps == 10 and monitor.last_result is None
+
+
+class _ValDigits(DigitsModule):
+    def validation_step(self, batch, batch_idx):
+        self.validated = True
+
+
+def test_sanity_checking_measures_nothing(tmp_path):
+    module = _ValDigits()
+    monitor = HessianSpectrumMonitor(top_k=2, every_n_steps=4, density=False, trace=False)
+    steps = []
+    original = monitor._measure
+
+    def spy(trainer, pl_module, step):
+        steps.append((step, trainer.sanity_checking))
+        original(trainer, pl_module, step)
+
+    monitor._measure = spy
+    trainer = L.Trainer(
+        max_steps=8,
+        accelerator="cpu",
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=2,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, loader(32), loader(32, n=64))
+    assert module.validated and steps == [(0, False), (4, False), (8, False)]
+
+
+@pytest.mark.parametrize(("limit", "route"), [(None, "gram"), (1, "lanczos")])
+def test_gradient_cost_guess_assumes_the_route_auto_takes(make_trainer, limit, route):
+    kw = {} if limit is None else {"gram_max_elements": limit}
+    monitor = GradientCovarianceMonitor(top_k=2, **kw)
+    make_trainer([monitor], max_steps=8).fit(DigitsModule(), loader(32))
+    # 128 probe samples x 1210 parameters: under the default Gram limit, over a limit of 1.
+    assert monitor._route == route and monitor.num_measurements == 1
+    assert monitor._gradient_equivalents() == 4.0 + (3.0 * 6 * 2 if route == "lanczos" else 0)
+
+
+def test_progress_lines_go_through_a_live_progress_bar(tmp_path, capsys, said):
+    clock = FakeClock()
+    monitor = HessianSpectrumMonitor(
+        top_k=2, every_n_steps=100, clock=clock, retain_graph=False, log_figure=False
+    )
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(TimedDigits(clock, seconds=0.1), loader(32))
+    out = capsys.readouterr().out
+    # Step 0 comes before the bar exists: rank_zero_info. The end of fit, while the bar is
+    # live: its print (tqdm.write, to stdout).
+    step0 = "measured the Hessian spectrum (top-2, density, trace) at step 0 in"
+    assert any(step0 in line for line in said), said
+    assert "measuring the Hessian spectrum (top-2) at step 4" in out
+    assert "measured the Hessian spectrum (top-2) at step 4" in out
+    assert not [line for line in said if "at step 4" in line], said
