@@ -27,12 +27,15 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> Any:
-    """``value`` is an integer > 0 (or None when ``allow_none``)."""
-    if value is None and allow_none:
-        return None
+def check_positive_int(
+    name: str, value: Any, *, allow_none: bool = False, also: tuple[str, ...] = ()
+) -> Any:
+    """``value`` is an integer > 0 (or None when ``allow_none``, or one of the words ``also``)."""
+    if (value is None and allow_none) or (isinstance(value, str) and value in also):
+        return value
     if not _is_int(value) or value <= 0:
-        rule = "a positive integer" + (" or None" if allow_none else "")
+        words = "".join(f", {w!r}" for w in also)
+        rule = "a positive integer" + words + (" or None" if allow_none else "")
         raise ValueError(f"{name} must be {rule}; got {value!r}")
     return int(value)
 

@@ -9,10 +9,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import Unpack, override
 
 from .._checks import (
+    check_bool,
     check_callable,
     check_choice,
     check_fraction,
@@ -30,10 +30,11 @@ from ..linalg import (
     gradient_covariance,
     hessian_alignment,
 )
-from ..linalg.covariance import GRAM_MAX_ELEMENTS, CovarianceOptions
+from ..linalg.covariance import GRAM_MAX_ELEMENTS, CovarianceOptions, covariance_route
 from ..linalg.operators import default_batch_size
-from ..linalg.per_sample import OutputsFn, per_sample_problems
+from ..linalg.per_sample import OutputsFn
 from . import _context as ctx
+from ._applicability import per_sample_path
 from ._base import LandscapeMonitor
 from ._schedule import HESSIAN_EIGENPAIRS, dependency_order
 
@@ -60,27 +61,19 @@ class GradientCovarianceMonitor(LandscapeMonitor):
     Drop-in: ``Trainer(callbacks=[GradientCovarianceMonitor()])`` works on an unmodified
     LightningModule. Two signals:
 
-    **Periodic, exact, on the probe set** (as every monitor: the first ``num_probe_batches``
-    training batches of each rank, eval mode, ``training_step`` as the loss):
-    :func:`~lightning_landscape.gradient_covariance` of the per-sample gradients over the
-    :math:`N` probe samples: the top eigenvalues and trace of :math:`\Sigma` (``1/N``
-    convention), the simple noise scale :math:`\operatorname{tr}\Sigma/\|\bar g\|^2` (McCandlish
-    et al. 2018; biased low, as :math:`\|\bar g\|^2` carries :math:`\operatorname{tr}
-    \Sigma_{\rm pop}/N`) and its unbiased variant. Under DDP the result equals one process on
-    the union.
+    **Periodic, exact, on the probe set**: :func:`~lightning_landscape.gradient_covariance` of
+    the per-sample gradients of the :math:`N` probe samples (top eigenvalues and trace of
+    :math:`\Sigma`, ``1/N`` convention; the simple noise scale
+    :math:`\operatorname{tr}\Sigma/\|\bar g\|^2` of McCandlish et al. 2018 and its unbiased
+    variant); with a :class:`HessianSpectrumMonitor` in the trainer (any order), the share of
+    :math:`\|\bar g\|^2` in its top-k eigenvectors' span (Gur-Ari et al. 2018) and the
+    principal angles (:func:`~lightning_landscape.linalg.hessian_alignment`). Under DDP the
+    result equals one process on the union.
 
-    When a :class:`HessianSpectrumMonitor` in ``trainer.callbacks`` (in any order: it is run
-    first) measured at the same step, its top-k eigenvectors are shared through the trainer's
-    coordinator and :func:`~lightning_landscape.linalg.hessian_alignment` is logged: the share of
-    :math:`\|\bar g\|^2` in their span (Gur-Ari et al. 2018) and the principal angles.
-
-    **Continuous, cheap, from the real training steps**
-    (:class:`~lightning_landscape.GradientNoiseTracker`): :math:`\|g_B\|^2` of the gradient the
-    optimiser is about to use (AMP-unscaled; under DDP averaged, :math:`B` the global batch) in
-    a bias-corrected moving average of decay ``noise_ema`` (no host sync a step; non-finite steps
-    left out and counted), and with the last probe trace ``train_noise_scale`` :math:`=
-    \operatorname{tr}\Sigma/\mathrm{EMA}\|g_B\|^2` (biased low) and its unbiased variant. They
-    lag the weights by the EMA window; logged every ``log_every_n_steps`` (one sync each).
+    **Continuous, cheap, from the training steps**
+    (:class:`~lightning_landscape.GradientNoiseTracker`): a bias-corrected moving average of
+    :math:`\|g_B\|^2` of the gradient the optimiser is about to use (no host sync a step) and,
+    with the last probe trace, ``train_noise_scale``; logged every ``log_every_n_steps``.
 
     Args:
         top_k: number of top covariance eigenvalues.
@@ -92,29 +85,21 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss; called on single samples.
             Required with manual optimisation.
         outputs_fn: ``(model, batch) -> (logits, targets)`` for the per-sample-loss path (when
-            vmap fails, e.g. batch norm in train mode); default ``(model(batch[0]), batch[1])``.
-            Both paths are tried at fit start on the first probe batch: where neither applies
-            with the defaults, the probe covariance is off with one notice (the training-step
-            signal goes on); where an ``outputs_fn`` passed here is needed and does not apply,
-            ``ValueError`` before step 1.
+            vmap fails); default ``(model(batch[0]), batch[1])``. Both paths are tried at fit
+            start (README, "Guarantees"): where neither applies the probe covariance is off.
         per_sample_loss_fn: ``(logits, targets) -> (n,)``; default cross-entropy.
         method: ``"auto"``, ``"gram"`` or ``"lanczos"`` (see ``gradient_covariance``).
         train_mode: measure in train mode (not deterministic under DDP).
         seed: seeds the Lanczos start vector.
         noise_ema: decay of the moving average of training-gradient norms, in (0, 1).
         track_training_noise: compute the continuous training-step signal.
-        ddp_comm_hook: under DDP, also register a communication hook on the DDP wrapper that
-            reads each rank's gradient before the all-reduce (then PyTorch's reference
-            ``allreduce_hook``), for McCandlish's two-batch-size estimator
-            (:func:`~lightning_landscape.linalg.two_batch_estimate`: per-rank batch small,
-            global batch big). Costs one norm per bucket and one scalar all-reduce per logging
-            step. Off by default (it replaces DDP's built-in reducer call).
+        ddp_comm_hook: under DDP, read each rank's gradient before the all-reduce through a
+            communication hook, for McCandlish's two-batch-size estimator
+            (:func:`~lightning_landscape.linalg.two_batch_estimate`); off by default (it
+            replaces DDP's built-in reducer call).
         log_histogram: write the top eigenvalues to the histogram dashboard.
-        log_class_structure: also measure :func:`~lightning_landscape.class_structure`
-            (cross-entropy on ``outputs_fn``'s logits): top Gauss–Newton eigenvalues and the
-            between-class share of each top Hessian eigenvalue, with the Hessian monitor's
-            eigenpairs of the same step, else computed (two Lanczos runs). Skipped with one
-            notice where ``outputs_fn`` does not apply.
+        log_class_structure: also measure :func:`~lightning_landscape.class_structure` (with
+            the Hessian monitor's eigenpairs of the same step, else two Lanczos runs).
         batch_size_fn: samples in a batch; default length of its first tensor.
         clock: time source for the budget (tests).
         **covariance_kwargs: ``chunk_size``, ``gram_max_elements``, ``tol``, ``max_iter``,
@@ -155,49 +140,35 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         **covariance_kwargs: Unpack[CovarianceOptions],
     ) -> None:
         super().__init__(
-            every_n_steps=every_n_steps,
-            every_n_epochs=every_n_epochs,
-            max_overhead=max_overhead,
-            num_probe_batches=num_probe_batches,
-            probe_dataloader=probe_dataloader,
-            loss_fn=loss_fn,
-            train_mode=train_mode,
+            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
+            max_overhead=max_overhead, num_probe_batches=num_probe_batches,
+            probe_dataloader=probe_dataloader, loss_fn=loss_fn, train_mode=train_mode,
             clock=clock,
-        )
+        )  # fmt: skip
         fns = {"outputs_fn": outputs_fn, "per_sample_loss_fn": per_sample_loss_fn}
         fns["batch_size_fn"] = batch_size_fn
         _check_arguments(top_k, method, noise_ema, fns, covariance_kwargs)
-        self.top_k = top_k
-        self.outputs_fn = outputs_fn
-        self.per_sample_loss_fn = per_sample_loss_fn
-        self.method = method
-        self.seed = seed
+        self.top_k, self.method, self.seed = top_k, method, seed
+        self.outputs_fn, self.per_sample_loss_fn = outputs_fn, per_sample_loss_fn
         self.noise_ema = float(noise_ema)
         self.track_training_noise = track_training_noise
-        if not isinstance(ddp_comm_hook, bool):
-            raise ValueError(f"ddp_comm_hook must be a bool; got {ddp_comm_hook!r}")
-        self.ddp_comm_hook = ddp_comm_hook
-        self.log_histogram = log_histogram
-        self.log_class_structure = log_class_structure
-        self.batch_size_fn = batch_size_fn
-        self.covariance_kwargs = covariance_kwargs
+        self.ddp_comm_hook = check_bool("ddp_comm_hook", ddp_comm_hook)
+        self.log_histogram, self.log_class_structure = log_histogram, log_class_structure
+        self.batch_size_fn, self.covariance_kwargs = batch_size_fn, covariance_kwargs
         self.axis: SpectrumAxis | None = None
         # Checkpointed: the last probe trace and the training-step averages.
-        self.last_trace: float | None = None
-        self.last_num_samples: int | None = None
+        self.last_trace, self.last_num_samples = None, None  # float, int once measured
         self._noise = GradientNoiseTracker(self.noise_ema)
         # Per-fit objects.
         self._grad_params: list[torch.Tensor] | None = None
-        self._batch_size: int | None = None
-        self._logged_step: int | None = None
+        self._batch_size = self._logged_step = None  # int once known
         self._per_sample: Literal["auto", "vmap", "outputs"] = "auto"
         self._covariance_on = True  # off for the fit when no per-sample path applies
         self._route = method  # the covariance route the cost guess assumes
 
     def _state_key(self) -> str:
-        return self._generate_state_key(
-            top_k=self.top_k, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs
-        )
+        n = {"every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs}
+        return self._generate_state_key(top_k=self.top_k, **n)
 
     # -- setup -------------------------------------------------------------------------------
     @override
@@ -215,13 +186,9 @@ class GradientCovarianceMonitor(LandscapeMonitor):
             and (cb.num_probe_batches, cb.probe_dataloader) != probe
             for cb in trainer.callbacks
         ):
-            warn_once(
-                "gradient-hessian-probe",
-                "GradientCovarianceMonitor: the HessianSpectrumMonitor uses another "
-                "probe set (num_probe_batches or probe_dataloader differ); the overlap "
-                "and angles compare the gradient of this monitor's probe set with the "
-                "Hessian of that one.",
-            )
+            warn_once("gradient-hessian-probe", "GradientCovarianceMonitor: the Hessian "
+                      "monitor has another probe set (num_probe_batches or probe_dataloader): "
+                      "the overlap compares this gradient with that Hessian.")  # fmt: skip
 
     def _gradient_equivalents(self) -> float:
         # One per-sample-gradient pass (vmap) costs about 3 probe gradients; the operator route
@@ -230,19 +197,18 @@ class GradientCovarianceMonitor(LandscapeMonitor):
 
     @override
     def _cost_guess(self, trainer: Trainer, pl_module: LightningModule) -> float:
-        # method="auto" decided as gradient_covariance decides it: guessing the Gram route for a
-        # model that takes the Lanczos one put a 35 s measurement at 7 s.
-        self._route = self.method
-        if self.method == "auto":
-            size = self.batch_size_fn or default_batch_size
-            try:
-                n = sum(size(b) for b in self._probe or [])
-            except ValueError:  # no batch size to read: the measurement will say so, not this
-                n = 0
-            d = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-            limit = self.covariance_kwargs.get("gram_max_elements", GRAM_MAX_ELEMENTS)
-            parallel = ctx.make_reduce(trainer) is not None
-            self._route = "lanczos" if parallel or n * d > limit else "gram"
+        # The route method="auto" will take: the Gram route's guess for a model that takes the
+        # Lanczos one put a 35 s measurement at 7 s.
+        size = self.batch_size_fn or default_batch_size
+        try:
+            n = sum(size(b) for b in self._probe or [])
+        except ValueError:  # no batch size to read: the measurement will say so, not this
+            n = 0
+        self._route = covariance_route(
+            n, sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            method=self.method, distributed=ctx.make_reduce(trainer) is not None,
+            gram_max_elements=self.covariance_kwargs.get("gram_max_elements", GRAM_MAX_ELEMENTS),
+        )  # fmt: skip
         return super()._cost_guess(trainer, pl_module)
 
     def _layout(self) -> dict[str, dict[str, list[str]]]:
@@ -325,71 +291,20 @@ class GradientCovarianceMonitor(LandscapeMonitor):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._grad_params = None
-        self._covariance_on = True
+        self._grad_params, self._covariance_on = None, True
         super().on_train_start(trainer, pl_module)
 
     @override
     def _check_defaults(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Switch the probe covariance off when neither per-sample path applies (the training
-        step signal goes on); raise if a user's ``outputs_fn`` was the one left to apply."""
-        problems: dict[str, str | None] = {"vmap": None, "outputs": None}
-        if self._probe:
-            problems = self._per_sample_problems(pl_module, self._probe[0])
-        device = pl_module.device
-        failed = [ctx.any_rank(trainer, problems[k] is not None, device) for k in problems]
-        if failed == [True, False] and self._per_sample == "auto":
-            # Decided here, not at the first measurement: single-sample calls may work at step 0
-            # and fail once a training step has left its state (an RNN's hidden state).
-            self._per_sample = "outputs"
-            rank_zero_warn(
-                "GradientCovarianceMonitor: single-sample calls of the loss under vmap fail on "
-                f"this module ({problems['vmap'] or 'on another rank'}); per-sample gradients "
-                "come from outputs_fn's per-sample losses of the full batch (one Jacobian row "
-                "per sample: slower). Pass a loss_fn that works on single samples to avoid it.",
-                category=RuntimeWarning,
-            )
-        if not all(failed):
-            return
-        why = "; ".join(f"{k}: {v or 'failed on another rank'}" for k, v in problems.items())
-        if self.outputs_fn is not None:
-            raise ValueError(
-                "GradientCovarianceMonitor: outputs_fn must return (logits (n, C), targets (n,)) "
-                f"for per_sample_loss_fn on the training batches; got, on the first probe batch, "
-                f"{why}"
-            )
-        self._covariance_on = False
-        rank_zero_warn(
-            "GradientCovarianceMonitor: no per-sample gradients with the defaults on this module "
-            f"({why}); the probe covariance is off for this fit, the training-step noise goes "
-            "on. Pass outputs_fn=(lambda model, batch: (logits, targets)) (with "
-            "per_sample_loss_fn= if not cross-entropy), or a loss_fn=(lambda model, batch: "
-            "loss) that works on single samples.",
-        )
-
-    def _per_sample_problems(self, pl_module: LightningModule, batch: Any) -> dict[str, Any]:
-        loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
-        full_batch = None
-        with ctx.isolated(pl_module, train_mode=self.train_mode):
-            try:
-                # As a training step would have first: state kept on the module (an RNN's hidden
-                # state sized for the batch) is what the measurements will meet.
-                with torch.no_grad():
-                    loss_fn(pl_module, batch)
-            except Exception as err:
-                full_batch = f"{type(err).__name__}: {str(err)[:200]}"
-            try:
-                problems = per_sample_problems(
-                    pl_module,
-                    loss_fn,
-                    batch,
-                    outputs_fn=self.outputs_fn,
-                    per_sample_loss_fn=self.per_sample_loss_fn,
-                    batch_size_fn=self.batch_size_fn,
-                )
-            except torch.OutOfMemoryError:  # no verdict: the measurements will tell
-                return {"vmap": None, "outputs": None}
-        return {**problems, "vmap": full_batch or problems["vmap"]}
+        path = per_sample_path(
+            trainer, pl_module, self._probe[0] if self._probe else None,
+            loss_fn=self.loss_fn or ctx.training_step_loss(pl_module),
+            outputs_fn=self.outputs_fn, per_sample_loss_fn=self.per_sample_loss_fn,
+            batch_size_fn=self.batch_size_fn, train_mode=self.train_mode,
+            per_sample=self._per_sample,
+        )  # fmt: skip
+        self._covariance_on = path is not None
+        self._per_sample = path or self._per_sample
 
     @override
     def _due(self, trainer: Trainer, pl_module: LightningModule, step: int) -> bool:

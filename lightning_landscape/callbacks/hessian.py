@@ -208,11 +208,8 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             self._group_names = list(parameter_groups(pl_module, self.groups))
 
     def _gradient_equivalents(self) -> float:
-        # A Hessian-vector product costs 1.2 to 2 probe gradients (graph reuse, batched
-        # vectors); the guess takes the conservative end: it only places the first
-        # measurement, later ones use measured costs. Products: the Lanczos steps of
-        # :meth:`_run_shape`, then the trace probes (top_k counted too, as a margin), per
-        # spectrum (whole model and groups); plus the graph build.
+        # An HVP costs 1.2-2 probe gradients: the conservative end, as this only places the
+        # first measurement. Lanczos steps, trace probes and top_k as a margin, per spectrum.
         steps, processes, groups = self._run_shape()
         probes = self.spectrum_kwargs.get("num_trace_probes") or 8
         hvps = steps * processes + self.top_k + (probes if self.trace else 0)
@@ -223,21 +220,16 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         return 2.0 * hvps * groups + 2.0 + 2.0 * extra
 
     def _run_shape(self) -> tuple[int, int, int]:
-        """Lanczos steps per process, processes in lockstep and spectra (whole model and
-        groups) of one measurement, a priori: about 6 top_k steps for the top-k (the adaptive
-        density rides on that run: benchmarks/hvp_counts.py measures 1.1-1.8x its products),
-        or the fixed quadrature options when they are given."""
+        """Lanczos steps per process, processes and spectra of one measurement, a priori: about
+        6 top_k steps (the adaptive density rides on that run), or the fixed quadrature's."""
         kw = self.spectrum_kwargs
         steps = max((kw.get("slq_steps") or 0) if self.density else 0, 6 * self.top_k)
         processes = (kw.get("num_slq_probes") or 1) if self.density else 1
         return steps, processes, 1 + len(self._group_names)
 
     def _cost_guess(self, trainer: Trainer, pl_module: LightningModule) -> float:
-        # The products (timed probe gradient, scaled) plus what does not scale with them: the
-        # full reorthogonalisation of the Lanczos bases, memory-bound, about m²/2 passes over
-        # a basis row for m steps of each process (timed on a slice), and the figures (a fixed
-        # guess). Measured on the 85k-parameter MLP of benchmarks/overhead.py: products 0.9 s,
-        # reorthogonalisation 0.7 s, figures 0.25 s; the gradient part alone guessed 0.4 s.
+        # The products, plus what does not scale with them: the reorthogonalisation (about
+        # m²/2 passes over a basis row for m steps, memory-bound) and the figures.
         guess = super()._cost_guess(trainer, pl_module)
         steps, processes, groups = self._run_shape()
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -261,9 +253,8 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         return self.log_batch_spread and num_batches > 1
 
     def _reduced(self) -> contextlib.AbstractContextManager[str] | None:
-        if not (self.density or self.trace):
-            return None  # top-k only already: nothing to leave out
-        return self._top_k_only()
+        # None: top-k only already, nothing to leave out.
+        return self._top_k_only() if self.density or self.trace else None
 
     @contextlib.contextmanager
     def _top_k_only(self) -> Iterator[str]:
@@ -382,14 +373,11 @@ class HessianSpectrumMonitor(LandscapeMonitor):
                 extra["preconditioned_sharpness"] = st.sharpness
             extra.update(sharpness_ratio=st.ratio, stability_threshold=st.threshold)
             if self._watch.update(st):
-                warnings.warn(
-                    f"HessianSpectrumMonitor: the sharpness has been above the stability "
-                    f"threshold of {st.kind} (lr={trainer.optimizers[0].param_groups[0]['lr']}) "
-                    f"for {self._watch.above} consecutive measurements (now {st.ratio:.3g}x): "
-                    "training sits above the edge of stability (warned once).",
-                    UserWarning,
-                    stacklevel=2,
-                )
+                lr, n = trainer.optimizers[0].param_groups[0]["lr"], self._watch.above
+                warnings.warn(f"HessianSpectrumMonitor: the sharpness has been above the "
+                              f"stability threshold of {st.kind} (lr={lr}) for {n} consecutive "
+                              f"measurements (now {st.ratio:.3g}x): training sits above the edge "
+                              "of stability (warned once).", stacklevel=2)  # fmt: skip
         self.axis = log_hessian_spectrum(
             trainer, step, result.result, prefix=self.tag_prefix, axis=self.axis,
             log_histogram=self.log_histogram, log_figure=self.log_figure, extra=extra,

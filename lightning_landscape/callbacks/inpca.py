@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -32,6 +31,7 @@ from ..embeddings.prediction_trajectory import (
 )
 from ..sampling.predictions import PredictionStore, ProbeMismatchError
 from . import _context as ctx
+from ._applicability import predictions_apply
 from ._base import LandscapeMonitor
 
 __all__ = ["InPCAMonitor"]
@@ -225,34 +225,11 @@ class InPCAMonitor(LandscapeMonitor):
 
     @override
     def _check_defaults(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Switch the predictions off when the default ``outputs_fn`` does not give logits on
-        the first probe batch (the geometry goes on); raise when the user's does not."""
-        if not self._predictions_enabled:  # checkpointed: the same on every rank
-            return
-        failure = None
-        if self._probe:
-            outputs_fn = self.outputs_fn or ctx.default_outputs
-            try:
-                with ctx.isolated(pl_module, train_mode=self.train_mode):
-                    predict_shard(pl_module, self._probe[:1], outputs_fn)
-            except torch.OutOfMemoryError:  # no verdict: the measurements will tell
-                pass
-            except Exception as err:
-                failure = f"{type(err).__name__}: {str(err)[:200]}"
-        if not ctx.any_rank(trainer, failure is not None, pl_module.device):
-            return
-        why = failure or "it failed on another rank"
-        if self.outputs_fn is not None:
-            raise ValueError(
-                "InPCAMonitor: outputs_fn must return (logits (n, C), integer targets (n,)) on "
-                f"the training batches; got, on the first probe batch, {why}"
-            )
-        self._predictions_enabled = False
-        rank_zero_warn(
-            f"InPCAMonitor: the default outputs_fn does not apply to this module ({why}); "
-            "predictions and the InPCA embedding are off for this fit, the trajectory geometry "
-            "goes on. Pass outputs_fn=(lambda model, batch: (logits, labels)).",
-        )
+        if self._predictions_enabled:  # checkpointed: the same on every rank
+            self._predictions_enabled = predictions_apply(
+                trainer, pl_module, self._probe[0] if self._probe else None,
+                outputs_fn=self.outputs_fn, train_mode=self.train_mode,
+            )  # fmt: skip
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -22,7 +22,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["diffusion_layout", "trajectory_figure", "write_diffusion_embedding"]
+__all__ = [
+    "diffusion_layout",
+    "diffusion_scalars",
+    "trajectory_figure",
+    "write_diffusion_embedding",
+]
 
 
 def diffusion_layout(prefix: str = "landscape/diffusion") -> Layout:
@@ -180,3 +185,12 @@ def write_diffusion_embedding(
             writer, f"{prefix}/coordinates", coordinates, projector, global_step=step
         )
     return True
+
+
+def diffusion_scalars(result: Any, num_samples: int) -> dict[str, float]:
+    """The scalars of one embedding: ``eigenvalue_NN``, ``intrinsic_dim``, ``epsilon``,
+    ``num_samples``, ``num_components`` (a :class:`~lightning_landscape.DiffusionMap`)."""
+    values = {f"eigenvalue_{i:02d}": float(v) for i, v in enumerate(result.eigenvalues, 1)}
+    values.update(intrinsic_dim=float(result.intrinsic_dim), epsilon=float(result.epsilon))
+    values.update(num_samples=float(num_samples), num_components=float(result.num_components))
+    return values

@@ -120,6 +120,32 @@ class TrajectoryEmbedder:
             keep &= s > step - self.window_steps
         return np.flatnonzero(keep)
 
+    def window_start(self, total: int) -> int:
+        """First step of the window an embedding at step ``total`` takes its samples from."""
+        start = self.burn_in_steps
+        if self.window_steps is not None:
+            start = max(start, total - self.window_steps + 1)
+        return start
+
+    def samples_in_window(self, total: int, every: int) -> int:
+        """Samples a recording every ``every`` steps (and at step ``total``, the end of fit)
+        leaves in the window of an embedding at step ``total``."""
+        start = self.window_start(total)
+        ends = total % every != 0 and total >= start
+        return max(total // every - -(-max(start, 0) // every) + 1, 0) + ends
+
+    def recording_interval(
+        self, total: int, *, longest: int, per_minimum: int, divides: int | None = None
+    ) -> int:
+        """The longest recording interval, at most ``longest``, that leaves ``per_minimum``
+        times :attr:`min_samples` samples in the window of a ``total``-step fit (a divisor of
+        ``divides`` when given, so that embeddings fall on recorded steps)."""
+        span = max(total - self.window_start(total) + 1, 1)
+        every = min(longest, max(1, span // (per_minimum * self.min_samples)))
+        if divides is not None:
+            every = max(d for d in range(1, every + 1) if divides % d == 0)
+        return every
+
     def cost(self, n: int) -> float:
         """Relative cost of embedding ``n`` samples (``landmark_cost`` with ``max_points``)."""
         return landmark_cost(n, self.max_points)

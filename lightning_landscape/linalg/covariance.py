@@ -75,6 +75,7 @@ __all__ = [
     "GradientCovariance",
     "OutputsFn",
     "PerSampleLossFn",
+    "covariance_route",
     "gradient_covariance",
     "per_sample_gradients",  # re-exported: it lived here before linalg/per_sample.py
 ]
@@ -227,6 +228,23 @@ class CovarianceOperator(_LinearOperator):
 # -- the estimator ---------------------------------------------------------------------------
 
 
+def covariance_route(
+    num_samples: int,
+    dim: int,
+    *,
+    method: str = "auto",
+    gram_max_elements: int = GRAM_MAX_ELEMENTS,
+    distributed: bool = False,
+) -> str:
+    """The route :func:`gradient_covariance` takes: ``method`` unless ``"auto"``, which picks
+    ``"gram"`` (keep the ``N x D`` per-sample gradients) when ``N * D <= gram_max_elements``
+    and the samples are on one process, else ``"lanczos"`` (the operator, no ``N x D``)."""
+    if method != "auto":
+        return method
+    small = num_samples * dim <= gram_max_elements
+    return "gram" if small and not distributed else "lanczos"
+
+
 class CovarianceOptions(TypedDict, total=False):
     """The tuning options of :func:`gradient_covariance` that ``GradientCovarianceMonitor``
     forwards (typed for LightningCLI; a test keeps them equal to the core's keyword options
@@ -319,8 +337,8 @@ def gradient_covariance(
     sizes, N = _sample_counts(batches, batch_size_fn, reduce_fn, plist[0].device)
     D = sum(p.numel() for p in plist)
     chunk = _chunk(chunk_size, D)
-    if method == "auto":
-        method = "gram" if reduce_fn is None and N * D <= gram_max_elements else "lanczos"
+    method = covariance_route(N, D, method=method, gram_max_elements=gram_max_elements,
+                              distributed=reduce_fn is not None)  # fmt: skip
     ps = _PerSample(model, loss_fn, names, plist, outputs_fn, per_sample_loss_fn, per_sample)
     with curvature_context(plist[0].device):
         ps.decide(batches[0], sizes[0], chunk)
