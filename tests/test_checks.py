@@ -155,3 +155,14 @@ def test_forward_options_without_a_close_name_gives_no_suggestion():
             exclude=("top_k", "slq_steps", "reduce_fn"),
             named=("extra",),
         )
+
+
+def test_check_positive_int_accepts_its_words_and_names_them_in_the_error():
+    from lightning_landscape._checks import check_positive_int
+
+    assert check_positive_int("n", "auto", also=("auto",)) == "auto"
+    assert check_positive_int("n", None, allow_none=True, also=("auto",)) is None
+    with pytest.raises(ValueError, match=r"n must be a positive integer, 'auto' or None; got 'x'"):
+        check_positive_int("n", "x", allow_none=True, also=("auto",))
+    with pytest.raises(ValueError, match="got 'auto'"):
+        check_positive_int("n", "auto")

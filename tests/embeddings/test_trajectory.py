@@ -107,3 +107,27 @@ def test_the_new_core_modules_import_neither_lightning_nor_tensorboard():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("burn_in, window", [(0, None), (7, None), (0, 25), (12, 30)])
+def test_samples_in_window_counts_the_recorded_steps(burn_in, window):
+    embedder = TrajectoryEmbedder(burn_in_steps=burn_in, window_steps=window)
+    for total in (1, 9, 10, 11, 60, 97):
+        for every in (1, 3, 10):
+            start = embedder.window_start(total)
+            # Brute force: every multiple of the interval from step 0, and the end of fit.
+            recorded = set(range(0, total + 1, every)) | {total}
+            expected = sum(1 for s in recorded if s >= start)
+            assert embedder.samples_in_window(total, every) == expected, (total, every)
+
+
+def test_recording_interval_leaves_enough_samples_and_divides_the_embedding_schedule():
+    embedder = TrajectoryEmbedder(n_components=6)  # 8 samples needed
+    for total in (5, 20, 60, 100, 1000):
+        every = embedder.recording_interval(total, longest=10, per_minimum=2)
+        assert 1 <= every <= 10
+        if total >= 2 * 8 * 10:
+            assert every == 10  # a long fit keeps the default
+        else:
+            assert embedder.samples_in_window(total, every) >= min(total + 1, 2 * 8)
+    assert 12 % embedder.recording_interval(60, longest=10, per_minimum=2, divides=12) == 0

@@ -259,3 +259,12 @@ def test_empty_batches_and_bad_loss_fn_raise(problem):
         gradient_covariance(model, "ce", batches)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="loss_fn is required with per_sample='vmap'"):
         gradient_covariance(model, None, batches, per_sample="vmap")
+
+
+def test_covariance_route_follows_the_documented_rule():
+    from lightning_landscape.linalg.covariance import covariance_route
+
+    assert covariance_route(10, 100, gram_max_elements=1000) == "gram"
+    assert covariance_route(10, 101, gram_max_elements=1000) == "lanczos"
+    assert covariance_route(10, 100, gram_max_elements=1000, distributed=True) == "lanczos"
+    assert covariance_route(10**6, 10**6, method="gram") == "gram"
