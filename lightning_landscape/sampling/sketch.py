@@ -141,8 +141,14 @@ class ParameterSketch:
         if self.exact:
             if not tensors:
                 return np.zeros(0)
-            flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-            return flat.cpu().numpy()
+            # Copied into one float64 array (no per-tensor casts, no concatenation).
+            out = np.empty(self.num_params)
+            flat = torch.from_numpy(out)
+            offset = 0
+            for t, n in zip(tensors, self.sizes, strict=True):
+                flat[offset : offset + n].copy_(t.detach().reshape(-1))
+                offset += n
+            return out
         device = tensors[0].device
         out = torch.zeros(self.dim, dtype=torch.float64, device=device)
         scale = 1.0 / math.sqrt(self.nnz)
