@@ -338,10 +338,13 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
         if self.track_training_noise and step % every == 0 and step != self._logged_step:
             self._logged_step = step
+            t0 = self._now()
             # Every rank: with the comm hook, compute() holds a collective.
             noise = self._noise.compute(trace=self.last_trace, num_samples=self.last_num_samples)
             if noise is not None and trainer.is_global_zero:
                 log_gradient_covariance(trainer, step, training_noise=noise, prefix=self.tag_prefix)
+            # A logger's writes can take milliseconds (TensorBoard's queue): charged in full.
+            self._charge(self._now() - t0)
 
     # -- state -------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
