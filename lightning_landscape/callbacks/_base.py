@@ -11,6 +11,7 @@ cost from a timed probe gradient; its subclasses supply ``_compute`` (call a cor
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -29,7 +30,7 @@ from ..dashboard import tensorboard_writer, warn_once, write_custom_scalars_layo
 from ..dashboard.layout import merge_layouts
 from ..linalg.operators import HVPFailedError
 from . import _context as ctx
-from ._schedule import Coordinator, coordinator_for
+from ._schedule import HOOK_SAMPLE_EVERY, Coordinator, coordinator_for
 
 __all__: list[str] = []
 
@@ -62,6 +63,52 @@ _BATCH_HOOKS = (
     "on_predict_batch_start",
     "on_predict_batch_end",
 )
+
+
+#: The per-step hooks of training, whose bodies a monitor times (:func:`_time_step_hooks`).
+_STEP_HOOKS = _BATCH_HOOKS[:6]
+
+
+def _timed_hook(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` with its body timed at one call in :data:`HOOK_SAMPLE_EVERY` (the monitor's
+    calls of all its step hooks counted together), that time, less what the body charged
+    itself (measurements, samples, periodic logs), counted :data:`HOOK_SAMPLE_EVERY` times
+    over by :meth:`Coordinator.hook`. A call inside another timed hook of the same monitor (a
+    ``super()`` call) is part of the outer one."""
+
+    @functools.wraps(hook)
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        coord = self._coord
+        if coord is None or self._in_hook:
+            return hook(self, *args, **kwargs)
+        self._hook_calls += 1
+        self._in_hook = True
+        try:
+            if self._hook_calls % HOOK_SAMPLE_EVERY:
+                return hook(self, *args, **kwargs)
+            charged, t0 = coord.charged_total, coord.clock()
+            try:
+                return hook(self, *args, **kwargs)
+            finally:
+                own = coord.clock() - t0 - (coord.charged_total - charged)
+                coord.hook(self.name, HOOK_SAMPLE_EVERY * max(own, 0.0))
+        finally:
+            self._in_hook = False
+
+    return timed
+
+
+def _time_step_hooks(cls: type) -> None:
+    """Wrap each per-step training hook ``cls`` defines itself with :func:`_timed_hook`."""
+    for name in _STEP_HOOKS:
+        fn = cls.__dict__.get(name)
+        if callable(fn):
+            setattr(cls, name, _timed_hook(fn))
+
+
+def _dispatched_hooks(monitor: Any) -> int:
+    """How many per-step training hooks Lightning dispatches to ``monitor`` (not None)."""
+    return sum(callable(getattr(monitor, name, None)) for name in _STEP_HOOKS)
 
 
 def _drop_unused_batch_hooks(cls: type) -> None:
@@ -97,6 +144,7 @@ class ScheduledMonitor(Callback):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _drop_unused_batch_hooks(cls)
+        _time_step_hooks(cls)
 
     def __init__(
         self,
@@ -131,6 +179,8 @@ class ScheduledMonitor(Callback):
         # Per-fit objects, created in setup/on_train_start (ddp_spawn pickles callbacks).
         self._coord: Coordinator | None = None
         self._seen_step: int | None = None
+        self._hook_calls = 0
+        self._in_hook = False
 
     # -- subclass hooks ----------------------------------------------------------------------
     def _measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
@@ -188,7 +238,7 @@ class ScheduledMonitor(Callback):
         if stage != "fit":
             return
         ctx.check_strategy(trainer, type(self).__name__)
-        self._coord = coordinator_for(trainer, self.name, self._clock)
+        self._coord = coordinator_for(trainer, self.name, self._clock, _dispatched_hooks(self))
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -367,6 +417,7 @@ class ScheduledMonitor(Callback):
 
 
 _drop_unused_batch_hooks(ScheduledMonitor)
+_time_step_hooks(ScheduledMonitor)
 
 
 class LandscapeMonitor(ScheduledMonitor):
