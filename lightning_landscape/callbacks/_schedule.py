@@ -191,7 +191,7 @@ class Coordinator:
     ) -> int | None:
         """First step at which a measurement of ``cost`` seconds (plus the end-of-fit reserve)
         keeps ``monitor`` within ``max_overhead`` and all monitors within the total cap, both
-        at the :meth:`rate` that leaves room for their untimed per-step cost, and at least
+        at the :meth:`rate` that leaves room for their per-step hook cost, and at least
         ``cost / rate`` seconds of training after ``step`` (no bursts). A step closer than that
         to ``final_step`` (the end-of-fit measurement, which always runs) becomes
         ``final_step``: a measurement seconds before the last one tells nothing new."""
