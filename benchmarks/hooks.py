@@ -1,7 +1,7 @@
 """Per-step cost of the monitors' Lightning hooks, timed inside a real fit.
 
-What the shared budget cannot time itself is the cost of the per-step hooks (Lightning's dispatch
-and the monitors' bookkeeping in them); it charges ``HOOK_SECONDS`` a step per monitor instead
+The shared budget times the monitors' per-step hook bodies itself (one call in
+``HOOK_SAMPLE_EVERY``) and charges Lightning's dispatch of each hook at ``DISPATCH_SECONDS``
 (``lightning_landscape/callbacks/_schedule.py``). This script measures that cost with far less
 noise than comparing fit times: it wraps Lightning's ``_call_callback_hooks`` and times every
 per-step hook call of a fit of the digits MLP of ``benchmarks/overhead.py`` (every callback's
@@ -169,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         total = sum(per_hook.values())
         cells = " | ".join(f"{per_hook[h] * 1e6:>20.2f}" for h in STEP_HOOKS)
         print(f"| {name:<26} | {cells} | {total * 1e6:>8.2f} | {(total - base) * 1e6:>+5.1f} |")
-    print("\nextra = µs a step beyond no callback: the untimed per-step cost the budget charges")
-    print("as HOOK_SECONDS a monitor (lightning_landscape/callbacks/_schedule.py).")
+    print("\nextra = µs a step beyond no callback (median calls: periodic work, charged where")
+    print("it runs, is left out).")
     print("\nLightning's dispatch of the five hooks other than on_train_batch_end, tight loop:")
     base_loop = dispatch_loop([])
     print(f"| {'callbacks':<26} | µs a step | extra |")

@@ -12,6 +12,7 @@ cost from a timed probe gradient; its subclasses supply ``_compute`` (call a cor
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import time
@@ -32,7 +33,7 @@ from ..dashboard.writer import mark_resumed
 from ..linalg.operators import HVPFailedError
 from . import _context as ctx
 from ._fixed_costs import QUIET_SECONDS, say, too_costly
-from ._schedule import Coordinator, coordinator_for
+from ._schedule import HOOK_SAMPLE_EVERY, Coordinator, coordinator_for
 
 __all__: list[str] = []
 
@@ -65,6 +66,52 @@ _BATCH_HOOKS = (
     "on_predict_batch_start",
     "on_predict_batch_end",
 )
+
+
+#: The per-step hooks of training, whose bodies a monitor times (:func:`_time_step_hooks`).
+_STEP_HOOKS = _BATCH_HOOKS[:6]
+
+
+def _timed_hook(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` with its body timed at one call in :data:`HOOK_SAMPLE_EVERY` (the monitor's
+    calls of all its step hooks counted together), that time, less what the body charged
+    itself (measurements, samples, periodic logs), counted :data:`HOOK_SAMPLE_EVERY` times
+    over by :meth:`Coordinator.hook`. A call inside another timed hook of the same monitor (a
+    ``super()`` call) is part of the outer one."""
+
+    @functools.wraps(hook)
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        coord = self._coord
+        if coord is None or self._in_hook:
+            return hook(self, *args, **kwargs)
+        self._hook_calls += 1
+        self._in_hook = True
+        try:
+            if self._hook_calls % HOOK_SAMPLE_EVERY:
+                return hook(self, *args, **kwargs)
+            charged, t0 = coord.charged_total, coord.clock()
+            try:
+                return hook(self, *args, **kwargs)
+            finally:
+                own = coord.clock() - t0 - (coord.charged_total - charged)
+                coord.hook(self.name, HOOK_SAMPLE_EVERY * max(own, 0.0))
+        finally:
+            self._in_hook = False
+
+    return timed
+
+
+def _time_step_hooks(cls: type) -> None:
+    """Wrap each per-step training hook ``cls`` defines itself with :func:`_timed_hook`."""
+    for name in _STEP_HOOKS:
+        fn = cls.__dict__.get(name)
+        if callable(fn):
+            setattr(cls, name, _timed_hook(fn))
+
+
+def _dispatched_hooks(monitor: Any) -> int:
+    """How many per-step training hooks Lightning dispatches to ``monitor`` (not None)."""
+    return sum(callable(getattr(monitor, name, None)) for name in _STEP_HOOKS)
 
 
 def _drop_unused_batch_hooks(cls: type) -> None:
@@ -100,6 +147,7 @@ class ScheduledMonitor(Callback):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _drop_unused_batch_hooks(cls)
+        _time_step_hooks(cls)
 
     def __init__(
         self,
@@ -137,6 +185,8 @@ class ScheduledMonitor(Callback):
         # Why this monitor measures nothing in this fit (fast_dev_run, a fit too short), if so.
         self._off: str | None = None
         self._expected: float | None = None  # seconds the next measurement should take
+        self._hook_calls = 0
+        self._in_hook = False
 
     # -- subclass hooks ----------------------------------------------------------------------
     def _measure(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
@@ -208,7 +258,7 @@ class ScheduledMonitor(Callback):
         if stage != "fit":
             return
         ctx.check_strategy(trainer, type(self).__name__)
-        self._coord = coordinator_for(trainer, self.name, self._clock)
+        self._coord = coordinator_for(trainer, self.name, self._clock, _dispatched_hooks(self))
         self._off = "fast_dev_run" if getattr(trainer, "fast_dev_run", False) else None
         if self._off is not None and self._coord.first_notice("fast_dev_run"):
             say(
@@ -461,6 +511,7 @@ class ScheduledMonitor(Callback):
 
 
 _drop_unused_batch_hooks(ScheduledMonitor)
+_time_step_hooks(ScheduledMonitor)
 
 
 class LandscapeMonitor(ScheduledMonitor):

@@ -151,6 +151,8 @@ class TrajectoryRecorder:
         return self._store.load()
 
     def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
         self._store = None
 
     def state_dict(self) -> dict[str, Any]:

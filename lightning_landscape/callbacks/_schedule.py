@@ -2,8 +2,9 @@
 
 The budget places each monitor's next measurement so that its time stays under its
 ``max_overhead`` share of training time (and all monitors together under ``total_overhead``),
-always keeping in reserve the cost of the end-of-fit measurement, and less the untimed per-step
-cost of the monitors' hooks (:data:`HOOK_SECONDS` a step each). Step time is measured after a
+always keeping in reserve the cost of the end-of-fit measurement, and less the per-step cost of
+the monitors' hooks (their bodies timed at one call in :data:`HOOK_SAMPLE_EVERY`, Lightning's
+dispatch of each :data:`DISPATCH_SECONDS`). Step time is measured after a
 warm-up (first steps, compilation), excluding the time spent measuring. Decisions are made on
 rank 0 and broadcast, and the coordinator's state is checkpointed so a resumed run continues the
 same schedule.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__: list[str] = []
@@ -31,19 +32,16 @@ TOTAL_OVERHEAD = 0.10
 #: step time), so that the wall-time overhead users see stays under ``max_overhead``.
 PLANNING_SHARE = 0.9
 
-#: Seconds a step that every attached monitor costs without being timed: Lightning's dispatch of
-#: the per-step hooks the monitor works in (the unused ones are not dispatched at all, see
-#: ``_base._BATCH_HOOKS``) and its own bookkeeping in them, and what a callback's presence costs a
-#: step beyond that. Measured on 2 CPU cores for HessianSpectrumMonitor on the 0.8 ms steps of a
-#: small MLP: its hooks timed inside a fit, +6 to +11 µs a step (``benchmarks/hooks.py``; 10-13 µs
-#: in earlier sessions, before the unused hooks were dropped); the median step time against no
-#: callback, +18 µs (four fits, 2026-12-01; +10 to +49 µs in earlier sessions), the run-to-run
-#: noise of that estimate being about as large. 25 µs
-#: (3% of such a step, so on fast steps a good part of a 5% budget) stays on the safe side of
-#: those: charging 12 µs, the Hessian monitor's median overhead on those steps read 1.05-1.07x in
-#: four runs. The budget charges it as a rate, ``HOOK_SECONDS / step time`` per monitor, before
-#: planning measurements.
-HOOK_SECONDS = 25e-6
+#: Seconds Lightning takes to dispatch one per-step hook to a callback (its profiler context and
+#: the call), outside the hook body and so not timed by the monitor: about 1.4-2 µs on 2 CPU
+#: cores (``benchmarks/hooks.py``). The budget charges it per hook a monitor works in.
+DISPATCH_SECONDS = 2e-6
+
+#: A monitor times its per-step hook bodies at one call in this many and charges each timed call
+#: this many times over (a prime, so that with several hooks a step every hook gets sampled).
+#: Work a hook does only now and then (a measurement, a recorded sample, a periodic log) is
+#: charged in full where it runs and left out of the sampled time.
+HOOK_SAMPLE_EVERY = 11
 
 #: The result :class:`~lightning_landscape.HessianSpectrumMonitor` publishes on request: its
 #: :class:`~lightning_landscape.HessianSpectrum`, with the top-k eigenvectors.
@@ -76,6 +74,12 @@ class Coordinator:
         self.counted_steps = 0
         self.spent: dict[str, float] = {}
         self.monitors: set[str] = set()
+        # Per monitor: seconds its hook bodies took (extrapolated from the timed calls) since
+        # the warm-up, and how many per-step hooks Lightning dispatches to it.
+        self.hook_seconds: dict[str, float] = {}
+        self.dispatched_hooks: dict[str, int] = {}
+        # Every second ever charged with record(): a hook body leaves these out of its own time.
+        self.charged_total = 0.0
         self._last_tick: float | None = None
         self._last_step: int | None = None
         self._measuring_since_tick = 0.0
@@ -131,14 +135,24 @@ class Coordinator:
         self._last_step = step
         self._measuring_since_tick = 0.0
 
-    def register(self, monitor: str) -> None:
-        """Count ``monitor`` among those whose per-step hooks cost :data:`HOOK_SECONDS`."""
+    def register(self, monitor: str, hooks: int = 0) -> None:
+        """Count ``monitor``, to which Lightning dispatches ``hooks`` per-step hooks, among those
+        whose per-step cost counts against the total cap."""
         self.monitors.add(monitor)
+        self.dispatched_hooks[monitor] = hooks
+
+    def hook(self, monitor: str, seconds: float) -> None:
+        """Count ``seconds`` of ``monitor``'s per-step hook bodies (after the warm-up only, the
+        period the step time covers). Not charged as a measurement: the budget plans with the
+        share of training time they take (:meth:`rate`)."""
+        if self.counted_steps > 0:
+            self.hook_seconds[monitor] = self.hook_seconds.get(monitor, 0.0) + seconds
 
     def record(self, monitor: str, seconds: float) -> None:
         """Charge ``seconds`` to ``monitor`` (and keep them out of the step time)."""
         self.spent[monitor] = self.spent.get(monitor, 0.0) + seconds
         self._measuring_since_tick += seconds
+        self.charged_total += seconds
 
     @property
     def step_seconds(self) -> float | None:
@@ -146,21 +160,32 @@ class Coordinator:
             return None
         return self.train_seconds / self.counted_steps
 
-    def rate(self, cap: float, monitors: int = 1) -> float | None:
+    def hook_share(self, monitors: Iterable[str]) -> float:
+        """Share of training time the per-step hooks of ``monitors`` take: their bodies' measured
+        seconds and Lightning's dispatch (:data:`DISPATCH_SECONDS` a hook a step); 0 before
+        the step time is known."""
+        t_step = self.step_seconds
+        if t_step is None or t_step <= 0:
+            return 0.0
+        names = set(monitors)
+        bodies = sum(self.hook_seconds.get(m, 0.0) for m in names) / self.train_seconds
+        dispatch = sum(self.dispatched_hooks.get(m, 0) for m in names) * DISPATCH_SECONDS
+        return bodies + dispatch / t_step
+
+    def rate(self, cap: float, monitors: Iterable[str] = ()) -> float | None:
         """Share of training time that measurements may take under ``cap``: ``PLANNING_SHARE ·
-        cap`` less the untimed per-step cost of ``monitors`` monitors (:data:`HOOK_SECONDS` a
-        step each), at least ``MIN_RATE_FRACTION`` of the former; None before the step time is
-        known."""
+        cap`` less the per-step hook cost of ``monitors`` (:meth:`hook_share`), at least
+        ``MIN_RATE_FRACTION`` of the former; None before the step time is known."""
         t_step = self.step_seconds
         if t_step is None or t_step <= 0:
             return None
         planned = PLANNING_SHARE * cap
-        return max(planned - monitors * HOOK_SECONDS / t_step, MIN_RATE_FRACTION * planned)
+        return max(planned - self.hook_share(monitors), MIN_RATE_FRACTION * planned)
 
     def _rates(self, monitor: str, max_overhead: float) -> tuple[float, float] | None:
         """``monitor``'s own rate and the total cap's, which counts every registered monitor."""
-        rate_self = self.rate(max_overhead)
-        rate_all = self.rate(self.total_overhead, len(self.monitors | {monitor}))
+        rate_self = self.rate(max_overhead, (monitor,))
+        rate_all = self.rate(self.total_overhead, self.monitors | {monitor})
         if rate_self is None or rate_all is None:
             return None
         return rate_self, rate_all
@@ -175,7 +200,7 @@ class Coordinator:
     ) -> int | None:
         """First step at which a measurement of ``cost`` seconds (plus the end-of-fit reserve)
         keeps ``monitor`` within ``max_overhead`` and all monitors within the total cap, both
-        at the :meth:`rate` that leaves room for their untimed per-step cost, and at least
+        at the :meth:`rate` that leaves room for their per-step hook cost, and at least
         ``cost / rate`` seconds of training after ``step`` (no bursts). A step closer than that
         to ``final_step`` (the end-of-fit measurement, which always runs) becomes
         ``final_step``: a measurement seconds before the last one tells nothing new."""
@@ -220,6 +245,7 @@ class Coordinator:
             "train_seconds": self.train_seconds,
             "counted_steps": self.counted_steps,
             "spent": dict(self.spent),
+            "hook_seconds": dict(self.hook_seconds),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -227,20 +253,22 @@ class Coordinator:
             self.train_seconds = float(state.get("train_seconds", 0.0))
             self.counted_steps = int(state.get("counted_steps", 0))
             self.spent = {k: float(v) for k, v in state.get("spent", {}).items()}
+            hooks = state.get("hook_seconds", {})
+            self.hook_seconds = {k: float(v) for k, v in hooks.items()}
 
 
 def coordinator_for(
-    trainer: Any, monitor: str, clock: Callable[[], float] | None = None
+    trainer: Any, monitor: str, clock: Callable[[], float] | None = None, hooks: int = 0
 ) -> Coordinator:
     """The trainer's coordinator, created by the first monitor that asks, with ``monitor``
-    registered (its per-step hooks count against the total cap)."""
+    registered (its ``hooks`` per-step hooks count against the total cap)."""
     coord = getattr(trainer, "_landscape_coordinator", None)
     if coord is None:
         coord = Coordinator(clock=clock or time.perf_counter)
         trainer._landscape_coordinator = coord
     elif clock is not None:
         coord.clock = clock
-    coord.register(monitor)
+    coord.register(monitor, hooks)
     return coord
 
 

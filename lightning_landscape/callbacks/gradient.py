@@ -350,20 +350,19 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
         on = self.track_training_noise and self._off is None
         if on and step % every == 0 and step != self._logged_step:
-            self._logged_step = step
-            # Every rank: with the comm hook, compute() holds a collective.
+            self._logged_step, t0 = step, self._now()
+            # Every rank (with the comm hook compute() holds a collective); the logger's writes
+            # can take milliseconds (TensorBoard's queue): charged in full.
             noise = self._noise.compute(trace=self.last_trace, num_samples=self.last_num_samples)
             if noise is not None and trainer.is_global_zero:
                 log_gradient_covariance(trainer, step, training_noise=noise, prefix=self.tag_prefix)
+            self._charge(self._now() - t0)
 
     # -- state -------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
-        return {
-            "axis": self.axis.to_dict() if self.axis is not None else None,
-            "last_trace": self.last_trace,
-            "last_num_samples": self.last_num_samples,
-            **self._noise.state_dict(),
-        }
+        axis = self.axis.to_dict() if self.axis is not None else None
+        own = {"last_trace": self.last_trace, "last_num_samples": self.last_num_samples}
+        return {"axis": axis, **own, **self._noise.state_dict()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         axis = state.get("axis")

@@ -18,13 +18,12 @@ three ways:
   App. A), which needs no trace: under DDP each rank's gradient before the average is the small
   batch, the averaged one the big batch.
 * :class:`GradientNoiseTracker`: the training steps' :math:`\|g_B\|^2` in a bias-corrected
-  exponential moving average, buffered on the device so that a step costs two kernel launches
+  exponential moving average, buffered on the device so that a step costs one fused reduction
   and no host synchronisation.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,10 +190,11 @@ class GradientNoiseTracker:
 
     Call :meth:`update` once per optimizer step with the gradients the optimiser is about to use
     (under DDP: already averaged, so :math:`B` is the global batch, per-rank batch × world size
-    × accumulation); :meth:`compute` when the result is wanted. A step writes the per-tensor
-    norms (one fused reduction) into a row of a device buffer: two kernel launches, no host
-    synchronisation. The buffer is folded into the averages, in step order, by one host read
-    when it is full and at :meth:`compute` / :meth:`state_dict`. Non-finite steps (e.g. skipped
+    × accumulation); :meth:`compute` when the result is wanted. A step keeps the per-tensor
+    norms of one fused reduction (``torch._foreach_norm``) on the device: one kernel launch, no
+    host synchronisation, no copy. They are folded into the averages, in step order, by one
+    stack and one host read every ``buffer_rows`` steps and at :meth:`compute` /
+    :meth:`state_dict`. Non-finite steps (e.g. skipped
     GradScaler steps) are left out and counted.
 
     With :meth:`attach_ddp` a communication hook also reads each rank's gradient before DDP's
@@ -205,7 +205,7 @@ class GradientNoiseTracker:
     Args:
         decay: EMA decay in (0, 1).
         buffer_rows: steps buffered on the device between folds; default 256. Memory:
-            ``buffer_rows`` × (number of parameter tensors) numbers.
+            ``buffer_rows`` × (number of parameter tensors) 0-d tensors.
     """
 
     def __init__(self, decay: float = 0.9, *, buffer_rows: int | None = None) -> None:
@@ -221,11 +221,10 @@ class GradientNoiseTracker:
         )
         self._inv_batch = 0.0
         self._inv_weight = 0.0
-        # Per-fit objects: per-tensor norms of the steps not yet folded (one row a step), and
-        # this rank's pre-average squared norms (comm hook).
-        self._norm_buf: Tensor | None = None
-        self._local_buf: Tensor | None = None
-        self._rows = 0
+        # Per-fit objects: per-tensor norms of the steps not yet folded (one list a step), this
+        # rank's pre-average squared norms of those steps (comm hook), and the hook's state.
+        self._norm_rows: list[list[Tensor]] = []
+        self._local_rows: list[Tensor] = []
         self._local: _LocalNorms | None = None
 
     # -- the training steps ------------------------------------------------------------------
@@ -248,23 +247,16 @@ class GradientNoiseTracker:
         """
         if not grads:
             return
-        buf = self._norm_buf
-        if buf is None or buf.shape[1] != len(grads) or self._rows == buf.shape[0]:
+        rows = self._norm_rows
+        if rows and (len(rows[0]) != len(grads) or len(rows) == self.buffer_rows):
             self._fold()  # full, or another set of tensors has gradients this step
-            dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads))
-            buf = self._norm_buf = grads[0].new_empty((self.buffer_rows, len(grads)), dtype=dtype)
-            if self._local is not None:
-                self._local_buf = torch.empty(
-                    self.buffer_rows, dtype=torch.float64, device=self._local.sq.device
-                )
-        # Per-tensor norms by one fused reduction, written straight into the buffer's row.
+        # Per-tensor norms by one fused reduction, kept as they come (stacked at the fold).
         tensors = grads if isinstance(grads, list) else list(grads)
-        torch.stack(torch._foreach_norm(tensors), out=buf[self._rows])
-        if self._local is not None and self._local_buf is not None:
+        self._norm_rows.append(torch._foreach_norm(tensors))
+        if self._local is not None:
             # This rank's gradient before DDP's average, summed over buckets by the comm hook.
-            self._local_buf[self._rows].copy_(self._local.sq)
+            self._local_rows.append(self._local.sq.clone())
             self._local.sq.zero_()
-        self._rows += 1
         if batch_size:
             beta = self.decay
             inv = 1.0 / (batch_size * max(1, world_size) * max(1, accumulation))
@@ -273,12 +265,15 @@ class GradientNoiseTracker:
 
     def _fold(self) -> None:
         """Fold the buffered steps into the moving average, in step order (one host read)."""
-        n, buf = self._rows, self._norm_buf
-        self._rows = 0
-        if n == 0 or buf is None:
+        rows, local_rows = self._norm_rows, self._local_rows
+        self._norm_rows, self._local_rows = [], []
+        if not rows:
             return
-        norm_sq = buf[:n].double().pow(2).sum(dim=1).cpu().tolist()
-        local = self._local_buf[:n].cpu().tolist() if self._local_buf is not None else None
+        norms = torch.stack([x for row in rows for x in row]).view(len(rows), -1)
+        norm_sq = norms.double().pow(2).sum(dim=1).cpu().tolist()
+        # The comm hook's norms, when it saw every one of these steps.
+        full = len(local_rows) == len(rows)
+        local = torch.stack(local_rows).cpu().tolist() if full else None
         s, beta = self._ema, self.decay
         for i, sq in enumerate(norm_sq):
             loc = local[i] if local is not None else s["local_norm_sq"]
@@ -314,8 +309,7 @@ class GradientNoiseTracker:
     def release(self) -> None:
         """Drop the device buffers (with the steps in them not yet folded) and the comm-hook
         state: a new fit starts from the averages alone."""
-        self._norm_buf = self._local_buf = self._local = None
-        self._rows = 0
+        self._norm_rows, self._local_rows, self._local = [], [], None
 
     # -- result ------------------------------------------------------------------------------
     def compute(

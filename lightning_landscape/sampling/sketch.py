@@ -10,9 +10,11 @@ polynomials modulo the prime :math:`p = 2^{31} - 1` with coefficients drawn from
 :math:`\sigma_r(i) = \pm 1` from the parity of a cubic (4-wise independent, as the variance bound
 below needs). ``nnz = 1`` is the count sketch (Charikar, Chen & Farach-Colton 2002). The
 D × dim matrix is never formed: the hashes of each chunk of :data:`CHUNK` coordinates are
-recomputed at every call on the parameters' own device by integer arithmetic, so the memory is
-O(dim + CHUNK) whatever D, nothing is transferred, every device gives the same map, and the cost
-is O(nnz · D) per sketch. Up to 2^31 - 1 parameters.
+computed on the parameters' own device by integer arithmetic, so nothing is transferred, every
+device gives the same map, and the cost is O(nnz · D) per sketch. Up to ``cache_max_entries``
+(nnz · D) they are kept after the first call (5 bytes an entry: hashing costs several times the
+sketch itself); above, recomputed at every call, in O(dim + CHUNK) memory whatever D. Up to
+2^31 - 1 parameters.
 
 **Distance distortion.** The map S is linear, so distances between sketches are sketches of
 differences. For any fixed vector x, :math:`E\|Sx\|^2 = \|x\|^2` and
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +42,9 @@ __all__ = ["ParameterSketch", "sketch_distortion_bound"]
 
 #: Entries per hash chunk: the memory of the hashes at any moment.
 CHUNK = 1 << 20
+
+#: Hashes (nnz · D entries, 5 bytes each) kept between calls up to this many: 40 MiB.
+CACHE_MAX_ENTRIES = 1 << 23
 
 #: Mersenne prime 2^31 - 1 of the polynomial hashes (coordinates are reduced modulo it).
 _PRIME = (1 << 31) - 1
@@ -64,6 +69,7 @@ class ParameterSketch:
         nnz: non-zeros per input coordinate (1: count sketch).
         seed: seeds the hashes; the same seed gives the same map in every process.
         exact_max_params: up to this total size the vector is kept exactly.
+        cache_max_entries: keep the hashes between calls up to this many (nnz · D) entries.
 
     Raises:
         ValueError: On bad arguments (naming the argument, the rule and the value).
@@ -77,12 +83,14 @@ class ParameterSketch:
         nnz: int = 1,
         seed: int = 0,
         exact_max_params: int = 8192,
+        cache_max_entries: int = CACHE_MAX_ENTRIES,
     ) -> None:
         sizes = list(sizes)
         dim = check_int("dim", dim, minimum=1)
         nnz = check_int("nnz", nnz, minimum=1)
         seed = check_int("seed", seed, minimum=0)
         exact_max_params = check_int("exact_max_params", exact_max_params, minimum=0)
+        cache_max_entries = check_int("cache_max_entries", cache_max_entries, minimum=0)
         if dim % nnz:
             raise ValueError(f"dim must be a multiple of nnz ({nnz}); got dim={dim}")
         if not sizes or any(
@@ -95,6 +103,9 @@ class ParameterSketch:
         self.nnz = int(nnz)
         self.seed = int(seed)
         self.exact = self.num_params <= exact_max_params
+        self.cache = self.nnz * self.num_params <= cache_max_entries
+        # Per device: (int32 buckets, int8 signs) of each chunk, filled at the first call.
+        self._hash_cache: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         if not self.exact and self.num_params >= _PRIME:
             raise ValueError(
                 f"sizes must total fewer than 2^31 - 1 parameters to be sketched; got "
@@ -141,22 +152,48 @@ class ParameterSketch:
         if self.exact:
             if not tensors:
                 return np.zeros(0)
-            flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-            return flat.cpu().numpy()
+            # Copied into one float64 array (no per-tensor casts, no concatenation).
+            out = np.empty(self.num_params)
+            flat = torch.from_numpy(out)
+            offset = 0
+            for t, n in zip(tensors, self.sizes, strict=True):
+                flat[offset : offset + n].copy_(t.detach().reshape(-1))
+                offset += n
+            return out
         device = tensors[0].device
         out = torch.zeros(self.dim, dtype=torch.float64, device=device)
         scale = 1.0 / math.sqrt(self.nnz)
-        offset = 0
+        for x, buckets, signs in self._chunks(tensors, device):
+            for r in range(self.nnz):
+                out.index_add_(0, buckets[r], x * signs[r], alpha=scale)
+        return out.cpu().numpy()
+
+    def _chunks(
+        self, tensors: list[torch.Tensor], device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each chunk of the concatenated tensors in float64, with its buckets and signs (from
+        the cache, else computed, and cached when it is on)."""
+        cached = self._hash_cache.get(device)
+        fill: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if cached is None and self.cache:
+            fill = []
+        offset, k = 0, 0
         for t in tensors:
             flat = t.detach().reshape(-1)
             for start in range(0, flat.numel(), CHUNK):
                 x = flat[start : start + CHUNK].to(torch.float64)
-                index = torch.arange(x.numel(), device=device) + (offset + start)
-                buckets, signs = self.hashes(index)
-                for r in range(self.nnz):
-                    out.index_add_(0, buckets[r], x * signs[r], alpha=scale)
+                if cached is not None:
+                    buckets, signs = cached[k]
+                else:
+                    index = torch.arange(x.numel(), device=device) + (offset + start)
+                    buckets, signs = self.hashes(index)
+                    if fill is not None:
+                        fill.append((buckets.to(torch.int32), signs.to(torch.int8)))
+                k += 1
+                yield x, buckets, signs
             offset += flat.numel()
-        return out.cpu().numpy()
+        if fill is not None:
+            self._hash_cache[device] = fill
 
     def state(self) -> dict[str, int]:
         """What defines the map (to check a resumed run sketches the same way)."""

@@ -14,11 +14,14 @@ back to a given number of samples: a run resumed from a checkpoint truncates to 
 in that checkpoint, so the samples taken after it (which training will redo) are not duplicated
 and none before it are missing.
 
-Memory: nothing is held in memory between calls; :meth:`TrajectoryStore.load` reads n × d numbers.
+Memory: nothing is held in memory between calls but the two files' append handles (opened at the
+first append, closed by :meth:`TrajectoryStore.close` or a cut); :meth:`TrajectoryStore.load`
+reads n × d numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -85,6 +88,7 @@ class TrajectoryStore:
         self.info = dict(info or {})
         check_info = info is not None
         self._row_bytes = 8 * self.dim
+        self._files: tuple[Any, Any] | None = None  # append handles: no open() per sample
         os.makedirs(self.directory, exist_ok=True)
         header = {"version": _VERSION, "dim": self.dim, "dtype": "float64", "info": self.info}
         head_path = os.path.join(self.directory, "store.json")
@@ -132,6 +136,7 @@ class TrajectoryStore:
         return rows
 
     def _cut(self, rows: int, lines: list[str]) -> None:
+        self.close()
         with open(self._vec_path, "r+b") as f:
             f.truncate(rows * self._row_bytes)
         with open(self._meta_path, "w", encoding="utf-8") as f:
@@ -160,24 +165,49 @@ class TrajectoryStore:
             raise ValueError(f"vector must have dim={self.dim} entries; got {v.size}")
         loss_text = repr(float(loss)) if loss is not None else "nan"
         meta_bytes = os.path.getsize(self._meta_path)
+        if self._files is None:
+            # Opening both files at every sample cost more than writing them.
+            self._files = (open(self._vec_path, "ab"), open(self._meta_path, "a", encoding="utf-8"))
+        vec, meta = self._files
         try:
-            with open(self._vec_path, "ab") as f:
-                f.write(v.tobytes())
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-            with open(self._meta_path, "a", encoding="utf-8") as f:
-                f.write(f"{int(step)},{int(epoch)},{loss_text}\n")
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
+            vec.write(v.tobytes())
+            vec.flush()
+            if self.fsync:
+                os.fsync(vec.fileno())
+            meta.write(f"{int(step)},{int(epoch)},{loss_text}\n")
+            meta.flush()
+            if self.fsync:
+                os.fsync(meta.fileno())
         except BaseException:
-            # A partial row (disk full, an interrupt) would shift every later row: cut both files
-            # back to the samples before (shortening a file needs no free space).
+            # A partial row (disk full, an interrupt) would shift every later row: drop the
+            # handles with whatever their buffers still hold, then cut both files back to the
+            # samples before (shortening a file needs no free space).
+            self._discard_files()
             os.truncate(self._vec_path, self._rows * self._row_bytes)
             os.truncate(self._meta_path, meta_bytes)
             raise
         self._rows += 1
+
+    def close(self) -> None:
+        """Close the append handles (the next :meth:`append` reopens them)."""
+        files, self._files = self._files, None
+        for f in files or ():
+            f.close()
+
+    def _discard_files(self) -> None:
+        """Close the handles after a failed write; a buffer that cannot be flushed is lost
+        (the caller cuts the files back), never written later."""
+        files, self._files = self._files, None
+        for f in files or ():
+            with contextlib.suppress(OSError):
+                f.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_files", None) is not None:
+            self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_files": None}  # open files do not pickle
 
     def truncate(self, rows: int) -> None:
         """Keep the first ``rows`` samples (a resumed run cuts back to its checkpoint).

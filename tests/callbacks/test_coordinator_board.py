@@ -30,7 +30,7 @@ def test_requests_are_read_by_name():
     assert coord.requested(HESSIAN_EIGENPAIRS) and not coord.requested("other")
     # Shared results are per fit: the checkpointed state carries none of them.
     coord.publish(HESSIAN_EIGENPAIRS, 0, object())
-    assert set(coord.state_dict()) == {"train_seconds", "counted_steps", "spent"}
+    assert set(coord.state_dict()) == {"train_seconds", "counted_steps", "spent", "hook_seconds"}
 
 
 class _CB:

@@ -137,8 +137,10 @@ class _DiskFull:
         self.full_at, self.active, self.failures = full_at, active, 0
 
     def open(self, path, mode="r", *args, **kwargs):
+        # Every file opened for writing: the store may keep its handles open across steps, so
+        # the disk fills up under a handle opened while it still had room.
         f = builtins.open(path, mode, *args, **kwargs)
-        return _HalfWriter(f, self) if self.active and ("a" in mode or "w" in mode) else f
+        return _HalfWriter(f, self) if "a" in mode or "w" in mode else f
 
     def savez_compressed(self, file, *args, **kwargs):  # numpy's, for the prediction store
         if self.active:
@@ -162,6 +164,8 @@ class _HalfWriter:
         self.f.close()
 
     def write(self, data) -> int:
+        if not self.disk.active:
+            return self.f.write(data)
         self.f.write(data[: len(data) // 2])
         self.f.flush()
         self.disk.failures += 1

@@ -10,7 +10,8 @@ import pytest
 
 from lightning_landscape import HessianSpectrumMonitor
 from lightning_landscape.callbacks._schedule import (
-    HOOK_SECONDS,
+    DISPATCH_SECONDS,
+    HOOK_SAMPLE_EVERY,
     MIN_RATE_FRACTION,
     PLANNING_SHARE,
     Coordinator,
@@ -35,7 +36,7 @@ def test_coordinator_places_the_earliest_affordable_step():
 
     def affordable(step: int) -> bool:  # spent + next + end-of-fit reserve within the budget
         train = coord.train_seconds + (step - 40) * STEP
-        share = PLANNING_SHARE * BUDGET - HOOK_SECONDS / STEP  # less the untimed hooks
+        share = PLANNING_SHARE * BUDGET  # no hook of this monitor measured or dispatched
         return COST + 2 * COST <= share * train + 1e-9
 
     assert affordable(nxt) and not affordable(nxt - 1)
@@ -47,7 +48,7 @@ def test_total_cap_binds_when_several_monitors_spend():
     coord.record("other", 20.0)  # another monitor already used 20 s
     nxt = coord.next_step("hessian", 100, COST, BUDGET)
     train_at_next = 100.0 + (nxt - 100) * 1.0
-    cap = PLANNING_SHARE * 0.10 - HOOK_SECONDS / 1.0
+    cap = PLANNING_SHARE * 0.10
     assert 20.0 + 2 * COST <= cap * train_at_next + 1e-9
     assert 20.0 + 2 * COST > cap * (train_at_next - 1.0)
 
@@ -111,22 +112,29 @@ def test_saved_up_budget_is_not_spent_back_to_back():
     coord = Coordinator(clock=FakeClock(), warmup_steps=0)
     coord.train_seconds, coord.counted_steps = 1000.0, 1000  # 1 s steps, nothing spent yet
     nxt = coord.next_step("hessian", 1000, COST, BUDGET)
-    rate = PLANNING_SHARE * BUDGET - HOOK_SECONDS / 1.0
+    rate = PLANNING_SHARE * BUDGET
     assert nxt - 1000 == math.ceil(COST / rate)  # 67 steps, not 1
 
 
+HOOK_S = 20e-6  # measured seconds of each monitor's hook bodies a step
+
+
 @pytest.mark.parametrize(("monitors", "step_s"), [(1, 0.8e-3), (3, 1.6e-3)])
-def test_untimed_per_step_cost_of_the_hooks_is_charged_on_fast_steps(monitors, step_s):
-    """On millisecond steps each monitor's untimed hooks cost HOOK_SECONDS / step time (3% of
-    0.8 ms) of training: measurements get the rest of the planned share, so measurements plus
-    hooks stay within it; on 1 s steps the hooks are negligible."""
+def test_measured_per_step_cost_of_the_hooks_is_charged_on_fast_steps(monitors, step_s):
+    """On millisecond steps each monitor's hooks cost their measured seconds plus Lightning's
+    dispatch (2 hooks here) a step (3% of 0.8 ms) of training: measurements get the rest of
+    the planned share, so measurements plus hooks stay within it; on 1 s steps the hooks are
+    negligible."""
     cost = 0.05
     coord = Coordinator(clock=FakeClock(), warmup_steps=0)
-    for i in range(monitors):
-        coord.register(f"m{i}")
-    coord.register("hessian")
+    names = [f"m{i}" for i in range(monitors)] + ["hessian"]
+    for name in names:
+        coord.register(name, hooks=2)
+    per_step = HOOK_S + 2 * DISPATCH_SECONDS  # each monitor's, timed and dispatched
     spent, step = 0.0, 0
     coord.train_seconds, coord.counted_steps = 1000 * step_s, 1000
+    for name in names:
+        coord.hook(name, 1000 * HOOK_S)
     end = 200_000
     while True:
         nxt = coord.next_step("hessian", step, cost, BUDGET)
@@ -134,26 +142,71 @@ def test_untimed_per_step_cost_of_the_hooks_is_charged_on_fast_steps(monitors, s
             break
         coord.train_seconds += (nxt - step) * step_s
         coord.counted_steps += nxt - step
+        for name in names:
+            coord.hook(name, (nxt - step) * HOOK_S)
         coord.record("hessian", cost)
         spent += cost
         step = nxt
     train = end * step_s
-    hooks = end * HOOK_SECONDS  # this monitor's own
-    assert spent + hooks <= PLANNING_SHARE * BUDGET * train
+    assert spent + end * per_step <= PLANNING_SHARE * BUDGET * train
     # The total cap counts every registered monitor's hooks (with four monitors it binds).
-    total = PLANNING_SHARE * coord.total_overhead - (monitors + 1) * HOOK_SECONDS / step_s
+    total = PLANNING_SHARE * coord.total_overhead - (monitors + 1) * per_step / step_s
     assert total > MIN_RATE_FRACTION * PLANNING_SHARE * coord.total_overhead  # not the floor
-    assert coord.rate(coord.total_overhead, monitors + 1) == pytest.approx(total)
+    assert coord.rate(coord.total_overhead, names) == pytest.approx(total)
     assert spent <= total * train
     # Not wastefully sparse: the share left after the hooks is mostly used.
-    own = PLANNING_SHARE * BUDGET - HOOK_SECONDS / step_s
+    own = PLANNING_SHARE * BUDGET - per_step / step_s
     assert spent >= 0.8 * min(own, total) * train
     # Slow steps: the rate is the planned share, to within the hooks' negligible cost.
     coord.train_seconds, coord.counted_steps = 1000.0, 1000
-    assert coord.rate(BUDGET) == pytest.approx(PLANNING_SHARE * BUDGET, rel=1e-3)
+    coord.hook_seconds = {name: 1000 * HOOK_S for name in names}
+    assert coord.rate(BUDGET, ["hessian"]) == pytest.approx(PLANNING_SHARE * BUDGET, rel=1e-3)
     # Sub-millisecond steps on which the hooks alone exceed the share: a floor, not zero.
     coord.train_seconds, coord.counted_steps = 1000 * 1e-4, 1000
-    assert coord.rate(BUDGET) == pytest.approx(MIN_RATE_FRACTION * PLANNING_SHARE * BUDGET)
+    assert coord.rate(BUDGET, ["hessian"]) == pytest.approx(
+        MIN_RATE_FRACTION * PLANNING_SHARE * BUDGET
+    )
+
+
+def test_hook_bodies_are_timed_and_charged_instead_of_a_constant(tmp_path, monkeypatch):
+    """The coordinator charges what a monitor's hook bodies take (timed at one call in
+    HOOK_SAMPLE_EVERY, extrapolated), less the measurements they ran (charged as such)."""
+    clock, hook_s, steps = FakeClock(), 0.01, 11 * 30
+
+    class SlowHooks(HessianSpectrumMonitor):
+        def on_train_batch_end(self, *args, **kwargs):
+            clock.now += hook_s  # the body's own bookkeeping
+            super().on_train_batch_end(*args, **kwargs)  # inside the same timed call
+
+    def compute(self, *args):
+        clock.now += COST  # a measurement, charged as one, not as hook time
+        return _REAL_COMPUTE(self, *args)
+
+    monkeypatch.setattr(HessianSpectrumMonitor, "_compute", compute)
+    monitor = SlowHooks(top_k=2, density=False, trace=False, clock=clock, every_n_steps=7)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[AdvanceClock(clock, STEP), monitor],
+        default_root_dir=str(tmp_path),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DigitsModule(hidden=4), loader(16, n=4096))
+    coord = trainer._landscape_coordinator
+    assert coord.dispatched_hooks == {"hessian": 1}  # on_train_batch_end only
+    # The calls after the warm-up, each hook_s: sampled ones count HOOK_SAMPLE_EVERY times.
+    counted = steps - WARMUP
+    assert coord.hook_seconds["hessian"] == pytest.approx(
+        counted * hook_s, abs=HOOK_SAMPLE_EVERY * hook_s
+    )
+    assert coord.spent["hessian"] == pytest.approx(monitor.num_measurements * COST)
+    share = coord.hook_seconds["hessian"] / coord.train_seconds + DISPATCH_SECONDS / STEP
+    assert coord.rate(BUDGET, ["hessian"]) == pytest.approx(PLANNING_SHARE * BUDGET - share)
 
 
 def test_a_measurement_just_before_the_end_of_fit_waits_for_it():

@@ -36,18 +36,24 @@ def _reference_matrix(sketch: ParameterSketch) -> np.ndarray:
     return M
 
 
+@pytest.mark.parametrize("cache_max_entries", [10**6, 0])  # hashes kept, or recomputed
 @pytest.mark.parametrize("nnz", [1, 4])
-def test_blockwise_sketch_equals_its_explicit_matrix(monkeypatch, nnz):
+def test_blockwise_sketch_equals_its_explicit_matrix(monkeypatch, nnz, cache_max_entries):
     # Small chunks: a tensor is hashed in several pieces, as for big models.
     monkeypatch.setattr(sketch_module, "CHUNK", 64)
     sizes = [300, 1, 77]
-    sketch = ParameterSketch(sizes, dim=64, nnz=nnz, seed=3, exact_max_params=0)
-    tensors = _tensors(sizes, dtype=torch.float64)
-    x = np.concatenate([t.numpy() for t in tensors])
+    sketch = ParameterSketch(
+        sizes, dim=64, nnz=nnz, seed=3, exact_max_params=0, cache_max_entries=cache_max_entries
+    )
+    assert sketch.cache == (cache_max_entries > 0)
     M = _reference_matrix(sketch)
     # Every column has nnz entries ±1/√nnz, one in each block of dim/nnz rows.
     assert np.all((M != 0).sum(0) == nnz)
-    np.testing.assert_allclose(sketch(tensors), M @ x, rtol=1e-12, atol=1e-12)
+    for seed in (0, 1, 2):  # the first call fills the cache, the later ones read it
+        tensors = _tensors(sizes, dtype=torch.float64, seed=seed)
+        x = np.concatenate([t.numpy() for t in tensors])
+        np.testing.assert_allclose(sketch(tensors), M @ x, rtol=1e-12, atol=1e-12)
+    assert len(sketch._hash_cache) == (1 if sketch.cache else 0)
 
 
 def test_hashes_of_large_indices_do_not_overflow():

@@ -81,3 +81,28 @@ def test_mismatched_store_and_bad_arguments_raise(tmp_path):
         store.truncate(1)
     with pytest.raises(ValueError, match="rows must be an integer >= 0"):
         store.truncate(-1)
+
+
+def test_appends_through_kept_handles_survive_pickling_cuts_and_close(tmp_path):
+    """The append handles stay open between samples: a pickled copy (ddp_spawn), a cut back
+    and a close each leave the store holding exactly what was appended, in order."""
+    import pickle
+
+    store = TrajectoryStore(tmp_path / "s", dim=3)
+    rows = [np.arange(3.0) + 10 * i for i in range(5)]
+    for i, row in enumerate(rows[:3]):
+        store.append(row, step=i, loss=0.5 * i)
+    # Readable while the handles are open: every append is flushed.
+    np.testing.assert_array_equal(store.load().vectors, np.stack(rows[:3]))
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy._files is None and len(copy) == 3
+    store.truncate(2)  # closes the handles before cutting the files
+    store.append(rows[3], step=3, loss=1.5)
+    store.close()
+    store.append(rows[4], step=4, loss=2.0)  # reopens
+    store.close()
+    reopened = TrajectoryStore(tmp_path / "s", dim=3)
+    out = reopened.load()
+    np.testing.assert_array_equal(out.vectors, np.stack([rows[0], rows[1], rows[3], rows[4]]))
+    np.testing.assert_array_equal(out.steps, [0, 1, 3, 4])
+    np.testing.assert_array_equal(out.losses, [0.0, 0.5, 1.5, 2.0])
