@@ -565,6 +565,7 @@ class LandscapeMonitor(ScheduledMonitor):
         self.probe_dir: str | None = None
         # Per-fit objects, created in on_train_start (ddp_spawn pickles callbacks).
         self._probe: list[Any] | None = None
+        self._probe_root: str | None = None  # rank 0's log directory, the same on every rank
         self._probe_seconds: float | None = None  # one timed gradient over the probe set
         self._guess: float | None = None  # the latest a-priori cost
 
@@ -651,6 +652,7 @@ class LandscapeMonitor(ScheduledMonitor):
         if self._off is not None:
             return
         t0 = self._coord.clock() if self._coord is not None else 0.0
+        self._probe_root = trainer.strategy.broadcast(_log_dir(trainer), 0)
         self._probe = self._guarded_probe(trainer)
         self._check_defaults(trainer, pl_module)
         if self._coord is not None:  # capturing (or loading) the probe set is overhead too
@@ -766,8 +768,9 @@ class LandscapeMonitor(ScheduledMonitor):
     def _probe_file(self, trainer: Trainer) -> str:
         if self.probe_dir is None:
             # Beside the run's logs, never in the working directory; rank 0's directory on
-            # every rank (a logger's version may be resolved on rank 0 only).
-            root = trainer.strategy.broadcast(_log_dir(trainer), 0)
+            # every rank (a logger's version may be resolved on rank 0 only), broadcast at fit
+            # start: a retry after a failed capture runs on one rank, so no collective here.
+            root = self._probe_root or _log_dir(trainer)
             self.probe_dir = os.path.join(root, "landscape_probes")
         key = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.state_key)[:120]
         return os.path.join(self.probe_dir, f"{key}_rank{trainer.global_rank}.pt")

@@ -68,12 +68,13 @@ def _files(root) -> list[str]:
     )
 
 
-def _four(clock=None) -> list:
+def _four(clock=None, every_n_steps=None) -> list:
+    every = {"every_n_steps": every_n_steps}
     return [
-        HessianSpectrumMonitor(top_k=2, clock=clock),
-        GradientCovarianceMonitor(top_k=2, clock=clock),
+        HessianSpectrumMonitor(top_k=2, clock=clock, **every),
+        GradientCovarianceMonitor(top_k=2, clock=clock, **every),
         DiffusionMapMonitor(clock=clock),
-        InPCAMonitor(clock=clock),
+        InPCAMonitor(clock=clock, **every),
     ]
 
 
@@ -102,7 +103,7 @@ def test_fast_dev_run_measures_and_writes_nothing(tmp_path, make_trainer, monkey
 def test_files_stay_under_the_log_directory(tmp_path, make_trainer, monkeypatch):
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
-    monitors = _four()
+    monitors = _four(every_n_steps=5)  # a schedule, not the budget: every monitor measures
     logger = TensorBoardLogger(save_dir=str(tmp_path / "logs"), name="run")
     trainer = make_trainer(monitors, logger=logger, root=tmp_path / "root")
     trainer.fit(DigitsModule(), loader(32))
@@ -178,9 +179,12 @@ def test_end_of_fit_measurement_shrinks_and_long_ones_say_so(tmp_path, make_trai
 
 
 def test_quick_measurements_are_silent(make_trainer, said):
-    make_trainer([HessianSpectrumMonitor(top_k=2, every_n_steps=4)], max_steps=8).fit(
-        DigitsModule(), loader(32)
-    )
+    # On the fake clock every loss evaluation takes 10 ms, whatever the machine's load: each
+    # measurement takes well under QUIET_SECONDS.
+    clock = FakeClock()
+    monitor = HessianSpectrumMonitor(top_k=2, every_n_steps=4, clock=clock)
+    make_trainer([monitor], max_steps=8).fit(TimedDigits(clock, seconds=0.01), loader(32))
+    assert monitor.num_measurements == 3 and 0 < monitor.last_cost < 5
     assert not [line for line in said if "Hessian" in line], said
 
 
