@@ -336,7 +336,7 @@ HOST_BASIS_SHARE = 0.5
 FLOAT64_BASIS_BYTES = 2**30
 #: Vectors a bounded (thick-restart) basis holds beyond ``top_k``: few, so that a model too large
 #: for a full basis needs little more than its Ritz vectors.
-BOUNDED_EXTRA_ROWS = 4
+BOUNDED_EXTRA_ROWS = 7
 
 
 def basis_device_for(device: torch.device, nbytes: int) -> torch.device:
@@ -695,7 +695,7 @@ def _products(operator: Any, V: Tensor, *, rows_per_call: int | None = None) -> 
     for a in range(0, V.shape[0], max(1, n)):
         block = V[a : a + max(1, n)].to(device=operator.device, dtype=operator.dtype)
         parts.append(operator.matmat(block).to(device=V.device, dtype=V.dtype))
-    out = torch.cat(parts) if parts else V.clone()
+    out = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else V.clone()
     if not torch.isfinite(out).all():
         raise FloatingPointError("non-finite operator product inside Lanczos")
     return out
@@ -748,7 +748,7 @@ def thick_restart_lanczos(
     keep_products: bool = True,
 ) -> EigenRun:
     """Thick-restart Lanczos (Wu & Simon 2000) on a basis of at most ``cap`` vectors plus the
-    next one.
+    next one. ``v0`` becomes the first basis vector and is overwritten (pass a copy).
 
     When the basis is full, the ``keep = k + (cap - k) // 2`` wanted Ritz vectors replace it
     (rotated in place), followed by the last Lanczos vector; the projected matrix becomes an
@@ -763,8 +763,8 @@ def thick_restart_lanczos(
     products than a full basis for the same accuracy (each restart discards part of the Krylov
     space), at most ``max_hvps`` (+ ``k``).
     """
-    v = v0.to(device=device, dtype=dtype)
-    Q = [v / torch.linalg.vector_norm(v)]
+    Q = [v0.to(device=device, dtype=dtype)]  # no copy: the start vector is the first row
+    Q[0].div_(torch.linalg.vector_norm(Q[0]))
     T = np.zeros((cap + 1, cap + 1))
     keep = min(cap - 1, k + (cap - k) // 2)
     used, anorm = 0, 0.0
@@ -779,7 +779,7 @@ def thick_restart_lanczos(
         res_all = np.abs(beta * S[-1])
         bounds = res_all[idx] if vectors else value_bounds(theta, res_all, idx)
         converged = len(idx) == k and bool(np.all(bounds <= tol * anorm))
-        if converged or used >= max_hvps or j >= v.shape[0]:
+        if converged or used >= max_hvps or j >= v0.shape[0]:
             break
         tiny = 100 * torch.finfo(dtype).eps * max(anorm, 1e-300)
         q = w.div_(beta) if beta > tiny else _random_orthogonal_rows(Q, generator)
@@ -940,6 +940,9 @@ def eigen_run(
         v0 = v0[0]
     v0 = v0.to(device=operator.device, dtype=operator.dtype)
     if plan.max_rows is not None:
+        # Normalised into a new tensor that becomes the first basis vector (the start vector
+        # drawn above is freed; no row is held twice during the run).
+        v0 = v0.to(device=plan.device, dtype=plan.dtype) / torch.linalg.vector_norm(v0)
         return thick_restart_lanczos(
             operator, v0, cap=plan.max_rows, max_hvps=BOUNDED_STEP_FACTOR * m,
             device=plan.device, vectors=vectors, products=products,
