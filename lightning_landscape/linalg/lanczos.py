@@ -336,7 +336,7 @@ HOST_BASIS_SHARE = 0.5
 FLOAT64_BASIS_BYTES = 2**30
 #: Vectors a bounded (thick-restart) basis holds beyond ``top_k``: few, so that a model too large
 #: for a full basis needs little more than its Ritz vectors.
-BOUNDED_EXTRA_ROWS = 7
+BOUNDED_EXTRA_ROWS = 6
 
 
 def basis_device_for(device: torch.device, nbytes: int) -> torch.device:
@@ -479,7 +479,7 @@ def advance(operator: Any, procs: list[_Process], stop: Any = None) -> None:
         for p in active:
             p.product_dtype = operator.dtype
         W = operator.matmat(block.to(device=operator.device, dtype=operator.dtype))
-        if not torch.isfinite(W).all():
+        if not all_finite(W):
             raise FloatingPointError("non-finite operator product inside Lanczos")
         for p, w in zip(active, W, strict=False):
             p.step(w)
@@ -696,9 +696,15 @@ def _products(operator: Any, V: Tensor, *, rows_per_call: int | None = None) -> 
         block = V[a : a + max(1, n)].to(device=operator.device, dtype=operator.dtype)
         parts.append(operator.matmat(block).to(device=V.device, dtype=V.dtype))
     out = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else V.clone()
-    if not torch.isfinite(out).all():
+    if not all_finite(out):
         raise FloatingPointError("non-finite operator product inside Lanczos")
     return out
+
+
+def all_finite(x: Tensor, chunk: int = 2**22) -> bool:
+    """Whether every entry is finite, checked in chunks (no mask the size of ``x``)."""
+    flat = x.reshape(-1)
+    return all(bool(torch.isfinite(c).all()) for c in flat.split(chunk))
 
 
 def _orthogonalise_rows(B: list[Tensor], w: Tensor) -> tuple[Tensor, np.ndarray, float]:
@@ -1042,7 +1048,7 @@ def lanczos(
     numbers for the basis and its products after ``m`` steps, allocated as the run goes
     (float64 when the worst case fits in 1 GiB), on the operator's device, or in host memory
     when an accelerator has less than twice that free (:func:`basis_device_for`); over budget,
-    ``(c + 1) D`` with a thick-restart cap ``c = max(top_k + 2, min(top_k + 4, budget / D - 1))``
+    ``(c + 1) D`` with a thick-restart cap ``c = max(top_k + 2, min(top_k + 6, budget / D - 1))``
     (:func:`bounded_cap`), which costs ``top_k`` more products for the residuals at the end.
     """
     name = "top_k" if k is None else "k"

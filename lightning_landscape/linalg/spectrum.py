@@ -255,7 +255,7 @@ def hessian_spectrum(
     graph, plus ``(2 m + 1) D`` numbers for the run's basis and products and ``(s + 1) D`` per
     extra probe, allocated as used (float64 while the worst case fits in 1 GiB; in host memory
     when a GPU has too little free); over ``max_basis_bytes``, thick restart with a cap
-    ``c = max(top_k + 2, min(top_k + 4, budget / D - 1))``: ``(c + 1) D`` during the run, then
+    ``c = max(top_k + 2, min(top_k + 6, budget / D - 1))``: ``(c + 1) D`` during the run, then
     ``(top_k (1 + trace) + 3 P) D`` (the Ritz vectors, their products when the trace needs
     them, 3 rows per extra quadrature probe), ``top_k`` more products for the residuals.
 
