@@ -160,7 +160,7 @@ class Rows:
 
     def coeffs(self, w: Tensor, n: int | None = None) -> Tensor:
         """Inner products of the first ``n`` rows with ``w`` (or with the rows of a block)."""
-        parts = [v @ w for _, v in self.views(n)]
+        parts = [matmul_sum(v, w) for _, v in self.views(n)]
         return torch.cat(parts) if parts else w.new_zeros((0, *w.shape[1:]))
 
     def combine(self, c: Tensor, rounded_to: torch.dtype | None = None) -> Tensor:
@@ -176,6 +176,20 @@ class Rows:
                 v = v.to(rounded_to).to(v.dtype)
             out += c[..., start : start + v.shape[0]] @ v
         return out
+
+
+def matmul_sum(V: Tensor, w: Tensor, chunk: int = 2**16) -> Tensor:
+    """``V @ w`` over a long inner dimension, summed in float64 over chunks of ``chunk`` entries
+    (see :func:`dot`: one float32 BLAS product accumulates in float32)."""
+    D = V.shape[-1]
+    if V.dtype == torch.float64 or D <= chunk:
+        return V @ w
+    total = None
+    for a in range(0, D, chunk):
+        part = (V[:, a : a + chunk] @ w[a : a + chunk]).double()
+        total = part if total is None else total + part
+    assert total is not None
+    return total.to(V.dtype)
 
 
 class Ring:

@@ -26,6 +26,8 @@ from lightning_landscape.linalg.lanczos import (
     BOUNDED_EXTRA_ROWS,
     CHUNK_ROWS,
     Rows,
+    dot,
+    matmul_sum,
     plan_storage,
     run_lanczos,
 )
@@ -253,6 +255,19 @@ def test_rows_storage_matches_dense_algebra() -> None:
     assert torch.allclose(rows.coeffs(w), M @ w)
     assert torch.allclose(rows.combine(c), c @ M)
     assert torch.equal(rows[:], M) and rows.allocated_rows - len(rows) < rows.chunk
+
+
+def test_long_dot_products_are_summed_in_float64() -> None:
+    """Chunked float32 dots summed in float64 match the float64 reference (chunks of 7 entries
+    exercise the chunked path on a short vector; ragged last chunk)."""
+    gen = torch.Generator().manual_seed(1)
+    V = torch.randn(3, 50, generator=gen)
+    w = torch.randn(50, generator=gen)
+    W = torch.randn(50, 2, generator=gen)
+    exact = V.double() @ w.double()
+    assert torch.allclose(matmul_sum(V, w, chunk=7).double(), exact, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(matmul_sum(V, W, chunk=7).double(), V.double() @ W.double(), atol=1e-5)
+    assert abs(dot(V[0], w, chunk=7) - float(exact[0])) <= 1e-5
 
 
 @pytest.mark.parametrize("which", ["LA", "SA"])
