@@ -55,6 +55,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_landscape.linalg import hessian_spectrum, lanczos_memory
+from lightning_landscape.linalg.lanczos import bounded_cap
 
 SEED = 0
 OLD_DEFAULTS = dict(tol=1e-6, num_slq_probes=4, slq_steps=80, num_trace_probes=16)
@@ -201,7 +202,9 @@ def measure(name: str) -> dict[str, Any]:
         ),
         **_monitor_warm(model, moved, batches, loss_fn),
         "full_basis_bytes": lanczos_memory(D, steps, dtype=torch.float32),
-        "bounded_basis_bytes": lanczos_memory(D, steps, top_k=10, max_basis_rows=12),
+        "bounded_basis_bytes": lanczos_memory(
+            D, steps, top_k=10, max_basis_rows=bounded_cap(10, 24), keep_products=False
+        ),
         "_results": (model, batches, loss_fn, defaults),
     }
 

@@ -10,8 +10,9 @@ runs one measurement and reports:
 * peak memory: the process's resident-set high-water mark (``ru_maxrss``; a fresh process per run,
   read by the parent as ``RUSAGE_CHILDREN`` too when the child dies) on CPU, or
   ``torch.cuda.max_memory_allocated`` on GPU; and the baseline after building model and data;
-* the memory model of the Lanczos bases (``lanczos_memory`` from ``linalg/lanczos.py`` when it
-  exists, else ``(2 m + 1) D`` numbers) for the default step limit ``m`` and for the steps used.
+* for our methods, the memory model of the Lanczos bases (``lanczos_memory``) under the storage
+  plan the run gets (full basis, or thick restart with its cap over the default budget of half
+  the available memory) for the default step limit ``m`` and for the steps used.
 
 Methods: ``ours-topk`` = ``hessian_spectrum(top_k=K, density=False, trace=False)``;
 ``ours-default`` = ``hessian_spectrum()`` at its defaults (top 10, density, trace);
@@ -129,16 +130,28 @@ def _run_pyhessian(problem: Any, top_k: int, device: str) -> dict[str, Any]:
     return {"eigenvalues": sorted(map(float, values), reverse=True), "num_hvps": count[0]}
 
 
-def _memory_model(dim: int, steps: int, top_k: int, dtype: Any) -> tuple[int, str]:
-    """Bytes of the Lanczos bases for ``steps`` eigenvalue steps, and where the model comes from."""
-    from lightning_landscape.linalg import lanczos as lz
+def _storage_plan(dim: int, top_k: int, dtype: Any, trace: bool) -> Any:
+    """The storage plan our eigenvalue run gets on this machine now (full basis, or thick
+    restart over the default budget of half the available memory)."""
+    import torch
 
-    fn = getattr(lz, "lanczos_memory", None)
-    if fn is not None:
-        return int(fn(dim, steps, top_k=top_k, dtype=dtype)), "lanczos_memory"
-    rows = 2 * steps + 1  # basis and stored products of the eigenvalue run
-    size = 8 if rows * dim * 8 <= 2**30 else dtype.itemsize
-    return rows * dim * size, "(2m+1)D estimate"
+    from lightning_landscape.linalg.lanczos import default_max_iter, plan_storage
+
+    m = default_max_iter(top_k, dim)
+    return plan_storage(
+        dim, 2 * m + 1, top_k=top_k, op_dtype=dtype, device=torch.device("cpu"),
+        keep_products=trace,
+    )  # fmt: skip
+
+
+def _memory_model(plan: Any, dim: int, steps: int, top_k: int, trace: bool) -> int:
+    """Bytes of our Lanczos bases after ``steps`` eigenvalue steps under ``plan``."""
+    from lightning_landscape.linalg.lanczos import lanczos_memory
+
+    return lanczos_memory(
+        dim, steps, top_k=top_k, dtype=plan.dtype, max_basis_rows=plan.max_rows,
+        keep_products=trace,
+    )  # fmt: skip
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +173,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         out["baseline_cuda_mb"] = torch.cuda.memory_allocated() / 2**20
     method, top_k = spec["method"], spec["top_k"]
+    k, trace = (10, True) if method == "ours-default" else (top_k, False)
+    dtype = next(problem.model.parameters()).dtype
+    plan = _storage_plan(problem.num_params, k, dtype, trace)
     _sync(device)
     t0 = time.perf_counter()
     if method.startswith("ours"):
@@ -174,15 +190,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    k = 10 if method == "ours-default" else top_k
-    m_default = min(problem.num_params, max(4 * k, 120))
-    dtype = next(problem.model.parameters()).dtype
-    out["memory_model_default_mb"], out["memory_model_source"] = _memory_model(
-        problem.num_params, m_default, k, dtype
-    )
-    out["memory_model_default_mb"] /= 2**20
-    used = min(out["num_hvps"], m_default)
-    out["memory_model_used_mb"] = _memory_model(problem.num_params, used, k, dtype)[0] / 2**20
+    if method.startswith("ours"):
+        D, m_default = problem.num_params, min(problem.num_params, max(4 * k, 120))
+        out["basis_cap"] = plan.max_rows
+        mb = _memory_model(plan, D, m_default, k, trace) / 2**20
+        out["memory_model_default_mb"] = mb
+        used = min(out["num_hvps"], m_default)
+        out["memory_model_used_mb"] = _memory_model(plan, D, used, k, trace) / 2**20
     return out
 
 
@@ -197,14 +211,16 @@ def available_gb() -> float:
     return float("inf")
 
 
-def expected_gb(model: str, quick: bool) -> float:
-    """Rough peak of a run: weights, gradients, graph and ~60 basis rows in float32."""
+def expected_gb(model: str, quick: bool, top_k: int = 5) -> float:
+    """Rough peak of a run: weights, gradient, graph and working vectors (~8 vectors of D
+    float32) plus ~3 top_k basis vectors (our bounded basis: top_k + 5; eigenthings: 2 top_k
+    Lanczos vectors and top_k Ritz vectors)."""
     params = {"mlp20m": 20e6, "mlp100m": 100e6}.get(model)
     if params is None:
         return 2.0
     if quick:
         params = params / 10
-    return params * 4 * (6 + 2 * 60) / 2**30
+    return params * 4 * (8 + 3 * top_k) / 2**30
 
 
 def run_one(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -255,9 +271,11 @@ def table(rows: list[dict[str, Any]], device: str) -> str:
         peak = r.get("peak_cuda_mb" if device == "cuda" else "peak_rss_mb")
         base = r.get("baseline_cuda_mb" if device == "cuda" else "baseline_rss_mb")
         grad_eq = r["seconds"] / r["gradient_seconds"] if ok else None
-        model_mb = (
-            f"{r['memory_model_default_mb']:.0f} / {r['memory_model_used_mb']:.0f}" if ok else "—"
-        )
+        model_mb = "—"
+        if ok and r.get("memory_model_default_mb") is not None:
+            model_mb = f"{r['memory_model_default_mb']:.0f} / {r['memory_model_used_mb']:.0f}"
+            if r.get("basis_cap"):
+                model_mb += f" (cap {r['basis_cap']})"
         eig = r.get("eigenvalues") if ok else None
         per_hvp = grad_eq / r["num_hvps"] if ok and r.get("num_hvps") else None
         out.append(
@@ -309,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 "num_batches": args.num_batches,
                 "batch_size": args.batch_size,
             }
-            need, free = expected_gb(model, args.quick), available_gb()
+            need, free = expected_gb(model, args.quick, args.top_k), available_gb()
             if args.device == "cpu" and need > 8 and (free < args.min_free_gb or need > free):
                 res = {"status": f"not run: needs ~{need:.0f} GB, {free:.1f} GB available"}
             else:

@@ -161,7 +161,7 @@ class Rows:
 
     def coeffs(self, w: Tensor, n: int | None = None) -> Tensor:
         """Inner products of the first ``n`` rows with ``w`` (or with the rows of a block)."""
-        parts = [v @ w for _, v in self.views(n)]
+        parts = [matmul_sum(v, w) for _, v in self.views(n)]
         return torch.cat(parts) if parts else w.new_zeros((0, *w.shape[1:]))
 
     def combine(self, c: Tensor, rounded_to: torch.dtype | None = None) -> Tensor:
@@ -177,6 +177,20 @@ class Rows:
                 v = v.to(rounded_to).to(v.dtype)
             out += c[..., start : start + v.shape[0]] @ v
         return out
+
+
+def matmul_sum(V: Tensor, w: Tensor, chunk: int = 2**16) -> Tensor:
+    """``V @ w`` over a long inner dimension, summed in float64 over chunks of ``chunk`` entries
+    (see :func:`dot`: one float32 BLAS product accumulates in float32)."""
+    D = V.shape[-1]
+    if V.dtype == torch.float64 or D <= chunk:
+        return V @ w
+    total = None
+    for a in range(0, D, chunk):
+        part = (V[:, a : a + chunk] @ w[a : a + chunk]).double()
+        total = part if total is None else total + part
+    assert total is not None
+    return total.to(V.dtype)
 
 
 class Ring:
@@ -288,7 +302,7 @@ class _Process:
         if j == 0 and self.keep_first_product:
             self.first_product = w.clone()
             self.start = q.clone()
-        alpha = float(torch.dot(q, w))
+        alpha = dot(q, w)
         w = w - alpha * q
         if j > 0:
             w = w - self.betas[-1] * self.Q[j - 1]
@@ -335,6 +349,9 @@ DEVICE_BASIS_SHARE = 0.5
 HOST_BASIS_SHARE = 0.5
 #: Bases are kept in float64 while that takes at most this many bytes.
 FLOAT64_BASIS_BYTES = 2**30
+#: Vectors a bounded (thick-restart) basis holds beyond ``top_k``: few, so that a model too large
+#: for a full basis needs little more than its Ritz vectors.
+BOUNDED_EXTRA_ROWS = 6
 
 
 def basis_device_for(device: torch.device, nbytes: int) -> torch.device:
@@ -384,6 +401,7 @@ def lanczos_memory(
     slq_steps: int = 0,
     dtype: torch.dtype = torch.float32,
     max_basis_rows: int | None = None,
+    keep_products: bool = True,
 ) -> int:
     """Bytes of the Lanczos bases of one measurement (the memory model).
 
@@ -391,18 +409,21 @@ def lanczos_memory(
 
     * full basis (default): the eigenvalue run keeps its basis and products, ``2 m + 1`` rows;
       each probe ``s + 1`` rows: ``((2 m + 1) + P (s + 1)) D`` numbers;
-    * bounded (``max_basis_rows=c``, thick restart): ``c + 1`` rows for the basis, ``2 top_k``
-      for the Ritz vectors and their products at the end, and 3 rows per quadrature probe (no
-      reorthogonalisation): ``(c + 1 + 2 top_k + 3 P) D`` numbers.
+    * bounded (``max_basis_rows=c``, thick restart): ``c + 1`` rows during the run (the basis
+      and the next vector); after it the ``top_k`` Ritz vectors, their products when
+      ``keep_products`` (the trace deflation needs them), and 3 rows per quadrature probe (no
+      reorthogonalisation): ``max(c + 1, top_k (1 + keep_products) + 3 P) D`` numbers.
 
-    A number is 8 bytes in float64, 4 in float32. Storage grows in chunks of at most
-    ``CHUNK_ROWS`` rows, so a run allocates up to one chunk more per process than it uses.
+    Not counted: the operator (model, retained graph) and its working space, which include
+    one or two vectors of length D in flight (a product and its flattening). A number is 8
+    bytes in float64, 4 in float32. A full basis grows in chunks of at most ``CHUNK_ROWS`` rows,
+    so it allocates up to one chunk more per process than it uses.
     """
     size = torch.empty((), dtype=dtype).element_size()
     if max_basis_rows is None:
         rows = 2 * steps + 1 + probes * (slq_steps + 1)
     else:
-        rows = max_basis_rows + 1 + 2 * top_k + 3 * probes
+        rows = max(max_basis_rows + 1, top_k * (2 if keep_products else 1) + 3 * probes)
     return int(rows * dim * size)
 
 
@@ -415,6 +436,12 @@ class StoragePlan:
     max_rows: int | None  # None: full basis; else the thick-restart cap
 
 
+def bounded_cap(top_k: int, budget_rows: int) -> int:
+    """Thick-restart cap for a budget of ``budget_rows`` vectors: :data:`BOUNDED_EXTRA_ROWS`
+    beyond ``top_k`` (fewer when the budget is smaller, never under ``top_k + 2``)."""
+    return max(top_k + 2, min(top_k + BOUNDED_EXTRA_ROWS, budget_rows - 1))
+
+
 def plan_storage(
     dim: int,
     rows: int,
@@ -423,22 +450,27 @@ def plan_storage(
     op_dtype: torch.dtype,
     device: torch.device,
     max_basis_bytes: int | None = None,
+    keep_products: bool = True,
 ) -> StoragePlan:
     """Choose dtype, device and basis size for ``rows`` rows of length ``dim`` at most.
 
     float64 while that takes at most :data:`FLOAT64_BASIS_BYTES` and the budget; else the
     operator's dtype. If even that exceeds ``max_basis_bytes`` (default
-    :func:`default_max_basis_bytes`), the basis is bounded: a thick-restart cap of
-    ``min(2 top_k + 8, budget // row)`` rows, at least ``top_k + 2``.
+    :func:`default_max_basis_bytes`), the basis is bounded: thick restart with the cap of
+    :func:`bounded_cap` (memory in :func:`lanczos_memory`).
     """
     budget = default_max_basis_bytes(device) if max_basis_bytes is None else max_basis_bytes
     f64 = rows * dim * 8
     dtype = torch.float64 if f64 <= min(FLOAT64_BASIS_BYTES, budget) else op_dtype
-    row = dim * torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype).element_size()
+    row = dim * size
     if rows * row <= budget:
         return StoragePlan(dtype, basis_device_for(device, rows * row), None)
-    cap = max(top_k + 2, min(2 * top_k + 8, budget // row - 1 - 2 * top_k))
-    return StoragePlan(dtype, basis_device_for(device, (cap + 1 + 2 * top_k) * row), cap)
+    cap = bounded_cap(top_k, budget // row)
+    need = lanczos_memory(
+        dim, 0, top_k=top_k, dtype=dtype, max_basis_rows=cap, keep_products=keep_products
+    )
+    return StoragePlan(dtype, basis_device_for(device, need), cap)
 
 
 def _select(theta: np.ndarray, k: int, which: Which) -> np.ndarray:
@@ -462,7 +494,7 @@ def advance(operator: Any, procs: list[_Process], stop: Any = None) -> None:
         for p in active:
             p.product_dtype = operator.dtype
         W = operator.matmat(block.to(device=operator.device, dtype=operator.dtype))
-        if not torch.isfinite(W).all():
+        if not all_finite(W):
             raise FloatingPointError("non-finite operator product inside Lanczos")
         for p, w in zip(active, W, strict=False):
             p.step(w)
@@ -678,33 +710,57 @@ def _products(operator: Any, V: Tensor, *, rows_per_call: int | None = None) -> 
     for a in range(0, V.shape[0], max(1, n)):
         block = V[a : a + max(1, n)].to(device=operator.device, dtype=operator.dtype)
         parts.append(operator.matmat(block).to(device=V.device, dtype=V.dtype))
-    out = torch.cat(parts) if parts else V.clone()
-    if not torch.isfinite(out).all():
+    out = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else V.clone()
+    if not all_finite(out):
         raise FloatingPointError("non-finite operator product inside Lanczos")
     return out
 
 
-def _orthogonalise_dense(B: Tensor, w: Tensor) -> tuple[Tensor, np.ndarray, float]:
-    """``w`` minus its part in the rows of ``B`` (DGKS), the coefficients and the rest's norm."""
-    total = torch.zeros(B.shape[0], dtype=w.dtype, device=w.device)
+def all_finite(x: Tensor, chunk: int = 2**22) -> bool:
+    """Whether every entry is finite, checked in chunks (no mask the size of ``x``)."""
+    flat = x.reshape(-1)
+    return all(bool(torch.isfinite(c).all()) for c in flat.split(chunk))
+
+
+def dot(a: Tensor, b: Tensor, chunk: int = 2**16) -> float:
+    """``a . b`` as a float64 sum of short float32 dots: one BLAS float32 dot accumulates in
+    float32, off by ~5e-4 relative at 2e7 entries and ~1e-2 at 1e8 (far above the eigenvalue
+    tolerance); chunks of 65k entries stay near 1e-9, at about 1.5x the time."""
+    if a.dtype == torch.float64 or a.numel() <= chunk:
+        return float(torch.dot(a, b))
+    return math.fsum(
+        float(torch.dot(x, y)) for x, y in zip(a.split(chunk), b.split(chunk), strict=True)
+    )
+
+
+def _orthogonalise_rows(B: list[Tensor], w: Tensor) -> tuple[Tensor, np.ndarray, float]:
+    """``w`` minus its part in the rows ``B`` (classical Gram-Schmidt, DGKS second pass), in
+    place: one row at a time, so no copy of the basis or of ``w`` is made. Returns ``w``, the
+    coefficients and the rest's norm."""
+    total = np.zeros(len(B))
     before = beta = float(torch.linalg.vector_norm(w))
     for _ in range(2):
-        c = B @ w
-        w = w - c @ B
+        c = [dot(q, w) for q in B]
+        for q, ci in zip(B, c, strict=True):
+            w.add_(q, alpha=-ci)
         total += c
         beta = float(torch.linalg.vector_norm(w))
         if beta > DGKS_ETA * before:
             break
         before = beta
-    return w, total.double().cpu().numpy(), beta
+    return w, total, beta
 
 
-def _rotate(Q: Tensor, S: np.ndarray, n: int) -> None:
-    """``Q[:r] = S^T Q[:n]`` in place (``S`` is ``n x r``), in column blocks: no ``r x D`` copy."""
-    St = torch.as_tensor(S.T.copy(), dtype=Q.dtype, device=Q.device)
+def _rotate(Q: list[Tensor], S: np.ndarray) -> None:
+    """``Q[:r] = S^T Q[:n]`` in place (``S`` is ``n x r``), in column blocks of a few MB: no
+    ``r x D`` copy."""
+    n, r = S.shape
+    St = torch.as_tensor(S.T.copy(), dtype=Q[0].dtype, device=Q[0].device)
     width = max(1, 2**22 // max(n, 1))
-    for a in range(0, Q.shape[1], width):
-        Q[: St.shape[0], a : a + width] = St @ Q[:n, a : a + width]
+    for a in range(0, Q[0].shape[0], width):
+        new = St @ torch.stack([q[a : a + width] for q in Q[:n]])
+        for i in range(r):
+            Q[i][a : a + width] = new[i]
 
 
 def thick_restart_lanczos(
@@ -721,64 +777,100 @@ def thick_restart_lanczos(
     device: torch.device,
     vectors: bool = False,
     products: bool = True,
+    keep_products: bool = True,
 ) -> EigenRun:
-    """Thick-restart Lanczos (Wu & Simon 2000) on a basis of at most ``cap + 1`` vectors.
+    """Thick-restart Lanczos (Wu & Simon 2000) on a basis of at most ``cap`` vectors plus the
+    next one. ``v0`` becomes the first basis vector and is overwritten (pass a copy).
 
     When the basis is full, the ``keep = k + (cap - k) // 2`` wanted Ritz vectors replace it
     (rotated in place), followed by the last Lanczos vector; the projected matrix becomes an
     arrowhead plus a tridiagonal, kept dense (``cap x cap``). Each step orthogonalises against the
     whole basis, so the Ritz residual is ``|beta s_last|`` as in plain Lanczos. With
     ``products`` the ``k`` Ritz vectors' products are computed at the end (``k`` more products,
-    one at a time) for explicit residuals and the trace deflation.
+    one at a time) for explicit residuals; ``keep_products`` keeps them (the trace deflation
+    needs them), else each is dropped once its residual is measured.
 
-    Memory: ``(cap + 1) D`` numbers during the run, ``2 k D`` at the end (the basis is freed
-    first). Cost: more products than a full basis for the same accuracy (each restart discards
-    part of the Krylov space), at most ``max_hvps`` (+ ``k``).
+    Memory (:func:`lanczos_memory`): ``cap + 1`` vectors during the run, grown as used; at the
+    end the basis shrinks to the ``k`` Ritz vectors (``2 k`` with kept products). Cost: more
+    products than a full basis for the same accuracy (each restart discards part of the Krylov
+    space), at most ``max_hvps`` (+ ``k``).
     """
-    dim = v0.shape[0]
-    Q = torch.empty(cap + 1, dim, dtype=dtype, device=device)
-    Q[0] = v0.to(device=device, dtype=dtype) / torch.linalg.vector_norm(v0)
+    Q = [v0.to(device=device, dtype=dtype)]  # no copy: the start vector is the first row
+    Q[0].div_(torch.linalg.vector_norm(Q[0]))
     T = np.zeros((cap + 1, cap + 1))
     keep = min(cap - 1, k + (cap - k) // 2)
-    j = used = 0
-    anorm = 0.0
+    used, anorm = 0, 0.0
     while True:
-        w = _products(operator, Q[j : j + 1])[0]
+        j = len(Q)
+        w, c, beta = _orthogonalise_rows(Q, _products(operator, Q[-1][None])[0])
         used += 1
-        w, c, beta = _orthogonalise_dense(Q[: j + 1], w)
-        T[: j + 1, j] = T[j, : j + 1] = c
+        T[:j, j - 1] = T[j - 1, :j] = c
         anorm = max(anorm, float(np.abs(c).sum()) + beta)
-        j += 1
         theta, S = np.linalg.eigh(T[:j, :j])
         idx = _select(theta, min(k, j), which)
         res_all = np.abs(beta * S[-1])
         bounds = res_all[idx] if vectors else value_bounds(theta, res_all, idx)
         converged = len(idx) == k and bool(np.all(bounds <= tol * anorm))
-        if converged or used >= max_hvps or j >= dim:
+        if converged or used >= max_hvps or j >= v0.shape[0]:
             break
         tiny = 100 * torch.finfo(dtype).eps * max(anorm, 1e-300)
-        q = w / beta if beta > tiny else _random_orthogonal_dense(Q[:j], generator)
+        q = w.div_(beta) if beta > tiny else _random_orthogonal_rows(Q, generator)
+        del w
         if j == cap:  # restart: keep the wanted Ritz vectors, then continue from q
             order = _select(theta, keep, which)
-            _rotate(Q, S[:, order], j)
+            _rotate(Q, S[:, order])
+            del Q[keep:]
             T[:] = 0.0
             T[np.arange(keep), np.arange(keep)] = theta[order]
-            j = keep
-        Q[j] = q
-    _rotate(Q, S[:, idx], j)
-    Y = Q[: len(idx)].clone()
-    del Q
-    HY = _products(operator, Y, rows_per_call=1) if products else None
-    rounded = Y.to(operator.dtype).to(Y.dtype) if operator.dtype != Y.dtype else None
-    run = _finish(theta[idx], res_all[idx], Y, HY, converged, Y, HY, None, cap + 1 + 2 * k, rounded)
-    return dataclasses.replace(run, bounded=True)
+        Q.append(q)
+    del w
+    _rotate(Q, S[:, idx])
+    del Q[len(idx) :]
+    Y = _stack_moving(Q)
+    residuals, HY = _ritz_residuals(operator, Y, theta[idx], keep_products) if products else (
+        res_all[idx], None)  # fmt: skip
+    rows = max(cap + 1, len(idx) * (2 if HY is not None else 1))
+    run = EigenRun(
+        theta=theta[idx].copy(), residuals=np.asarray(residuals, dtype=np.float64), Y=Y,
+        HY=HY, converged=converged, Q=Y, W=HY, proc=None, basis_rows=rows,  # type: ignore[arg-type]
+        estimates=res_all[idx].copy(), bounded=True,
+    )  # fmt: skip
+    return run
 
 
-def _random_orthogonal_dense(B: Tensor, generator: torch.Generator) -> Tensor:
-    w = torch.randn(B.shape[1], generator=generator, dtype=B.dtype).to(B.device)
+def _stack_moving(rows: list[Tensor]) -> Tensor:
+    """The rows as one tensor, each freed once copied (one row of overhead, not a full copy)."""
+    out = torch.empty(len(rows), rows[0].shape[0], dtype=rows[0].dtype, device=rows[0].device)
+    for i in range(len(rows)):
+        out[i] = rows[i]
+        rows[i] = None  # type: ignore[call-overload]
+    rows.clear()
+    return out
+
+
+def _ritz_residuals(
+    operator: Any, Y: Tensor, theta: np.ndarray, keep: bool
+) -> tuple[np.ndarray, Tensor | None]:
+    """``||H y - theta y|| / ||y||`` for each row ``y`` (one product at a time, measured on ``y``
+    as the operator's dtype rounds it), and the products when ``keep``."""
+    HY = torch.empty_like(Y) if keep else None
+    residuals = np.empty(len(theta))
+    for i, y in enumerate(Y):
+        h = _products(operator, y[None])[0]
+        if HY is not None:
+            HY[i] = h
+        if operator.dtype != Y.dtype:
+            y = y.to(operator.dtype).to(Y.dtype)
+        residuals[i] = float(torch.linalg.vector_norm(h.add_(y, alpha=-float(theta[i]))))
+        residuals[i] /= float(torch.linalg.vector_norm(y))
+    return residuals, HY
+
+
+def _random_orthogonal_rows(B: list[Tensor], generator: torch.Generator) -> Tensor:
+    w = torch.randn(B[0].shape[0], generator=generator, dtype=B[0].dtype).to(B[0].device)
     for _ in range(2):
-        w = w - (B @ w) @ B
-    return w / torch.linalg.vector_norm(w)
+        w = _orthogonalise_rows(B, w)[0]
+    return w.div_(torch.linalg.vector_norm(w))
 
 
 def _finish(
@@ -855,18 +947,21 @@ def eigen_run(
     warm_start: Tensor | None = None,
     min_steps: int = 0,
     max_basis_bytes: int | None = None,
+    keep_products: bool = True,
 ) -> EigenRun:
     """The eigenvalue run of a measurement: plain Lanczos on a growing basis, or thick restart
     when the worst case of that basis exceeds ``max_basis_bytes``; from ``v0``, from the
     :func:`warm_start_vector` of ``warm_start`` (rows), or from a Rademacher vector. See
-    :func:`lanczos` for the arguments. ``proc`` is set only when the run is a quadrature probe
-    (plain run from a Rademacher start): its tridiagonal matrix is then that probe's Gauss rule.
+    :func:`lanczos` for the arguments; ``keep_products``: a bounded run keeps the Ritz vectors'
+    products (``HY``, for the trace deflation), else it drops each once its residual is known.
+    ``proc`` is set only when the run is a quadrature probe (plain run from a Rademacher start):
+    its tridiagonal matrix is then that probe's Gauss rule.
     """
     dim = int(operator.dim)
     m = min(dim, max(max_iter or default_max_iter(k, dim), min_steps))
     plan = plan_storage(
         dim, 2 * m + 1, top_k=k, op_dtype=operator.dtype, device=operator.device,
-        max_basis_bytes=max_basis_bytes,
+        max_basis_bytes=max_basis_bytes, keep_products=keep_products,
     )  # fmt: skip
     common = dict(k=k, which=which, tol=tol, generator=generator, dtype=plan.dtype)
     probe = v0 is None and warm_start is None
@@ -877,9 +972,13 @@ def eigen_run(
         v0 = v0[0]
     v0 = v0.to(device=operator.device, dtype=operator.dtype)
     if plan.max_rows is not None:
+        # Normalised into a new tensor that becomes the first basis vector (the start vector
+        # drawn above is freed; no row is held twice during the run).
+        v0 = v0.to(device=plan.device, dtype=plan.dtype) / torch.linalg.vector_norm(v0)
         return thick_restart_lanczos(
             operator, v0, cap=plan.max_rows, max_hvps=BOUNDED_STEP_FACTOR * m,
-            device=plan.device, vectors=vectors, products=products, **common,
+            device=plan.device, vectors=vectors, products=products,
+            keep_products=keep_products, **common,
         )  # fmt: skip
     (proc,) = run_lanczos(
         operator, v0.unsqueeze(0), [m], restart=[True],
@@ -975,7 +1074,8 @@ def lanczos(
     numbers for the basis and its products after ``m`` steps, allocated as the run goes
     (float64 when the worst case fits in 1 GiB), on the operator's device, or in host memory
     when an accelerator has less than twice that free (:func:`basis_device_for`); over budget,
-    ``(c + 1 + 2 top_k) D`` with a thick-restart cap ``c = min(2 top_k + 8, budget / D)``.
+    ``(c + 1) D`` with a thick-restart cap ``c = max(top_k + 2, min(top_k + 6, budget / D - 1))``
+    (:func:`bounded_cap`), which costs ``top_k`` more products for the residuals at the end.
     """
     name = "top_k" if k is None else "k"
     top_k = _deprecated_alias(top_k, k, "top_k", "k")
@@ -988,6 +1088,7 @@ def lanczos(
         operator, k=top_k, which=which, tol=tol, max_iter=max_iter,
         generator=torch.Generator().manual_seed(int(seed)), vectors=return_eigenvectors,
         products=explicit_residuals, v0=v0, max_basis_bytes=max_basis_bytes,
+        keep_products=False,
     )  # fmt: skip
     proc = run.proc
     used = (

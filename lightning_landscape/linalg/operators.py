@@ -439,15 +439,16 @@ class HessianOperator(_LinearOperator):
                 res = run(batched=False)
         else:
             res = run(batched=False)
-        return torch.cat(
-            [
-                torch.zeros(B, p.numel(), dtype=V.dtype, device=V.device)
-                if r is None
-                else r.reshape(B, -1)
-                for p, r in zip(self.params, res, strict=False)
-            ],
-            dim=1,
-        )
+        # Filled in place, each parameter's block freed once copied: one vector of overhead at
+        # most the largest parameter, not a second full copy (torch.cat).
+        out = torch.zeros_like(V)
+        parts, offset = list(res), 0
+        for i, p in enumerate(self.params):
+            if parts[i] is not None:
+                out[:, offset : offset + p.numel()] = parts[i].reshape(B, -1)  # type: ignore[union-attr]
+                parts[i] = None
+            offset += p.numel()
+        return out
 
     def _switch_to_finite_differences(self, error: BaseException) -> None:
         self._grads = None  # the weights are about to move in place: drop the graph on them
@@ -574,7 +575,10 @@ class HessianOperator(_LinearOperator):
 
     def loss(self) -> float:
         """The sample-weighted mean loss over all probe samples (all processes)."""
-        return self._first_order()[0]
+        if self._loss is None and self._grads is not None:
+            # From the retained graph's loss alone: no flat copy of the gradient (in float64).
+            self._loss = float(self._allreduce(self._loss_local.reshape(1))[0].item())
+        return self._loss if self._loss is not None else self._first_order()[0]
 
     def gradient(self) -> Tensor:
         """Flat gradient of the mean loss over all probe samples (all processes)."""

@@ -257,8 +257,10 @@ def hessian_spectrum(
     Memory (:func:`~lightning_landscape.linalg.lanczos_memory`, D parameters): the retained
     graph, plus ``(2 m + 1) D`` numbers for the run's basis and products and ``(s + 1) D`` per
     extra probe, allocated as used (float64 while the worst case fits in 1 GiB; in host memory
-    when a GPU has too little free); over ``max_basis_bytes``, ``(c + 1 + 2 top_k + 3 P) D``
-    with a thick-restart cap ``c = min(2 top_k + 8, budget / D)``.
+    when a GPU has too little free); over ``max_basis_bytes``, thick restart with a cap
+    ``c = max(top_k + 2, min(top_k + 6, budget / D - 1))``: ``(c + 1) D`` during the run, then
+    ``(top_k (1 + trace) + 3 P) D`` (the Ritz vectors, their products when the trace needs
+    them, 3 rows per extra quadrature probe), ``top_k`` more products for the residuals.
 
     Raises:
         ValueError: bad options, naming the argument and the value.
@@ -333,6 +335,7 @@ def _spectrum(
     run = eigen_run(
         op, k=min(top_k, op.dim), which=which, tol=tol, max_iter=max_iter, generator=gen,
         vectors=converge, warm_start=warm_start, max_basis_bytes=max_basis_bytes,
+        keep_products=trace,
     )  # fmt: skip
     probes: list[_Process] = [run.proc] if run.proc is not None else []
     fields: dict[str, Any] = {}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lightning_landscape.linalg import (
+    HessianOperator,
     HessianSpectrum,
     MatrixOperator,
     hessian_spectrum,
@@ -21,7 +22,15 @@ from lightning_landscape.linalg import (
     lanczos_memory,
     slq,
 )
-from lightning_landscape.linalg.lanczos import CHUNK_ROWS, Rows, plan_storage, run_lanczos
+from lightning_landscape.linalg.lanczos import (
+    BOUNDED_EXTRA_ROWS,
+    CHUNK_ROWS,
+    Rows,
+    dot,
+    matmul_sum,
+    plan_storage,
+    run_lanczos,
+)
 from lightning_landscape.linalg.spectrum import MAX_TRACE_PROBES, MIN_SLQ_STEPS, MIN_TRACE_PROBES
 from tests._reference import (
     Quadratic,
@@ -215,14 +224,24 @@ def test_storage_grows_with_the_steps_taken(A) -> None:
 def test_memory_model() -> None:
     assert lanczos_memory(1000, 50) == (2 * 50 + 1) * 1000 * 4
     assert lanczos_memory(1000, 50, probes=3, slq_steps=40, dtype=F64) == (101 + 3 * 41) * 8000
+    # Bounded: the run's cap + 1 vectors, or afterwards the Ritz vectors (with their products
+    # when kept) and 3 rows per quadrature probe, whichever is more.
     bounded = lanczos_memory(1000, 50, top_k=5, probes=2, max_basis_rows=18)
-    assert bounded == (18 + 1 + 10 + 6) * 1000 * 4
+    assert bounded == (18 + 1) * 1000 * 4
+    assert lanczos_memory(1000, 50, top_k=5, probes=2, max_basis_rows=7) == (10 + 6) * 4000
+    lean = lanczos_memory(1000, 50, top_k=5, max_basis_rows=7, keep_products=False)
+    assert lean == (7 + 1) * 4000
     # Over budget the plan bounds the basis; within budget it keeps the full one.
     cpu = torch.device("cpu")
     roomy = plan_storage(1000, 241, top_k=5, op_dtype=F32, device=cpu, max_basis_bytes=10**9)
     assert roomy.max_rows is None and roomy.dtype == F64
     tight = plan_storage(1000, 241, top_k=5, op_dtype=F32, device=cpu, max_basis_bytes=60_000)
-    assert tight.dtype == torch.float32 and tight.max_rows == 7  # at least top_k + 2
+    assert tight.dtype == torch.float32 and tight.max_rows == 5 + BOUNDED_EXTRA_ROWS
+    # A budget of 9 vectors: the cap leaves one for the next vector; never under top_k + 2.
+    nine = plan_storage(1000, 241, top_k=5, op_dtype=F32, device=cpu, max_basis_bytes=36_000)
+    assert nine.max_rows == 8
+    floor = plan_storage(1000, 241, top_k=5, op_dtype=F32, device=cpu, max_basis_bytes=4_000)
+    assert floor.max_rows == 7
 
 
 def test_rows_storage_matches_dense_algebra() -> None:
@@ -238,16 +257,30 @@ def test_rows_storage_matches_dense_algebra() -> None:
     assert torch.equal(rows[:], M) and rows.allocated_rows - len(rows) < rows.chunk
 
 
+def test_long_dot_products_are_summed_in_float64() -> None:
+    """Chunked float32 dots summed in float64 match the float64 reference (chunks of 7 entries
+    exercise the chunked path on a short vector; ragged last chunk)."""
+    gen = torch.Generator().manual_seed(1)
+    V = torch.randn(3, 50, generator=gen)
+    w = torch.randn(50, generator=gen)
+    W = torch.randn(50, 2, generator=gen)
+    exact = V.double() @ w.double()
+    assert torch.allclose(matmul_sum(V, w, chunk=7).double(), exact, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(matmul_sum(V, W, chunk=7).double(), V.double() @ W.double(), atol=1e-5)
+    assert abs(dot(V[0], w, chunk=7) - float(exact[0])) <= 1e-5
+
+
 @pytest.mark.parametrize("which", ["LA", "SA"])
 def test_thick_restart_with_a_tiny_cap_matches_the_spectrum(A, which) -> None:
     """A budget of a few vectors forces thick restart (cap top_k + 2): same eigenvalues.
     ("SA" on -A: the same separated end of the spectrum, found from the other side.)"""
-    budget = 12 * D * 8
+    budget = 6 * D * 8
     M = A if which == "LA" else -A
     res = lanczos(MatrixOperator(M), top_k=5, which=which, tol=1e-10, max_basis_bytes=budget,
                   return_eigenvectors=True)  # fmt: skip
     exact = np.sort(SPECTRUM)[::-1][:5] * (1 if which == "LA" else -1)
-    assert res.basis_rows == (5 + 2) + 1 + 2 * 5  # the cap, then Ritz vectors and products
+    # The cap and the next vector; afterwards only the Ritz vectors (products not kept).
+    assert res.basis_rows == (5 + 2) + 1
     assert res.converged
     np.testing.assert_allclose(res.eigenvalues, exact, rtol=0, atol=1e-8 * 20.0)
     V = res.eigenvectors.to(F64)
@@ -269,6 +302,30 @@ def test_bounded_hessian_spectrum_meets_the_targets_on_the_mlp() -> None:
     assert np.max(np.abs(res.eigenvalues - lam[:10]) / np.abs(lam[:10])) <= TOP_K_RTOL
     assert max(_w1(res, lam)) <= W1_TARGET
     assert abs(res.trace - lam.sum()) / np.abs(lam).sum() <= TRACE_TARGET
+
+
+def test_low_memory_top_k_matches_the_dense_hessian() -> None:
+    """A budget of one vector forces the smallest bounded basis (top_k + 2 vectors and the next
+    one): the top 5 of a real Hessian still match the dense float64 reference to 1e-4, with
+    honest residuals, and the run holds no more than those 8 vectors."""
+    model = trained_mlp(seed=0, steps=200)
+    batches = digits_batches(PROBE_SIZES)
+    H = dense_hessian(model, cross_entropy_loss, batches)
+    lam = np.linalg.eigvalsh(H.numpy())[::-1].copy()
+    budget = H.shape[0] * 4
+    top = dict(top_k=5, density=False, trace=False, max_basis_bytes=budget)
+    res = hessian_spectrum(model, cross_entropy_loss, batches, **top, return_eigenvectors=True)
+    assert res.converged and res.trace is None
+    np.testing.assert_allclose(res.eigenvalues, lam[:5], rtol=TOP_K_RTOL)
+    V = res.eigenvectors.to(F64)
+    theta = torch.as_tensor(res.eigenvalues, dtype=F64)
+    actual = torch.linalg.vector_norm(V @ H - theta[:, None] * V, dim=1)
+    actual = (actual / torch.linalg.vector_norm(V, dim=1)).numpy()
+    np.testing.assert_allclose(res.residuals, actual, rtol=1e-2, atol=1e-5 * lam[0])
+    run = lanczos(HessianOperator(model, cross_entropy_loss, batches), top_k=5, tol=1e-5,
+                  max_basis_bytes=budget)  # fmt: skip
+    assert run.basis_rows == 5 + 2 + 1
+    np.testing.assert_allclose(run.eigenvalues, lam[:5], rtol=TOP_K_RTOL)
 
 
 # --------------------------------------------------------------------------------------------
