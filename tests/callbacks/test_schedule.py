@@ -168,7 +168,7 @@ def test_measured_per_step_cost_of_the_hooks_is_charged_on_fast_steps(monitors, 
     )
 
 
-def test_hook_bodies_are_timed_and_charged_instead_of_a_constant(tmp_path, monkeypatch):
+def test_hook_bodies_are_timed_and_charged_instead_of_a_constant(make_trainer, monkeypatch):
     """The coordinator charges what a monitor's hook bodies take (timed at one call in
     HOOK_SAMPLE_EVERY, extrapolated), less the measurements they ran (charged as such)."""
     clock, hook_s, steps = FakeClock(), 0.01, 11 * 30
@@ -184,16 +184,7 @@ def test_hook_bodies_are_timed_and_charged_instead_of_a_constant(tmp_path, monke
 
     monkeypatch.setattr(HessianSpectrumMonitor, "_compute", compute)
     monitor = SlowHooks(top_k=2, density=False, trace=False, clock=clock, every_n_steps=7)
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[AdvanceClock(clock, STEP), monitor],
-        default_root_dir=str(tmp_path),
-    )
+    trainer = make_trainer([AdvanceClock(clock, STEP), monitor], max_steps=steps, logger=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(DigitsModule(hidden=4), loader(16, n=4096))
