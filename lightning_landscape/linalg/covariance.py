@@ -49,7 +49,6 @@ from .operators import (
     HVPFailedError,
     LossFn,
     ReduceFn,
-    _is_oom,
     _LinearOperator,
     _resolve_params,
     _working_copy,
@@ -211,17 +210,16 @@ class CovarianceOperator(_LinearOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         if self._reduce is None:
             return self._local_matmat(V)
-        failed = 0.0
+        failed, error = 0.0, None
         try:
             local = self._local_matmat(V)
-        except RuntimeError as err:
-            if not _is_oom(err):
-                raise
-            local, failed = torch.zeros_like(V), 1.0
+        except Exception as err:  # joins the collective with a flag (see HessianOperator)
+            local, failed, error = torch.zeros_like(V), 1.0, err
         # One collective carries the products and the failure flag of every rank.
         packed = self._reduce(torch.cat([local.reshape(-1), local.new_tensor([failed])]))
         if packed[-1].item() > 0:
-            raise HVPFailedError("covariance-vector product ran out of memory on some rank")
+            why = "on another rank" if error is None else f"here: {type(error).__name__}: {error}"
+            raise HVPFailedError(f"covariance-vector product failed ({why})") from error
         return packed[:-1].reshape(V.shape)
 
 

@@ -521,20 +521,24 @@ class HessianOperator(_LinearOperator):
         return out
 
     def _matmat(self, V: Tensor) -> Tensor:
-        failed = 0.0
+        failed, error = 0.0, None
         try:
             local = self._local_matmat(V)
-        except RuntimeError as err:
-            if not _is_oom(err) or self._reduce is None:
+        except Exception as err:
+            # Across processes any failure (out of memory, or a loss_fn that raises on this
+            # shard only) joins the collective with a flag: raising here would leave the other
+            # ranks waiting in it.
+            if self._reduce is None:
                 raise
-            local, failed = torch.zeros_like(V), 1.0
+            local, failed, error = torch.zeros_like(V), 1.0, err
         if self._reduce is None:
             return local
         # One collective carries the products and the failure flag of every rank.
         packed = torch.cat([local.reshape(-1), local.new_tensor([failed])])
         packed = self._reduce(packed)
         if packed[-1].item() > 0:
-            raise HVPFailedError("Hessian-vector product ran out of memory on some rank")
+            why = "on another rank" if error is None else f"here: {type(error).__name__}: {error}"
+            raise HVPFailedError(f"Hessian-vector product failed ({why})") from error
         return packed[:-1].reshape(V.shape)
 
     # -- first-order quantities --------------------------------------------------------------

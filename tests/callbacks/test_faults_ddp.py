@@ -7,7 +7,9 @@ test process would not reach the workers):
 * step 0, rank 1: moving the probe batches to the device (the capture at fit start and its
   retry at the step-0 measurement);
 * step 2, rank 0: writing the eigenvalue scalars (only rank 0 logs);
-* step 4, rank 1: a Hessian-vector product inside the Lanczos run, between collectives.
+* step 4, rank 1: a Hessian-vector product inside the Lanczos run, between collectives;
+* step 6, rank 1: the same product raising something else than out of memory (a loss that fails
+  on one shard only): it too joins the collective with a failure flag.
 """
 
 from __future__ import annotations
@@ -51,18 +53,22 @@ class OutOfMemory(Callback):
             self._undo.append((owner, name, real))
             setattr(owner, name, make(real))
 
-        def at(step: int, where: str, real):
+        def at(step: int, where: str, real, error=_oom):
             def fn(*args, **kwargs):
                 if trainer.global_step == step:
                     self.hits.append(f"{where}@{step}")
-                    raise _oom(where)
+                    raise error(where)
                 return real(*args, **kwargs)
 
             return fn
 
+        def bug(where: str) -> ValueError:
+            return ValueError(f"injected failure of one shard's loss ({where})")
+
         if rank == 1:
             patch(ctx, "to_device", lambda real: at(0, "probe", real))
             patch(HessianOperator, "_local_matmat", lambda real: at(4, "hvp", real))
+            patch(HessianOperator, "_local_matmat", lambda real: at(6, "bug", real, bug))
         else:
             logger = trainer.loggers[0]
 
@@ -93,7 +99,7 @@ class OutOfMemory(Callback):
 
 def test_out_of_memory_on_one_rank_is_skipped_on_both_without_a_hang(tmp_path):
     trainer = L.Trainer(
-        max_steps=6,
+        max_steps=8,
         accelerator="cpu",
         devices=2,
         # A hang fails the test within two minutes instead of gloo's default thirty.
@@ -114,12 +120,13 @@ def test_out_of_memory_on_one_rank_is_skipped_on_both_without_a_hang(tmp_path):
     trainer.fit(DigitsModule(hidden=8, dtype=torch.float64), DistributedDigits(16, n=128))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["hits"] == ["logging@2"]
-    assert ranks[1]["hits"] == ["probe@0", "probe@0", "hvp@4"]  # capture, its retry, an HVP
-    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 6
-    # Step 0 (no probe set on rank 1) and step 4 (the HVP) skipped on both ranks; the logging
-    # failure at step 2 is rank 0's alone (its measurement counted, its scalars skipped).
-    assert ranks[1]["skipped"] == 2 and ranks[0]["skipped"] == 3
-    assert ranks[0]["num_measurements"] == ranks[1]["num_measurements"] == 2  # steps 2 and 6
+    # The capture, its retry, an HVP out of memory, an HVP that raised something else.
+    assert ranks[1]["hits"] == ["probe@0", "probe@0", "hvp@4", "bug@6"]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 8
+    # Step 0 (no probe set on rank 1) and steps 4 and 6 (the HVPs) skipped on both ranks; the
+    # logging failure at step 2 is rank 0's alone (its measurement counted, its scalars skipped).
+    assert ranks[1]["skipped"] == 3 and ranks[0]["skipped"] == 4
+    assert ranks[0]["num_measurements"] == ranks[1]["num_measurements"] == 2  # steps 2 and 8
     acc = load_events(str(tmp_path))
-    assert scalar_series(acc, "landscape/hessian/skipped") == {0: 1, 2: 2, 4: 3, 6: 3}
-    assert sorted(scalar_series(acc, "landscape/hessian/eigenvalue_01")) == [6]
+    assert scalar_series(acc, "landscape/hessian/skipped") == {0: 1, 2: 2, 4: 3, 6: 4, 8: 4}
+    assert sorted(scalar_series(acc, "landscape/hessian/eigenvalue_01")) == [8]

@@ -395,8 +395,31 @@ def test_failure_on_another_rank_raises_on_every_rank(mlp64) -> None:
         return t
 
     op = HessianOperator(model, cross_entropy_loss, batches, reduce_fn=reduce_other_rank_failed)
-    with pytest.raises(HVPFailedError, match="out of memory"):
+    with pytest.raises(HVPFailedError, match="on another rank"):
         op.matvec(torch.ones(D, dtype=F64))
+
+
+def test_any_failure_of_a_product_still_joins_the_collective(mlp64, monkeypatch) -> None:
+    """Not only out of memory: a product that raises on this rank (a loss_fn that fails on
+    its shard only) still takes part in the all-reduce, so the other ranks do not wait."""
+    model, batches, _ = mlp64
+    D = sum(p.numel() for p in model.parameters())
+    packed_calls = []
+
+    def reduce_(t: Tensor) -> Tensor:
+        if t.numel() > D:
+            packed_calls.append(float(t[-1]))
+        return t
+
+    op = HessianOperator(model, cross_entropy_loss, batches, reduce_fn=reduce_)
+
+    def boom(V: Tensor) -> Tensor:
+        raise ValueError("this shard's loss failed")
+
+    monkeypatch.setattr(op, "_local_matmat", boom)
+    with pytest.raises(HVPFailedError, match="here: ValueError: this shard's loss failed"):
+        op.matvec(torch.ones(D, dtype=F64))
+    assert packed_calls == [1.0]  # joined the collective, carrying the failure flag
 
 
 def test_graph_that_does_not_fit_on_another_rank_falls_back_to_recomputing(mlp64) -> None:
