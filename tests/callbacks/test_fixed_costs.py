@@ -24,7 +24,7 @@ from lightning_landscape import (
 from lightning_landscape.callbacks._fixed_costs import FIXED_COST_SHARE, QUIET_SECONDS, too_costly
 from lightning_landscape.dashboard import writer as dashboard_writer
 from tests._reference import cross_entropy_loss, dense_hessian
-from tests.callbacks._clock import FakeClock
+from tests.callbacks._clock import FakeClock, TimedDigits
 from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, loader
 
@@ -47,19 +47,6 @@ def said():
 @pytest.fixture(autouse=True)
 def _fresh_notices():
     dashboard_writer._reset_warn_once()
-
-
-class TimedDigits(DigitsModule):
-    """Each ``training_step`` call (training, or a monitor's loss) takes ``seconds`` on a fake
-    clock: measurements cost what their passes over the probe set cost, machine-independently."""
-
-    def __init__(self, clock: FakeClock, seconds: float) -> None:
-        super().__init__()
-        self.clock, self.seconds = clock, seconds
-
-    def training_step(self, batch, batch_idx):
-        self.clock.now += self.seconds
-        return super().training_step(batch, batch_idx)
 
 
 def _files(root) -> list[str]:

@@ -25,6 +25,7 @@ from lightning_landscape.callbacks.hessian import HessianSpectrumMonitor
 from lightning_landscape.dashboard.gradient import gradient_layout
 from lightning_landscape.linalg.class_structure import class_structure
 from tests._reference import cross_entropy_loss, dense_hessian
+from tests.callbacks._clock import FakeClock, TimedDigits
 from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, DistributedDigits, loader
 
@@ -268,8 +269,10 @@ def test_nan_loss_warns_once_skips_and_training_goes_on(tmp_path, make_trainer):
 
 
 def test_works_with_no_arguments_and_state_round_trips(tmp_path, make_trainer):
-    module = DigitsModule()
-    monitor = GradientCovarianceMonitor()
+    # A fake clock (each loss evaluation 1 ms) makes the budget's decisions machine-independent.
+    clock = FakeClock()
+    module = TimedDigits(clock, seconds=1e-3)
+    monitor = GradientCovarianceMonitor(clock=clock)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the end-of-fit measurement may overshoot the budget
         make_trainer([monitor], max_steps=12).fit(module, loader(32))

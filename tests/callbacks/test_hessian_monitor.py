@@ -19,6 +19,7 @@ from torch import nn
 from lightning_landscape import HessianSpectrumMonitor
 from lightning_landscape.callbacks import _context
 from tests._reference import cross_entropy_loss, dense_hessian
+from tests.callbacks._clock import FakeClock, TimedDigits
 from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, loader
 
@@ -132,8 +133,10 @@ def test_module_modes_restored_individually():
 
 
 def test_works_with_no_arguments_budget_schedule(tmp_path, make_trainer):
-    module = DigitsModule()
-    monitor = HessianSpectrumMonitor()
+    # A fake clock (each loss evaluation 1 ms) makes the budget's decisions machine-independent.
+    clock = FakeClock()
+    module = TimedDigits(clock, seconds=1e-3)
+    monitor = HessianSpectrumMonitor(clock=clock)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the end-of-fit measurement overshoots a 15-step budget
         make_trainer([monitor], max_steps=15).fit(module, loader(32))

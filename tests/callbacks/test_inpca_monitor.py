@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from lightning_landscape.callbacks.inpca import InPCAMonitor, _is_log_spaced
 from lightning_landscape.dashboard import inpca as inpca_dashboard
 from lightning_landscape.sampling.predictions import PredictionStore, find_stores
-from tests.callbacks._clock import FakeClock
+from tests.callbacks._clock import FakeClock, TimedDigits
 from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, DistributedDigits, digits_dataset, loader
 
@@ -187,8 +187,9 @@ def test_training_is_bitwise_unchanged(tmp_path, make_trainer):
 
 
 def test_default_monitor_is_drop_in(tmp_path, make_trainer):
-    monitor = InPCAMonitor()  # budget schedule: the origin and the end of fit at least
-    make_trainer([monitor], max_steps=20).fit(DigitsModule(hidden=12), loader(32))
+    clock = FakeClock()  # each loss evaluation 1 ms: the budget decides machine-independently
+    monitor = InPCAMonitor(clock=clock)  # budget schedule: the origin and the end of fit at least
+    make_trainer([monitor], max_steps=20).fit(TimedDigits(clock, 1e-3, hidden=12), loader(32))
     acc = load_events(str(tmp_path))
     steps = sorted(scalar_series(acc, "landscape/inpca/num_checkpoints"))
     assert steps[0] == 0 and steps[-1] == 20
