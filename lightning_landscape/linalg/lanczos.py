@@ -180,17 +180,24 @@ class Rows:
 
 
 def matmul_sum(V: Tensor, w: Tensor, chunk: int = 2**16) -> Tensor:
-    """``V @ w`` over a long inner dimension, summed in float64 over chunks of ``chunk`` entries
-    (see :func:`dot`: one float32 BLAS product accumulates in float32)."""
+    """``V @ w`` over a long inner dimension, in ``V``'s dtype, summed in float64 over chunks
+    of ``chunk`` entries (:func:`dot`)."""
+    return _chunked_matmul(V, w, chunk).to(V.dtype)
+
+
+def _chunked_matmul(V: Tensor, w: Tensor, chunk: int) -> Tensor:
+    """``V @ w`` (rows of ``V``; ``w`` a vector or a block of columns) as float64 sums of
+    products over ``chunk`` entries of the inner dimension (one product when it is short or
+    already float64)."""
     D = V.shape[-1]
     if V.dtype == torch.float64 or D <= chunk:
-        return V @ w
+        return (V @ w).double()
     total = None
     for a in range(0, D, chunk):
         part = (V[:, a : a + chunk] @ w[a : a + chunk]).double()
         total = part if total is None else total + part
     assert total is not None
-    return total.to(V.dtype)
+    return total
 
 
 class Ring:
@@ -726,11 +733,7 @@ def dot(a: Tensor, b: Tensor, chunk: int = 2**16) -> float:
     """``a . b`` as a float64 sum of short float32 dots: one BLAS float32 dot accumulates in
     float32, off by ~5e-4 relative at 2e7 entries and ~1e-2 at 1e8 (far above the eigenvalue
     tolerance); chunks of 65k entries stay near 1e-9, at about 1.5x the time."""
-    if a.dtype == torch.float64 or a.numel() <= chunk:
-        return float(torch.dot(a, b))
-    return math.fsum(
-        float(torch.dot(x, y)) for x, y in zip(a.split(chunk), b.split(chunk), strict=True)
-    )
+    return float(_chunked_matmul(a[None], b, chunk)[0])
 
 
 def _orthogonalise_rows(B: list[Tensor], w: Tensor) -> tuple[Tensor, np.ndarray, float]:
