@@ -16,16 +16,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..embeddings.prediction_trajectory import predict_shard
-from ..linalg.per_sample import OutputsFn, per_sample_problems
+from ..linalg.per_sample import OutputsFn, describe_error, per_sample_problems
 from . import _context as ctx
 
 __all__: list[str] = []
 
 PerSample = Literal["auto", "vmap", "outputs"]
-
-
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {str(err)[:200]}"
 
 
 def _per_sample_problems(
@@ -40,7 +36,7 @@ def _per_sample_problems(
             with torch.no_grad():
                 loss_fn(pl_module, batch)
         except Exception as err:
-            full_batch = _describe(err)
+            full_batch = describe_error(err)
         try:
             problems = per_sample_problems(pl_module, loss_fn, batch, **options)
         except torch.OutOfMemoryError:  # no verdict: the measurements will tell
@@ -124,7 +120,7 @@ def predictions_apply(
         except torch.OutOfMemoryError:  # no verdict: the measurements will tell
             pass
         except Exception as err:
-            failure = _describe(err)
+            failure = describe_error(err)
     if not ctx.any_rank(trainer, failure is not None, pl_module.device):
         return True
     why = failure or "it failed on another rank"

@@ -357,7 +357,7 @@ def per_sample_problems(
     try:
         n = int((batch_size_fn or default_batch_size)(batch))
     except Exception as err:  # no batch size: neither path can split the batch
-        return dict.fromkeys(problems, _describe(err))
+        return dict.fromkeys(problems, describe_error(err))
     ps = _PerSample(
         model, loss_fn, names, plist, outputs_fn or _default_outputs, per_sample_loss_fn, "auto"
     )
@@ -368,17 +368,18 @@ def per_sample_problems(
         except torch.OutOfMemoryError:  # says nothing about whether the path applies
             raise
         except Exception as err:
-            problems["vmap"] = _describe(err)
+            problems["vmap"] = describe_error(err)
     try:
         ps._jacobian_rows(ps._outputs_losses(batch, n), 0, 1)
     except torch.OutOfMemoryError:
         raise
     except Exception as err:
-        problems["outputs"] = _describe(err)
+        problems["outputs"] = describe_error(err)
     return problems
 
 
-def _describe(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
+    """``"Type: message"`` (the message cut at 200 characters), as the problems report it."""
     return f"{type(err).__name__}: {str(err)[:200]}"
 
 
