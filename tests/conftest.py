@@ -17,9 +17,9 @@ def make_trainer(tmp_path) -> Callable[..., L.Trainer]:
 
     ``make_trainer(callbacks, max_steps=12, logger=True, root=None, **kw)``: ``logger=True`` is
     a TensorBoardLogger writing to ``root/version_0``; pass a logger, a list, or ``False``
-    instead. ``root`` (default ``tmp_path``) is also the ``default_root_dir``. Checkpointing is
-    off unless ``enable_checkpointing=True`` is passed; every other keyword goes to
-    :class:`lightning.Trainer`.
+    instead. ``root`` (default ``tmp_path``) is also the ``default_root_dir``. Checkpointing,
+    the progress bar, the model summary and sanity checking are off, and the fit deterministic,
+    unless a keyword says otherwise; every keyword goes to :class:`lightning.Trainer`.
     """
 
     def factory(
@@ -33,19 +33,18 @@ def make_trainer(tmp_path) -> Callable[..., L.Trainer]:
         root = str(tmp_path if root is None else root)
         if logger is True:
             logger = TensorBoardLogger(root, name="", version=0)
-        kw.setdefault("enable_checkpointing", False)
-        kw.setdefault("accelerator", "cpu")
-        kw.setdefault("devices", 1)
-        kw.setdefault("default_root_dir", root)
+        quiet = {
+            "enable_checkpointing": False,
+            "accelerator": "cpu",
+            "devices": 1,
+            "default_root_dir": root,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "deterministic": True,
+        }
         return L.Trainer(
-            max_steps=max_steps,
-            logger=logger,
-            callbacks=list(callbacks),
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            deterministic=True,
-            **kw,
+            max_steps=max_steps, logger=logger, callbacks=list(callbacks), **{**quiet, **kw}
         )
 
     return factory

@@ -196,7 +196,7 @@ class _ValDigits(DigitsModule):
         self.validated = True
 
 
-def test_sanity_checking_measures_nothing(tmp_path):
+def test_sanity_checking_measures_nothing(make_trainer):
     module = _ValDigits()
     monitor = HessianSpectrumMonitor(top_k=2, every_n_steps=4, density=False, trace=False)
     steps = []
@@ -207,16 +207,7 @@ def test_sanity_checking_measures_nothing(tmp_path):
         original(trainer, pl_module, step)
 
     monitor._measure = spy
-    trainer = L.Trainer(
-        max_steps=8,
-        accelerator="cpu",
-        callbacks=[monitor],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=2,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = make_trainer([monitor], max_steps=8, logger=False, num_sanity_val_steps=2)
     trainer.fit(module, loader(32), loader(32, n=64))
     assert module.validated and steps == [(0, False), (4, False), (8, False)]
 
@@ -231,20 +222,12 @@ def test_gradient_cost_guess_assumes_the_route_auto_takes(make_trainer, limit, r
     assert monitor._gradient_equivalents() == 4.0 + (3.0 * 6 * 2 if route == "lanczos" else 0)
 
 
-def test_progress_lines_go_through_a_live_progress_bar(tmp_path, capsys, said):
+def test_progress_lines_go_through_a_live_progress_bar(make_trainer, capsys, said):
     clock = FakeClock()
     monitor = HessianSpectrumMonitor(
         top_k=2, every_n_steps=100, clock=clock, retain_graph=False, log_figure=False
     )
-    trainer = L.Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        callbacks=[monitor],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = make_trainer([monitor], max_steps=4, logger=False, enable_progress_bar=True)
     trainer.fit(TimedDigits(clock, seconds=0.1), loader(32))
     out = capsys.readouterr().out
     # Step 0 comes before the bar exists: rank_zero_info. The end of fit, while the bar is
