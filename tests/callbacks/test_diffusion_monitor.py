@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_landscape.callbacks.diffusion import DiffusionMapMonitor
@@ -253,19 +252,13 @@ def test_bad_configuration_raises_at_construction(kwargs, match):
 
 
 @pytest.mark.ddp
-def test_ddp_spawn_rank_zero_records_and_nothing_deadlocks(tmp_path):
-    trainer = L.Trainer(
+def test_ddp_spawn_rank_zero_records_and_nothing_deadlocks(tmp_path, make_trainer):
+    trainer = make_trainer(
+        [DiffusionMapMonitor(every_n_steps=1, n_components=3)],
         max_steps=8,
-        accelerator="cpu",
         devices=2,
         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120)),
         use_distributed_sampler=False,
-        logger=TensorBoardLogger(str(tmp_path), name="", version=0),
-        callbacks=[DiffusionMapMonitor(every_n_steps=1, n_components=3)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
     )
     trainer.fit(DigitsModule(hidden=12, dtype=torch.float64), DistributedDigits(16))
     stores = glob.glob(os.path.join(str(tmp_path), "**", "store.json"), recursive=True)

@@ -17,11 +17,9 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 import lightning_landscape.callbacks._context as ctx
@@ -97,25 +95,17 @@ class OutOfMemory(Callback):
             json.dump(counts, f)
 
 
-def test_out_of_memory_on_one_rank_is_skipped_on_both_without_a_hang(tmp_path):
-    trainer = L.Trainer(
+def test_out_of_memory_on_one_rank_is_skipped_on_both_without_a_hang(tmp_path, make_trainer):
+    monitor = HessianSpectrumMonitor(
+        every_n_steps=2, top_k=2, num_probe_batches=2, density=False, trace=False
+    )
+    trainer = make_trainer(
+        [OutOfMemory(str(tmp_path)), monitor],
         max_steps=8,
-        accelerator="cpu",
         devices=2,
         # A hang fails the test within two minutes instead of gloo's default thirty.
         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120)),
         use_distributed_sampler=False,
-        logger=TensorBoardLogger(str(tmp_path), name="", version=0),
-        callbacks=[
-            OutOfMemory(str(tmp_path)),
-            HessianSpectrumMonitor(
-                every_n_steps=2, top_k=2, num_probe_batches=2, density=False, trace=False
-            ),
-        ],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
     )
     trainer.fit(DigitsModule(hidden=8, dtype=torch.float64), DistributedDigits(16, n=128))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
