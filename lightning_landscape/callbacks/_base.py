@@ -154,7 +154,7 @@ class ScheduledMonitor(Callback):
         *,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
-        max_overhead: float = 0.05,
+        max_overhead: float = 0.02,
         clock: Callable[[], float] | None = None,
     ) -> None:
         check_positive_int("every_n_steps", every_n_steps, allow_none=True)
@@ -258,7 +258,9 @@ class ScheduledMonitor(Callback):
         if stage != "fit":
             return
         ctx.check_strategy(trainer, type(self).__name__)
-        self._coord = coordinator_for(trainer, self.name, self._clock, _dispatched_hooks(self))
+        self._coord = coordinator_for(
+            trainer, self.name, self._clock, _dispatched_hooks(self), self.max_overhead
+        )
         self._off = "fast_dev_run" if getattr(trainer, "fast_dev_run", False) else None
         if self._off is not None and self._coord.first_notice("fast_dev_run"):
             say(
@@ -334,7 +336,7 @@ class ScheduledMonitor(Callback):
                         f"{self.name}-budget",
                         f"{type(self).__name__}: the end-of-fit measurement took the monitor to "
                         f"{spent:.1f} s, over its budget of {allowed:.1f} s "
-                        f"({self.max_overhead:.0%} of {self._coord.train_seconds:.1f} s of "
+                        f"({self.max_overhead:.1%} of {self._coord.train_seconds:.1f} s of "
                         "training); the run was too short for this measurement.",
                     )
 
@@ -539,7 +541,7 @@ class LandscapeMonitor(ScheduledMonitor):
         *,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
-        max_overhead: float = 0.05,
+        max_overhead: float = 0.02,
         num_probe_batches: int = 4,
         probe_dataloader: Iterable[Any] | None = None,
         loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,

@@ -24,8 +24,9 @@ from typing import Any
 
 __all__: list[str] = []
 
-#: All monitors together stay under this share of wall time (docs/design.md, "Cost").
-TOTAL_OVERHEAD = 0.10
+#: All monitors together stay under this share of wall time (docs/design.md, "Cost"), or under
+#: the largest ``max_overhead`` a monitor of the trainer was given, if that is larger.
+TOTAL_OVERHEAD = 0.03
 
 #: Measurements are planned against this fraction of each budget: the rest is a margin for what
 #: the coordinator cannot time (one-off imports and set-up inside a fit, run-to-run noise of the
@@ -135,11 +136,13 @@ class Coordinator:
         self._last_step = step
         self._measuring_since_tick = 0.0
 
-    def register(self, monitor: str, hooks: int = 0) -> None:
+    def register(self, monitor: str, hooks: int = 0, max_overhead: float = 0.0) -> None:
         """Count ``monitor``, to which Lightning dispatches ``hooks`` per-step hooks, among those
-        whose per-step cost counts against the total cap."""
+        whose per-step cost counts against the total cap, which is at least its
+        ``max_overhead`` (a share a user gives one monitor is not cut by the default total)."""
         self.monitors.add(monitor)
         self.dispatched_hooks[monitor] = hooks
+        self.total_overhead = max(self.total_overhead, max_overhead)
 
     def hook(self, monitor: str, seconds: float) -> None:
         """Count ``seconds`` of ``monitor``'s per-step hook bodies (after the warm-up only, the
@@ -258,17 +261,22 @@ class Coordinator:
 
 
 def coordinator_for(
-    trainer: Any, monitor: str, clock: Callable[[], float] | None = None, hooks: int = 0
+    trainer: Any,
+    monitor: str,
+    clock: Callable[[], float] | None = None,
+    hooks: int = 0,
+    max_overhead: float = 0.0,
 ) -> Coordinator:
     """The trainer's coordinator, created by the first monitor that asks, with ``monitor``
-    registered (its ``hooks`` per-step hooks count against the total cap)."""
+    registered (its ``hooks`` per-step hooks count against the total cap, which is at least its
+    ``max_overhead``)."""
     coord = getattr(trainer, "_landscape_coordinator", None)
     if coord is None:
         coord = Coordinator(clock=clock or time.perf_counter)
         trainer._landscape_coordinator = coord
     elif clock is not None:
         coord.clock = clock
-    coord.register(monitor, hooks)
+    coord.register(monitor, hooks, max_overhead)
     return coord
 
 

@@ -21,6 +21,7 @@ from ..embeddings.trajectory import TrajectoryEmbedder
 from ..sampling.store import Trajectory
 from ._base import NUMERICAL_FAILURES, ScheduledMonitor, _final_step, _log_dir
 from ._recorder import TrajectoryRecorder
+from ._thinning import RECORDING_SHARE, Thinning, recording_interval
 
 __all__ = ["DiffusionMapMonitor"]
 
@@ -70,7 +71,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
         sketch_dim: sketch size for models above ``exact_max_params`` parameters.
         exact_max_params: up to this many parameters the samples are exact.
         seed: seeds the sketch and the embedding.
-        max_overhead: the budget's share (None: 5% for the ``"auto"`` embeddings; given, it
+        max_overhead: the budget's share (None: 2% for the ``"auto"`` embeddings; given, it
             also gates scheduled ones).
         log_projector, log_figure, log_histogram: write the coordinates to the projector, the
             trajectory figure, the eigenvalues to the histogram dashboard.
@@ -116,7 +117,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
         check_positive_int("every_n_steps", every_n_steps, allow_none=True)
         super().__init__(
             every_n_steps=every_n_steps or DEFAULT_EVERY_N_STEPS,
-            max_overhead=0.05 if max_overhead is None else max_overhead,
+            max_overhead=0.02 if max_overhead is None else max_overhead,
             clock=clock,
         )
         _check_schedule(every_n_steps, embed_every_n_epochs, embed_every_n_steps)
@@ -187,7 +188,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        total = _final_step(trainer)
+        total, self.recording = _final_step(trainer), Thinning(RECORDING_SHARE)
         if total is not None and self._off is None:
             if self.requested_every_n_steps is None:
                 self.every_n_steps = self.embedder.recording_interval(
@@ -271,7 +272,8 @@ class DiffusionMapMonitor(ScheduledMonitor):
                       category=RuntimeWarning)  # fmt: skip
         elif done:
             self.num_measurements += 1
-            self._charge(self._now() - t0)
+            self._charge(seconds := self._now() - t0)
+            self.every_n_steps = recording_interval(self, trainer, seconds)
 
     # -- recording and embedding -------------------------------------------------------------
     def _embed(self, trainer: Trainer, step: int, *, budget: bool, projector: bool) -> None:

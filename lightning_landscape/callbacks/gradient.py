@@ -37,6 +37,7 @@ from . import _context as ctx
 from ._applicability import per_sample_path
 from ._base import LandscapeMonitor
 from ._schedule import HESSIAN_EIGENPAIRS, dependency_order
+from ._thinning import TRACKING_SHARE, Thinning
 
 __all__ = ["GradientCovarianceMonitor"]
 
@@ -91,8 +92,11 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         method: ``"auto"``, ``"gram"`` or ``"lanczos"`` (see ``gradient_covariance``).
         train_mode: measure in train mode (not deterministic under DDP).
         seed: seeds the Lanczos start vector.
-        noise_ema: decay of the moving average of training-gradient norms, in (0, 1).
-        track_training_noise: compute the continuous training-step signal.
+        noise_ema: decay of the moving average of training-gradient norms, in (0, 1), per
+            step read.
+        track_training_noise: compute the continuous training-step signal. Where reading the
+            norms would cost more than 0.5% of a step (fast steps), every k-th step is read,
+            k widened after each 100 reads (``callbacks/_thinning.py``; never with the comm hook).
         ddp_comm_hook: under DDP, read each rank's gradient before the all-reduce through a
             communication hook, for McCandlish's two-batch-size estimator
             (:func:`~lightning_landscape.linalg.two_batch_estimate`); off by default (it
@@ -121,7 +125,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         top_k: int = 10,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
-        max_overhead: float = 0.05,
+        max_overhead: float = 0.01,
         num_probe_batches: int = 4,
         probe_dataloader: Iterable[Any] | None = None,
         loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
@@ -165,6 +169,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         self._per_sample: Literal["auto", "vmap", "outputs"] = "auto"
         self._covariance_on = True  # off for the fit when no per-sample path applies
         self._route = method  # the covariance route the cost guess assumes
+        self._tracking = Thinning(TRACKING_SHARE)  # which steps' gradient norms are read
 
     def _state_key(self) -> str:
         n = {"every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs}
@@ -225,18 +230,11 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         options = {"seed": self.seed, "batch_size_fn": self.batch_size_fn, "reduce_fn": reduce_fn}
         try:
             cov = gradient_covariance(
-                pl_module,
-                loss_fn,
-                batches,
-                top_k=self.top_k,
-                method=self.method,
-                per_sample=self._per_sample,
-                outputs_fn=self.outputs_fn,
-                per_sample_loss_fn=self.per_sample_loss_fn,
-                return_eigenvectors=vectors is not None,
-                **options,
-                **self.covariance_kwargs,
-            )
+                pl_module, loss_fn, batches, top_k=self.top_k, method=self.method,
+                per_sample=self._per_sample, outputs_fn=self.outputs_fn,
+                per_sample_loss_fn=self.per_sample_loss_fn, return_eigenvectors=vectors is not None,
+                **options, **self.covariance_kwargs,
+            )  # fmt: skip
         except ValueError as err:
             # Neither single-sample calls nor outputs_fn apply to this module and batches: the
             # measurement cannot be made; skip it (counted, warned once) rather than stop
@@ -252,15 +250,11 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         if self.log_class_structure:
             try:  # with the Hessian monitor's eigenpairs, else computed here (two Lanczos runs)
                 structure = class_structure(
-                    pl_module,
-                    batches,
-                    top_k=len(values) if values is not None else self.top_k,
-                    outputs_fn=self.outputs_fn,
+                    pl_module, batches, top_k=len(values) if values is not None else self.top_k,
+                    outputs_fn=self.outputs_fn, hessian_eigenvectors=vectors,
                     hessian_eigenvalues=values if vectors is not None else None,
-                    hessian_eigenvectors=vectors,
-                    dtype=self.covariance_kwargs.get("dtype"),
-                    **options,
-                )
+                    dtype=self.covariance_kwargs.get("dtype"), **options,
+                )  # fmt: skip
             except ValueError as err:  # outputs_fn does not apply: drop the feature, train on
                 self.log_class_structure = False
                 warn_once(
@@ -292,6 +286,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._grad_params, self._covariance_on = None, True
+        self._tracking = Thinning(TRACKING_SHARE)
         super().on_train_start(trainer, pl_module)
 
     @override
@@ -319,7 +314,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.track_training_noise:
+        if self.track_training_noise and self._tracking.due(trainer.global_step):
             try:
                 self._batch_size = int((self.batch_size_fn or default_batch_size)(batch))
             except ValueError:
@@ -329,9 +324,10 @@ class GradientCovarianceMonitor(LandscapeMonitor):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self.track_training_noise or self._off is not None:
+        on = self.track_training_noise and self._off is None
+        if not on or not self._tracking.due(trainer.global_step):
             return
-        params = self._grad_params
+        params, t0 = self._grad_params, self._now()
         if params is None:  # all of them: a fine-tuning schedule may unfreeze some later
             params = self._grad_params = list(pl_module.parameters())
         self._noise.update(
@@ -340,6 +336,8 @@ class GradientCovarianceMonitor(LandscapeMonitor):
             world_size=int(getattr(trainer, "world_size", 1) or 1),
             accumulation=int(getattr(trainer, "accumulate_grad_batches", 1) or 1),
         )
+        if self._noise.thinnable and self._coord is not None:  # the comm hook needs every step
+            self._tracking.ran(self._now() - t0, self._coord.step_seconds)
 
     @override
     def on_train_batch_end(

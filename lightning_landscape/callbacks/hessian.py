@@ -79,7 +79,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     silenced). Training is left bitwise unchanged. Under DDP every rank holds its shard of the
     probe set and the Hessian-vector products are all-reduced, so the result is that of the union.
 
-    Schedule: by default a wall-time budget (``max_overhead``, 5% of training time) places the
+    Schedule: by default a wall-time budget (``max_overhead``, 2% of training time) places the
     measurements; the end-of-fit measurement always runs, as the top-k eigenvalues only
     (``density=False, trace=False``) when the fit so far is too short to afford the full one.
     ``every_n_steps`` / ``every_n_epochs`` give a fixed, reproducible schedule instead. Under
@@ -145,7 +145,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         top_k: int = 10,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
-        max_overhead: float = 0.05,
+        max_overhead: float = 0.02,
         num_probe_batches: int = 4,
         probe_dataloader: Iterable[Any] | None = None,
         loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,

@@ -141,7 +141,7 @@ class InPCAMonitor(LandscapeMonitor):
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         log_spaced_per_decade: int | None = None,
-        max_overhead: float = 0.02,
+        max_overhead: float = 0.005,
         num_probe_batches: int = 4,
         probe_dataloader: Iterable[Any] | None = None,
         outputs_fn: OutputsFn | None = None,

@@ -284,6 +284,12 @@ class GradientNoiseTracker:
             s["weight"] = beta * s["weight"] + (1 - beta)
             s["local_norm_sq"] = beta * s["local_norm_sq"] + (1 - beta) * loc
 
+    @property
+    def thinnable(self) -> bool:
+        """Whether :meth:`update` may skip steps: not with the comm hook, whose per-rank sums
+        run at every step and are read (and reset) by the next update."""
+        return self._local is None
+
     # -- DDP ---------------------------------------------------------------------------------
     def attach_ddp(self, model: Any, device: torch.device) -> None:
         """Register the comm hook on a ``DistributedDataParallel`` model (before its first

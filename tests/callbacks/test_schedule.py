@@ -14,6 +14,7 @@ from lightning_landscape.callbacks._schedule import (
     HOOK_SAMPLE_EVERY,
     MIN_RATE_FRACTION,
     PLANNING_SHARE,
+    TOTAL_OVERHEAD,
     Coordinator,
 )
 from tests.callbacks._clock import AdvanceClock, FakeClock
@@ -26,6 +27,7 @@ _REAL_COMPUTE = HessianSpectrumMonitor._compute
 def test_coordinator_places_the_earliest_affordable_step():
     clock = FakeClock()
     coord = Coordinator(clock=clock, warmup_steps=WARMUP)
+    coord.register("hessian", max_overhead=BUDGET)  # as the monitor does at setup
     for step in range(1, 41):
         clock.now += STEP
         coord.tick(step)
@@ -51,6 +53,20 @@ def test_total_cap_binds_when_several_monitors_spend():
     cap = PLANNING_SHARE * 0.10
     assert 20.0 + 2 * COST <= cap * train_at_next + 1e-9
     assert 20.0 + 2 * COST > cap * (train_at_next - 1.0)
+
+
+def test_total_cap_is_three_percent_unless_a_monitor_is_given_more():
+    coord = Coordinator(clock=FakeClock(), warmup_steps=0)
+    for name, share in (("hessian", 0.02), ("gradient", 0.01), ("inpca", 0.005)):
+        coord.register(name, max_overhead=share)  # the defaults: the total cap stays 3%
+    assert coord.total_overhead == TOTAL_OVERHEAD == 0.03
+    coord.train_seconds, coord.counted_steps = 100.0, 100
+    coord.record("gradient", 1.5)  # another monitor used 1.5 s of 100 s
+    # The Hessian monitor's own 2% would allow 1.8 s, the total 3% leaves 2.7 - 1.5 s.
+    assert coord.affords("hessian", 0.6, 0.02) and not coord.affords("hessian", 0.61, 0.02)
+    coord.register("diffusion", max_overhead=0.2)  # a user's larger share raises the cap
+    assert coord.total_overhead == 0.2
+    assert coord.affords("hessian", 0.9, 0.02) and not coord.affords("hessian", 0.91, 0.02)
 
 
 def _run(tmp_path, monkeypatch, max_steps: int) -> tuple[list[int], HessianSpectrumMonitor]:
@@ -110,6 +126,7 @@ def test_saved_up_budget_is_not_spent_back_to_back():
     """After a long gap the budget has room for many measurements at once; the schedule still
     leaves cost / (share · max_overhead) of training between two of them."""
     coord = Coordinator(clock=FakeClock(), warmup_steps=0)
+    coord.register("hessian", max_overhead=BUDGET)
     coord.train_seconds, coord.counted_steps = 1000.0, 1000  # 1 s steps, nothing spent yet
     nxt = coord.next_step("hessian", 1000, COST, BUDGET)
     rate = PLANNING_SHARE * BUDGET
@@ -126,10 +143,10 @@ def test_measured_per_step_cost_of_the_hooks_is_charged_on_fast_steps(monitors, 
     the planned share, so measurements plus hooks stay within it; on 1 s steps the hooks are
     negligible."""
     cost = 0.05
-    coord = Coordinator(clock=FakeClock(), warmup_steps=0)
+    coord = Coordinator(clock=FakeClock(), warmup_steps=0, total_overhead=0.10)
     names = [f"m{i}" for i in range(monitors)] + ["hessian"]
     for name in names:
-        coord.register(name, hooks=2)
+        coord.register(name, hooks=2, max_overhead=BUDGET)
     per_step = HOOK_S + 2 * DISPATCH_SECONDS  # each monitor's, timed and dispatched
     spent, step = 0.0, 0
     coord.train_seconds, coord.counted_steps = 1000 * step_s, 1000
