@@ -21,7 +21,14 @@ pytestmark = pytest.mark.ddp
 TOP_K = 6
 
 
-def _fit(tmp_path, devices: int, *, loss_fn=None, steps: int = 6) -> None:
+class AdamDigits(DigitsModule):
+    """Adam: the monitor also logs the preconditioned sharpness from the optimizer's state."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01, betas=(0.9, 0.99))
+
+
+def _fit(tmp_path, devices: int, *, loss_fn=None, steps: int = 6, module=DigitsModule) -> None:
     per_rank = 32 // devices  # the same global batch of 32 samples in both runs
     strategy = (
         DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120)) if devices > 1 else "auto"
@@ -43,14 +50,17 @@ def _fit(tmp_path, devices: int, *, loss_fn=None, steps: int = 6) -> None:
         enable_model_summary=False,
         default_root_dir=str(tmp_path),
     )
-    trainer.fit(DigitsModule(hidden=12, dtype=torch.float64), DistributedDigits(per_rank))
+    trainer.fit(module(hidden=12, dtype=torch.float64), DistributedDigits(per_rank))
 
 
 def _logged(tmp_path) -> dict[str, dict[int, float]]:
     acc = load_events(str(tmp_path))
     tags = [f"landscape/hessian/eigenvalue_{i:02d}" for i in range(1, TOP_K + 1)]
     tags += ["landscape/hessian/trace", "landscape/hessian/n_outliers", "landscape/hessian/skipped"]
-    return {t: scalar_series(acc, t) for t in tags}
+    tags += [f"landscape/hessian/lambda_max_batch_{s}" for s in ("mean", "min", "max", "std")]
+    tags += ["landscape/hessian/preconditioned_sharpness", "landscape/hessian/sharpness_ratio"]
+    present = acc.Tags()["scalars"]  # Adam's tags only with Adam
+    return {t: scalar_series(acc, t) for t in tags if t in present}
 
 
 def test_ddp_spawn_equals_single_process(tmp_path):
@@ -77,3 +87,24 @@ def test_nan_on_one_rank_is_skipped_on_all_ranks(tmp_path):
     acc = load_events(str(tmp_path))
     assert scalar_series(acc, "landscape/hessian/skipped") == {0: 1.0, 3: 2.0, 6: 3.0}
     assert "landscape/hessian/eigenvalue_01" not in acc.Tags()["scalars"]
+
+
+def test_ddp_spawn_equals_single_process_for_adam_sharpness_and_batch_spread(tmp_path):
+    """Adam's preconditioned sharpness (from each rank's optimizer state, identical after DDP's
+    averaged gradients) and the per-batch λ_max spread (batch i is the global batch i, split
+    over the ranks) are the same as in one process on the same global batches."""
+    _fit(tmp_path / "one", devices=1, module=AdamDigits)
+    _fit(tmp_path / "two", devices=2, module=AdamDigits)
+    one, two = _logged(tmp_path / "one"), _logged(tmp_path / "two")
+    spread = [f"landscape/hessian/lambda_max_batch_{s}" for s in ("mean", "min", "max", "std")]
+    adam = ["landscape/hessian/preconditioned_sharpness", "landscape/hessian/sharpness_ratio"]
+    for tag in ["landscape/hessian/eigenvalue_01", *spread, *adam]:
+        steps = [3, 6] if tag in adam else [0, 3, 6]  # Adam has no state before its first step
+        assert sorted(one[tag]) == sorted(two[tag]) == steps, tag
+        a = np.array([one[tag][s] for s in steps])
+        b = np.array([two[tag][s] for s in steps])
+        # The std is a difference of nearby eigenvalues: its error is that of λ (1e-6 relative).
+        scale = [one[spread[0]][s] for s in (0, 3, 6)] if tag.endswith("std") else 0.0
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6 * np.max(scale), err_msg=tag)
+    # The spread is of real per-batch values, not one repeated number.
+    assert one["landscape/hessian/lambda_max_batch_std"][6] > 0
