@@ -3,10 +3,10 @@ sample count's checks, what an embedding costs, and the end-of-fit plan.
 
 An embedding has two parts: loading and fitting the samples, which scales as
 :meth:`~lightning_landscape.embeddings.trajectory.TrajectoryEmbedder.cost` (m landmarks:
-m² + (n − m)·m, or m² landmarks only), and aligning, saving and writing the coordinates, which
-scales with the rows written. :class:`EmbedCost` keeps both as last measured and predicts
-another embedding from them; before any was measured, from :data:`SECONDS_PER_UNIT_DIM` and
-:data:`SECONDS_PER_ROW`.
+m² + (n − m)·m + 200·n, or m² + 200·m landmarks only), and aligning, saving and writing the
+coordinates, which costs as much as :data:`WRITE_FIXED_ROWS` rows plus the rows written.
+:class:`EmbedCost` keeps both as last measured and predicts another embedding from them;
+before any was measured, from :data:`SECONDS_PER_UNIT_DIM` and :data:`SECONDS_PER_ROW`.
 
 The end-of-fit embedding always runs, but on the budget it is bounded (:func:`end_plan`): when
 its predicted cost exceeds what the budget still affords (and :data:`FLOOR_SECONDS`), it is
@@ -28,11 +28,16 @@ from ..embeddings.trajectory import TrajectoryEmbedder
 __all__: list[str] = []
 
 #: A-priori seconds of loading and fitting per unit of ``TrajectoryEmbedder.cost`` per number
-#: in a sample: numpy on one busy CPU core, rounded up (docs/benchmarks.md, "Diffusion").
-SECONDS_PER_UNIT_DIM = 1.5e-10
+#: in a sample: numpy on one busy CPU core, rounded up (docs/benchmarks.md, "Bounded end-of-fit
+#: embedding").
+SECONDS_PER_UNIT_DIM = 1e-10
 
-#: A-priori seconds of aligning, saving and writing (figure, projector) per embedded row.
-SECONDS_PER_ROW = 2e-4
+#: Writing an embedding (figure and histogram whatever its size, projector per row) costs as
+#: much as this many rows more than it writes.
+WRITE_FIXED_ROWS = 10_000
+
+#: A-priori seconds of aligning, saving and writing per row (and per fixed row).
+SECONDS_PER_ROW = 3e-5
 
 #: An end-of-fit embedding predicted under this many seconds is never reduced: a tiny model's
 #: picture stays whole (and quiet) whatever its fit's length.
@@ -53,7 +58,9 @@ class EmbedCost:
     rows: int
 
     def predict(self, units: float, rows: int) -> float:
-        return self.fit * units / max(self.units, 1.0) + self.write * rows / max(self.rows, 1)
+        """Seconds of an embedding of ``units`` of the cost model that writes ``rows`` rows."""
+        write = self.write * (rows + WRITE_FIXED_ROWS) / (self.rows + WRITE_FIXED_ROWS)
+        return self.fit * units / max(self.units, 1.0) + write
 
     def state(self) -> tuple[float, float, float, int]:
         return (self.fit, self.units, self.write, self.rows)
@@ -69,9 +76,9 @@ class EmbedCost:
 
     @classmethod
     def guess(cls, sketch: Any) -> EmbedCost:
-        """The a-priori cost for samples of ``sketch.output_dim`` numbers (one unit, one row)."""
+        """The a-priori cost for samples of ``sketch.output_dim`` numbers (one unit, no row)."""
         dim = sketch.output_dim if sketch is not None else 1
-        return cls(SECONDS_PER_UNIT_DIM * dim, 1.0, SECONDS_PER_ROW, 1)
+        return cls(SECONDS_PER_UNIT_DIM * dim, 1.0, SECONDS_PER_ROW * WRITE_FIXED_ROWS, 0)
 
 
 class Plan(NamedTuple):

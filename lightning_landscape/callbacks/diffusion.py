@@ -311,10 +311,10 @@ class DiffusionMapMonitor(ScheduledMonitor):
         return plan.landmarks, plan.nystrom, plan.seconds
 
     def _affordable(self) -> bool:
-        """Whether the predicted cost and as much again for the end of fit fit in the budget."""
-        if self._coord is None:
-            return True
-        return self._coord.affords(self.name, self._embed_cost(), self.max_overhead)
+        """Whether the predicted cost and as much again for the end of fit fit in the budget
+        (the first embedding runs as soon as there is any budget, and is timed)."""
+        cost = self._embed_cost() if self.last_embed_cost is not None else 0.0
+        return self._coord is None or self._coord.affords(self.name, cost, self.max_overhead)
 
     def _cost_model(self) -> EmbedCost:
         """The latest embedding's costs, else the a-priori ones for this sample size."""

@@ -20,8 +20,9 @@ again and again as it grows. :class:`TrajectoryEmbedder` does one such embedding
 
 Costs, for n selected samples of d numbers and m = min(n, ``max_points``): O(m² d) for the
 exact neighbours of the landmarks (pynndescent above ``exact_max_n`` points), O((n − m) m d) for
-the Nyström placement (:meth:`TrajectoryEmbedder.cost` is this model, for budgets, with or
-without the placement), O(n k²) for the alignment; memory O(n d) for the samples.
+the Nyström placement, O(n d) for checking and copying the samples
+(:meth:`TrajectoryEmbedder.cost` is this model, for budgets, with or without the placement),
+O(n k²) for the alignment; memory O(n d) for the samples.
 
 numpy/scipy only: no Lightning, no TensorBoard.
 """
@@ -41,7 +42,6 @@ from .diffusion import (
     align_to_previous,
     diffusion_map,
     landmark_coordinates,
-    landmark_cost,
     select_landmarks,
 )
 
@@ -50,6 +50,11 @@ __all__ = ["TrajectoryEmbedder"]
 #: Options of ``diffusion_map`` that :class:`TrajectoryEmbedder` sets itself; the rest of its
 #: keyword options are passed on (read from its signature).
 _SET_HERE = ("n_components", "n_neighbors", "alpha", "epsilon", "t", "seed")
+
+#: The work an embedding does per sample whatever its landmarks (checking and copying it, and
+#: for a placed one its neighbour search and weights), in units of :meth:`TrajectoryEmbedder.cost`
+#: (one landmark distance); measured in docs/benchmarks.md ("Bounded end-of-fit embedding").
+SAMPLE_UNITS = 200
 
 
 class TrajectoryEmbedder:
@@ -150,14 +155,16 @@ class TrajectoryEmbedder:
 
     def cost(self, n: int, *, max_points: int | None = None, nystrom: bool = True) -> float:
         """Relative cost of embedding ``n`` samples on m = min(n, ``max_points``) landmarks
-        (default: :attr:`max_points`): m² for the landmarks' map, plus (n − m)·m for the
-        Nyström placement of the other samples unless ``nystrom`` is False (landmarks only).
-        Nondecreasing in ``n`` and ``max_points``; with ``nystrom`` it is
-        :func:`~lightning_landscape.embeddings.diffusion.landmark_cost`."""
-        m = self.max_points if max_points is None else max_points
-        if nystrom:
-            return landmark_cost(n, m)
-        return landmark_cost(min(n, m), m)
+        (default: :attr:`max_points`): m² for the landmarks' map, (n − m)·m for the Nyström
+        placement of the others, and :data:`SAMPLE_UNITS` per sample; landmarks only
+        (``nystrom=False``): m² + ``SAMPLE_UNITS``·m. Increasing in ``n`` and ``max_points``
+        (up to ``n``), and never less with ``nystrom``."""
+        _check_int("n", n, 0)
+        if max_points is not None:
+            _check_int("max_points", max_points, 1)
+        m = min(n, self.max_points if max_points is None else max_points)
+        rows = n if nystrom else m
+        return float(m * m + (rows - m) * m + SAMPLE_UNITS * rows)
 
     def landmarks(self, n: int, *, max_points: int | None = None) -> np.ndarray:
         """Indices of the rows of an ``n``-row :meth:`fit` (same ``max_points``) that its map

@@ -13,6 +13,7 @@ import pytest
 from lightning_landscape.callbacks._diffusion_plan import (
     FLOOR_LANDMARKS,
     FLOOR_SECONDS,
+    WRITE_FIXED_ROWS,
     EmbedCost,
     end_plan,
 )
@@ -21,7 +22,7 @@ from lightning_landscape.callbacks.diffusion import DiffusionMapMonitor
 from lightning_landscape.dashboard import writer as dashboard_writer
 from lightning_landscape.embeddings import trajectory as embedder_module
 from lightning_landscape.embeddings.diffusion import diffusion_map, select_landmarks
-from lightning_landscape.embeddings.trajectory import TrajectoryEmbedder
+from lightning_landscape.embeddings.trajectory import SAMPLE_UNITS, TrajectoryEmbedder
 from lightning_landscape.sampling.store import TrajectoryStore
 from tests.callbacks._clock import AdvanceClock, FakeClock
 from tests.callbacks._events import load_events, scalar_series
@@ -47,17 +48,17 @@ def said():
     rank_zero.log.removeHandler(handler)
 
 
-def _run(make_trainer, tmp_path, monkeypatch, per_pair: float, **kwargs):
-    """A fit in which fitting a map on m landmarks costs ``per_pair`` · m² fake seconds (the
-    Nyström placement is free). Returns the monitor, the landmark counts of the maps fitted,
-    the coordinator and the samples recorded."""
+def _run(make_trainer, tmp_path, monkeypatch, per_unit: float, **kwargs):
+    """A fit in which fitting a map on m landmarks costs ``per_unit`` fake seconds a unit of the
+    cost model, m² + SAMPLE_UNITS · m (the Nyström placement is free). Returns the monitor,
+    the landmark counts of the maps fitted, the coordinator and the samples recorded."""
     clock = FakeClock()
     sizes: list[int] = []
     real = embedder_module.diffusion_map
 
     def timed(X, **kw):
         sizes.append(X.shape[0])
-        clock.now += per_pair * X.shape[0] ** 2
+        clock.now += per_unit * (X.shape[0] ** 2 + SAMPLE_UNITS * X.shape[0])
         return real(X, **kw)
 
     monkeypatch.setattr(embedder_module, "diffusion_map", timed)
@@ -87,15 +88,16 @@ def _logged_map_is(tmp_path, traj, landmarks: np.ndarray, num_samples: int) -> N
 def test_end_of_fit_embedding_shrinks_to_the_landmarks_the_budget_affords(
     tmp_path, make_trainer, monkeypatch, said
 ):
-    per_pair = 2e-4
-    monitor, sizes, coord, traj = _run(make_trainer, tmp_path, monkeypatch, per_pair)
+    per_unit = 1e-4
+    monitor, sizes, coord, traj = _run(make_trainer, tmp_path, monkeypatch, per_unit)
     n, m = STEPS + 1, sizes[-1]
-    assert FLOOR_LANDMARKS <= m < n and len(sizes) >= 3  # epoch-end ones ran, then this one
-    # The most landmarks whose predicted cost (per_pair per unit of n·m, as measured on the
-    # earlier embeddings) fits what the budget still afforded before it.
-    spent_before = coord.spent["diffusion"] - per_pair * m * m
+    assert FLOOR_LANDMARKS <= m < n and len(sizes) >= 2  # an epoch end's ran, then this one
+    # The most landmarks whose predicted cost (per_unit, as the earlier embedding measured it;
+    # writing took no fake time) fits what the budget still afforded before it.
+    spent_before = coord.spent["diffusion"] - per_unit * monitor.embedder.cost(m)
     room = coord.rate(0.05, ("diffusion",)) * coord.train_seconds - spent_before
-    assert per_pair * n * m <= room < per_pair * n * (m + 1)
+    predicted = [per_unit * monitor.embedder.cost(n, max_points=k) for k in (m, m + 1)]
+    assert predicted[0] <= room < predicted[1]
     assert coord.spent["diffusion"] <= 0.05 * coord.train_seconds  # bounded: within its share
     coords, steps = monitor._last[0], monitor._last[1]
     assert coords.shape == (n, 2) and np.isfinite(coords).all()  # every sample placed
@@ -108,9 +110,9 @@ def test_end_of_fit_embedding_shrinks_to_the_landmarks_the_budget_affords(
 def test_end_of_fit_embedding_keeps_landmarks_only_when_even_the_floor_does_not_fit(
     tmp_path, make_trainer, monkeypatch, said
 ):
-    monitor, sizes, _, traj = _run(make_trainer, tmp_path, monkeypatch, per_pair=1e-2)
+    monitor, sizes, _, traj = _run(make_trainer, tmp_path, monkeypatch, per_unit=1e-3)
     n = STEPS + 1
-    # Even 100 landmarks with Nyström (1e-2 · 329 · 100 s) and 100 alone (100 s) exceed the
+    # Even 100 landmarks with Nyström (1e-3 · 329 · 300 s) and 100 alone (30 s) exceed the
     # room: the floor's 100 landmarks alone, the picture the end of fit always gives.
     assert sizes[-1] == FLOOR_LANDMARKS
     landmarks = select_landmarks(n, FLOOR_LANDMARKS)
@@ -123,14 +125,14 @@ def test_end_of_fit_embedding_keeps_landmarks_only_when_even_the_floor_does_not_
 
 
 @pytest.mark.parametrize(
-    ("per_pair", "kwargs"),
-    [(1e-4, {}), (1e-2, {"embed_every_n_epochs": 4})],
+    ("per_unit", "kwargs"),
+    [(4e-5, {}), (1e-2, {"embed_every_n_epochs": 4})],
     ids=["fits-the-room", "explicit-schedule"],
 )
 def test_end_of_fit_embedding_is_whole_when_affordable_or_scheduled(
-    tmp_path, make_trainer, monkeypatch, said, per_pair, kwargs
+    tmp_path, make_trainer, monkeypatch, said, per_unit, kwargs
 ):
-    monitor, sizes, coord, traj = _run(make_trainer, tmp_path, monkeypatch, per_pair, **kwargs)
+    monitor, sizes, coord, traj = _run(make_trainer, tmp_path, monkeypatch, per_unit, **kwargs)
     n = STEPS + 1
     # The last map is the end of fit's (not an epoch end's: the one at the last, partial epoch
     # did not fit with its reserve, or is not on the schedule), on every sample.
@@ -145,29 +147,36 @@ def test_end_of_fit_embedding_is_whole_when_affordable_or_scheduled(
 
 
 def test_end_plan_order_and_floors():
-    embedder = TrajectoryEmbedder(n_components=2, max_points=400)
-    cost = EmbedCost(fit=1e-5, units=1.0, write=0.0, rows=1)  # 1e-5 s a unit
-    n = 1000
+    embedder = TrajectoryEmbedder(n_components=2, max_points=1000)
+    cost = EmbedCost(fit=1e-6, units=1.0, write=0.0, rows=0)  # 1e-6 s a unit, writing free
+    n = 2000
     full = end_plan(embedder, n, cost, None)  # no bound known: whole
-    assert (full.landmarks, full.nystrom, full.reduced) == (400, True, False)
-    assert full.seconds == pytest.approx(1e-5 * n * 400)
+    assert (full.landmarks, full.nystrom, full.reduced) == (1000, True, False)
+    assert full.seconds == pytest.approx(1e-6 * (n * 1000 + 200 * n))
     assert not end_plan(embedder, n, cost, full.seconds).reduced
     # Under the floor of seconds nothing is reduced, whatever the room.
-    assert not end_plan(embedder, 30, cost, 0.0).reduced and 1e-5 * 900 < FLOOR_SECONDS
-    plan = end_plan(embedder, n, cost, 2.0)  # n·m·1e-5 <= 2: 200 landmarks, Nyström
-    assert (plan.landmarks, plan.nystrom, plan.reduced) == (200, True, True)
-    plan = end_plan(embedder, n, cost, 0.6)  # 100 with Nyström costs 1 s; m² · 1e-5 <= 0.6
-    assert (plan.landmarks, plan.nystrom) == (244, False)
-    dear = EmbedCost(fit=1e-3, units=1.0, write=0.0, rows=1)  # 100 landmarks alone: 10 s
+    assert not end_plan(embedder, 30, cost, 0.0).reduced and 1e-6 * 6900 < FLOOR_SECONDS
+    plan = end_plan(embedder, n, cost, 1.0)  # 1e-6 · n · (m + 200) <= 1: 300 landmarks
+    assert (plan.landmarks, plan.nystrom, plan.reduced) == (300, True, True)
+    assert plan.seconds == pytest.approx(1.0) and plan.full == full.seconds
+    # 100 landmarks with Nyström take 0.6 s; alone, 1e-6 · (m² + 200 m) <= 0.59: 674.
+    plan = end_plan(embedder, n, cost, 0.59)
+    assert (plan.landmarks, plan.nystrom) == (674, False)
+    dear = EmbedCost(fit=1e-3, units=1.0, write=0.0, rows=0)  # 100 landmarks alone: 30 s
     plan = end_plan(embedder, n, dear, 0.0)  # nothing fits: the floor, landmarks only
-    assert (plan.landmarks, plan.nystrom, plan.seconds) == (100, False, pytest.approx(10.0))
+    assert (plan.landmarks, plan.nystrom, plan.seconds) == (100, False, pytest.approx(30.0))
     # Fewer samples than the floor: nothing to leave out.
-    assert not end_plan(embedder, 90, EmbedCost(1.0, 1.0, 0.0, 1), 0.0).reduced
+    assert not end_plan(embedder, 90, dear, 0.0).reduced
+    # Writing: a fixed part as large as WRITE_FIXED_ROWS rows, and each row.
+    written = EmbedCost(fit=0.0, units=1.0, write=1.0, rows=WRITE_FIXED_ROWS)
+    assert written.predict(0.0, 0) == pytest.approx(0.5)
+    assert written.predict(0.0, 3 * WRITE_FIXED_ROWS) == pytest.approx(2.0)
     # Checkpointed as plain numbers; a checkpoint's (seconds, samples) reads as all fitting.
     assert EmbedCost.from_state(cost.state(), embedder) == cost
     old = EmbedCost.from_state((2.0, 600), embedder)
     assert old.predict(embedder.cost(600), 600) == pytest.approx(2.0)
-    assert old.predict(embedder.cost(1200), 1200) == pytest.approx(2.0 * 1200 / 600)
+    ratio = embedder.cost(1200) / embedder.cost(600)
+    assert old.predict(embedder.cost(1200), 1200) == pytest.approx(2.0 * ratio)
 
 
 def test_coordinator_room_is_what_both_caps_still_afford():

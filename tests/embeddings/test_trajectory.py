@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lightning_landscape.embeddings.diffusion import diffusion_map, select_landmarks
-from lightning_landscape.embeddings.trajectory import TrajectoryEmbedder
+from lightning_landscape.embeddings.trajectory import SAMPLE_UNITS, TrajectoryEmbedder
 
 
 def _spiral(n: int) -> np.ndarray:
@@ -37,7 +37,7 @@ def test_fit_uses_at_most_max_points_landmarks():
     np.testing.assert_allclose(result.eigenvalues, reference.eigenvalues, rtol=1e-12)
     np.testing.assert_allclose(coords[landmarks], reference.coordinates, rtol=1e-9, atol=1e-12)
     assert np.all(np.isfinite(coords))
-    assert embedder.cost(60) == 20 * 20 + 40 * 20
+    assert embedder.cost(60) == 20 * 20 + 40 * 20 + SAMPLE_UNITS * 60
 
 
 def test_successive_embeddings_are_aligned_on_their_common_steps():
@@ -178,12 +178,15 @@ def test_cost_model_is_the_documented_formula_and_monotone():
     ns, ms = range(0, 200, 7), (8, 20, 50, 80)
     for n in ns:
         for m in ms:
-            k = max(min(n, m), 1)  # landmarks fitted
-            assert embedder.cost(n, max_points=m) == k * k + max(n - k, 0) * k
-            assert embedder.cost(n, max_points=m, nystrom=False) == k * k
+            k = min(n, m)  # landmarks fitted
+            placed = (n - k) * k + SAMPLE_UNITS * n
+            assert embedder.cost(n, max_points=m) == k * k + placed
+            assert embedder.cost(n, max_points=m, nystrom=False) == k * k + SAMPLE_UNITS * k
         assert embedder.cost(n) == embedder.cost(n, max_points=50)
         np.testing.assert_array_equal(embedder.landmarks(n), select_landmarks(n, 50))
     for nystrom in (True, False):
         grid = np.array([[embedder.cost(n, max_points=m, nystrom=nystrom) for m in ms] for n in ns])
         assert np.all(np.diff(grid, axis=0) >= 0) and np.all(np.diff(grid, axis=1) >= 0)
     assert all(embedder.cost(n, nystrom=False) <= embedder.cost(n) for n in ns)
+    with pytest.raises(ValueError, match="max_points must be an integer >= 1"):
+        embedder.cost(10, max_points=0)
