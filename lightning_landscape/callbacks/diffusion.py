@@ -48,12 +48,12 @@ class DiffusionMapMonitor(ScheduledMonitor):
     :class:`~lightning_landscape.embeddings.trajectory.TrajectoryEmbedder` (burn-in, window,
     landmarks plus Nyström, each map rotated onto the previous one) at epoch ends the budget
     affords (``embed_every_n_epochs="auto"``), on a fixed schedule if given, and always at the
-    end of fit; recording and embedding are charged to the budget shared by all monitors.
+    end of fit, then on fewer landmarks (or landmarks only) if the budget affords no more.
 
-    Costs (D parameters, d = min(D, ``sketch_dim``), n samples, m = min(n, ``max_points``)):
-    recording O(D) a sample and 8·d bytes on disk; an embedding O(m² d + (n − m) m d). DDP:
-    parameters are replicated, so only rank 0 records and embeds (no collective but the end
-    barrier).
+    Costs (D parameters, d = min(D, ``sketch_dim``), n samples, m = min(n, ``max_points``)),
+    charged to the budget all monitors share: recording O(D) a sample and 8·d bytes on disk; an
+    embedding O(m² d + (n − m) m d). DDP: parameters are replicated, so only rank 0 records
+    and embeds (no collective but the end barrier).
 
     Args:
         every_n_steps: record a sample every ``n`` optimizer steps. None (default): every 10
