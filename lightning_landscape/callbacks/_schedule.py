@@ -242,6 +242,17 @@ class Coordinator:
             and spent_all <= rate_all * self.train_seconds
         )
 
+    def room(self, monitor: str, max_overhead: float) -> float | None:
+        """Seconds of measurement ``monitor`` can still take now within ``max_overhead`` and the
+        total cap, both at their :meth:`rate` (negative when over); None before the step time
+        is known. The bound of a fixed cost that can be made smaller (an end-of-fit one)."""
+        rates = self._rates(monitor, max_overhead)
+        if rates is None:
+            return None
+        rate_self, rate_all = rates
+        own = rate_self * self.train_seconds - self.spent.get(monitor, 0.0)
+        return min(own, rate_all * self.train_seconds - sum(self.spent.values()))
+
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {

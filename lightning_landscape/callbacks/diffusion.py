@@ -20,6 +20,8 @@ from ..embeddings.diffusion import DiffusionMap, DiffusionOptions, DisconnectedG
 from ..embeddings.trajectory import TrajectoryEmbedder
 from ..sampling.store import Trajectory
 from ._base import NUMERICAL_FAILURES, ScheduledMonitor, _final_step, _log_dir
+from ._diffusion_plan import EmbedCost, check_sample_count, check_schedule, end_plan, few_samples
+from ._fixed_costs import say
 from ._recorder import TrajectoryRecorder
 from ._thinning import RECORDING_SHARE, Thinning, recording_interval
 
@@ -47,12 +49,12 @@ class DiffusionMapMonitor(ScheduledMonitor):
     :class:`~lightning_landscape.embeddings.trajectory.TrajectoryEmbedder` (burn-in, window,
     landmarks plus Nyström, each map rotated onto the previous one) at epoch ends the budget
     affords (``embed_every_n_epochs="auto"``), on a fixed schedule if given, and always at the
-    end of fit; recording and embedding are charged to the budget shared by all monitors.
+    end of fit, then on fewer landmarks (or landmarks only) if the budget affords no more.
 
-    Costs (D parameters, d = min(D, ``sketch_dim``), n samples, m = min(n, ``max_points``)):
-    recording O(D) a sample and 8·d bytes on disk; an embedding O(m² d + (n − m) m d). DDP:
-    parameters are replicated, so only rank 0 records and embeds (no collective but the end
-    barrier).
+    Costs (D parameters, d = min(D, ``sketch_dim``), n samples, m = min(n, ``max_points``)),
+    charged to the budget all monitors share: recording O(D) a sample and 8·d bytes on disk; an
+    embedding O(m² d + (n − m) m d). DDP: parameters are replicated, so only rank 0 records
+    and embeds (no collective but the end barrier).
 
     Args:
         every_n_steps: record a sample every ``n`` optimizer steps. None (default): every 10
@@ -120,7 +122,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
             max_overhead=0.02 if max_overhead is None else max_overhead,
             clock=clock,
         )
-        _check_schedule(every_n_steps, embed_every_n_epochs, embed_every_n_steps)
+        check_schedule(every_n_steps, embed_every_n_epochs, embed_every_n_steps)
         self.recorder = TrajectoryRecorder(
             sample=sample, sketch_dim=sketch_dim, exact_max_params=exact_max_params, seed=seed
         )
@@ -133,6 +135,9 @@ class DiffusionMapMonitor(ScheduledMonitor):
         # "auto" (the default) puts the epoch-end embeddings on the budget; an explicit
         # schedule replaces it (docs/design.md, "Cost") unless max_overhead is given as well.
         self.embed_budget = max_overhead is not None
+        # The end-of-fit embedding is bounded by the budget unless the schedule is explicit.
+        auto = embed_every_n_epochs == "auto" and embed_every_n_steps is None
+        self.end_on_budget = self.embed_budget or auto
         self.embed_every_n_epochs, self.embed_every_n_steps = (
             embed_every_n_epochs,
             embed_every_n_steps,
@@ -144,9 +149,9 @@ class DiffusionMapMonitor(ScheduledMonitor):
             log_figure,
             log_histogram,
         )
-        # Checkpointed state; last_embed_cost: (seconds, samples) of the latest embedding.
+        # Checkpointed state; last_embed_cost: what the latest embedding took.
         self.num_embeddings, self.last_embedded_step = 0, None
-        self.last_embed_cost: tuple[float, int] | None = None
+        self.last_embed_cost: EmbedCost | None = None
         # Per-fit objects (ddp_spawn pickles callbacks: nothing opened here).
         self._last_loss: float | torch.Tensor = math.nan
         self.last_result: DiffusionMap | None = None  # the latest map, in this process
@@ -195,26 +200,9 @@ class DiffusionMapMonitor(ScheduledMonitor):
                     total, longest=DEFAULT_EVERY_N_STEPS, per_minimum=SAMPLES_PER_MINIMUM,
                     divides=self.embed_every_n_steps,
                 )  # fmt: skip
-            self._check_sample_count(trainer, total)
+            if trainer.is_global_zero:  # said at the start, not after the fit
+                check_sample_count(self.embedder, total, self.every_n_steps)
         super().on_train_start(trainer, pl_module)
-
-    def _check_sample_count(self, trainer: Trainer, total: int) -> None:
-        """Say at the start, not after the fit, when the end-of-fit embedding will lack
-        samples (the same notice as :meth:`_embed`'s)."""
-        assert self.every_n_steps is not None
-        count = self.embedder.samples_in_window(total, self.every_n_steps)
-        if count < self.embedder.min_samples and trainer.is_global_zero:
-            every = self.every_n_steps
-            what = f"this fit of {total} steps will record {count} samples (every {every} steps)"
-            self._few_samples(f"{what} in the embedded window", "no embedding")
-
-    def _few_samples(self, what: str, consequence: str) -> None:
-        warn_once(
-            f"{self.name}-few-samples",
-            f"DiffusionMapMonitor: {what}, fewer than n_components + 2 = "
-            f"{self.embedder.min_samples}: {consequence} (record more often with every_n_steps, "
-            "or lower burn_in_steps).",
-        )
 
     @override
     def on_train_batch_end(
@@ -251,8 +239,8 @@ class DiffusionMapMonitor(ScheduledMonitor):
         super()._finish_fit(trainer, pl_module)  # the last sample
         step = trainer.global_step
         if trainer.is_global_zero:
-            if step != self.last_embedded_step:
-                self._embed(trainer, step, budget=False, projector=True)  # always runs
+            if step != self.last_embedded_step:  # always runs; bounded on the budget
+                self._embed(trainer, step, budget=False, projector=True, bounded=True)
             elif self.last_result is not None and not self._projector_written:
                 self._write(trainer, step, plots=False, projector=True)
         self.recorder.close()
@@ -276,24 +264,31 @@ class DiffusionMapMonitor(ScheduledMonitor):
             self.every_n_steps = recording_interval(self, trainer, seconds)
 
     # -- recording and embedding -------------------------------------------------------------
-    def _embed(self, trainer: Trainer, step: int, *, budget: bool, projector: bool) -> None:
-        """Embed the samples so far, if affordable when on the ``budget``; log the result."""
+    def _embed(
+        self, trainer: Trainer, step: int, *, budget: bool, projector: bool, bounded: bool = False
+    ) -> None:
+        """Embed the samples so far, if affordable when on the ``budget``; log the result. A
+        ``bounded`` one (the end of fit's) is reduced to what the budget still affords."""
         if not self.recorder.is_open:
             return
         clock = self._now
         if budget and not self._affordable():
             return
-        announced = self._announce(trainer, step, self._embed_cost())
         t0 = clock()
         traj = self.recorder.load()
         rows = self.embedder.select(traj.steps, step)
         if rows.size < self.embedder.min_samples:
-            self._few_samples(f"{rows.size} samples at step {step}", "the embedding waits for more")
+            what = f"{rows.size} samples at step {step}"
+            few_samples(self.embedder, what, "the embedding waits for more")
             return
+        landmarks, nystrom, expected = self._plan(trainer, int(rows.size), bounded)
+        if not nystrom:
+            rows = rows[self.embedder.landmarks(rows.size, max_points=landmarks)]
+        announced = self._announce(trainer, step, expected)
         self.last_embedded_step = step
         fitted = None
         try:
-            fitted = self.embedder.fit(traj.vectors[rows])
+            fitted = self.embedder.fit(traj.vectors[rows], max_points=landmarks)
         except (*NUMERICAL_FAILURES, DisconnectedGraphError) as err:
             self._skip(trainer, step, err, "embedding")
         seconds = clock() - t0
@@ -301,22 +296,36 @@ class DiffusionMapMonitor(ScheduledMonitor):
             self._accept(trainer, step, traj, rows, fitted, projector=projector)
         self._log_cost(trainer, step, seconds)
         total = clock() - t0
-        self.last_embed_cost = (total, int(rows.size))
+        units = self.embedder.cost(rows.size, max_points=landmarks)
+        self.last_embed_cost = EmbedCost(seconds, units, total - seconds, int(rows.size))
         self._charge(total)
         self._announce_done(trainer, step, total, announced)
 
-    def _affordable(self) -> bool:
-        """Whether the predicted cost and as much again for the end of fit fit in the budget."""
-        if self._coord is None:
-            return True
-        return self._coord.affords(self.name, self._embed_cost() or 0.0, self.max_overhead)
+    def _plan(self, trainer: Trainer, n: int, bounded: bool) -> tuple[int, bool, float]:
+        """``(landmarks, nystrom, predicted seconds)`` of an embedding of ``n`` samples: the
+        full one, or the ``bounded`` one of a fit on the budget (``_diffusion_plan``)."""
+        coord = self._coord  # an explicit schedule is the user's: its end is whole
+        bounded = bounded and coord is not None and self.end_on_budget
+        allowed = coord.room(self.name, self.max_overhead) if bounded and coord else None
+        plan = end_plan(self.embedder, n, self._cost_model(), allowed)
+        if plan.reduced and coord is not None and coord.first_notice(f"end:{self.name}"):
+            say(trainer, plan.notice(type(self).__name__, n, allowed))
+        return plan.landmarks, plan.nystrom, plan.seconds
 
-    def _embed_cost(self) -> float | None:
-        """Predicted seconds of an embedding now: the last one's, scaled to the samples now."""
-        if self.last_embed_cost is None:
-            return None
-        seconds, n_last = self.last_embed_cost
-        return seconds * self.embedder.cost(self.recorder.rows) / self.embedder.cost(n_last)
+    def _affordable(self) -> bool:
+        """Whether the predicted cost and as much again for the end of fit fit in the budget
+        (the first embedding runs as soon as there is any budget, and is timed)."""
+        cost = self._embed_cost() if self.last_embed_cost is not None else 0.0
+        return self._coord is None or self._coord.affords(self.name, cost, self.max_overhead)
+
+    def _cost_model(self) -> EmbedCost:
+        """The latest embedding's costs, else the a-priori ones for this sample size."""
+        return self.last_embed_cost or EmbedCost.guess(self.recorder.sketch)
+
+    def _embed_cost(self, n: int | None = None) -> float:
+        """Predicted seconds of a full embedding of ``n`` samples (default: all recorded)."""
+        n = self.recorder.rows if n is None else n
+        return self._cost_model().predict(self.embedder.cost(n), n)
 
     def _what(self) -> str:
         return f"the diffusion map of {self.recorder.rows} samples"
@@ -368,23 +377,12 @@ class DiffusionMapMonitor(ScheduledMonitor):
 
     # -- state -------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
-        own = ("num_embeddings", "last_embedded_step", "last_embed_cost")
-        return {**self.recorder.state_dict(), **{k: getattr(self, k) for k in own}}
+        cost = self.last_embed_cost.state() if self.last_embed_cost is not None else None
+        own = {"num_embeddings": self.num_embeddings, "last_embedded_step": self.last_embedded_step}
+        return {**self.recorder.state_dict(), **own, "last_embed_cost": cost}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.recorder.load_state_dict(state)
         self.num_embeddings = int(state.get("num_embeddings", 0))
         self.last_embedded_step = state.get("last_embedded_step")
-        cost = state.get("last_embed_cost")
-        self.last_embed_cost = (float(cost[0]), int(cost[1])) if cost is not None else None
-
-
-def _check_schedule(every_n_steps: int | None, n_epochs: Any, n_steps: int | None) -> None:
-    """The embedding schedule: ``embed_every_n_epochs`` and ``embed_every_n_steps``."""
-    check_positive_int("embed_every_n_epochs", n_epochs, allow_none=True, also=("auto",))
-    check_positive_int("embed_every_n_steps", n_steps, allow_none=True)
-    if n_steps is not None and every_n_steps is not None and n_steps % every_n_steps:
-        raise ValueError(
-            f"embed_every_n_steps must be a multiple of every_n_steps ({every_n_steps}); "
-            f"got {n_steps}"
-        )
+        self.last_embed_cost = EmbedCost.from_state(state.get("last_embed_cost"), self.embedder)

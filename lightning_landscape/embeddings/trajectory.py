@@ -10,7 +10,9 @@ again and again as it grows. :class:`TrajectoryEmbedder` does one such embedding
    ones (:func:`~lightning_landscape.embeddings.diffusion.select_landmarks`) and the others are
    placed by Nyström extension
    (:func:`~lightning_landscape.embeddings.diffusion.landmark_coordinates`), which is accurate
-   inside the sampled support that evenly spaced landmarks cover.
+   inside the sampled support that evenly spaced landmarks cover. One call may use fewer
+   landmarks (``fit(X, max_points=m)``); fitting on :meth:`TrajectoryEmbedder.landmarks` alone
+   is the landmarks-only embedding, which leaves the Nyström placement out.
 3. **Alignment.** The new coordinates are rotated onto the previous embedding on their common
    steps (:func:`~lightning_landscape.embeddings.diffusion.align_to_previous`: Procrustes
    within groups of near-equal eigenvalues), so the axes do not jump between two embeddings.
@@ -18,8 +20,9 @@ again and again as it grows. :class:`TrajectoryEmbedder` does one such embedding
 
 Costs, for n selected samples of d numbers and m = min(n, ``max_points``): O(m² d) for the
 exact neighbours of the landmarks (pynndescent above ``exact_max_n`` points), O((n − m) m d) for
-the Nyström placement (:func:`~lightning_landscape.embeddings.diffusion.landmark_cost` is this
-model, for budgets), O(n k²) for the alignment; memory O(n d) for the samples.
+the Nyström placement, O(n d) for checking and copying the samples
+(:meth:`TrajectoryEmbedder.cost` is this model, for budgets, with or without the placement),
+O(n k²) for the alignment; memory O(n d) for the samples.
 
 numpy/scipy only: no Lightning, no TensorBoard.
 """
@@ -39,7 +42,6 @@ from .diffusion import (
     align_to_previous,
     diffusion_map,
     landmark_coordinates,
-    landmark_cost,
     select_landmarks,
 )
 
@@ -48,6 +50,11 @@ __all__ = ["TrajectoryEmbedder"]
 #: Options of ``diffusion_map`` that :class:`TrajectoryEmbedder` sets itself; the rest of its
 #: keyword options are passed on (read from its signature).
 _SET_HERE = ("n_components", "n_neighbors", "alpha", "epsilon", "t", "seed")
+
+#: The work an embedding does per sample whatever its landmarks (checking and copying it, and
+#: for a placed one its neighbour search and weights), in units of :meth:`TrajectoryEmbedder.cost`
+#: (one landmark distance); measured in docs/benchmarks.md ("Bounded end-of-fit embedding").
+SAMPLE_UNITS = 200
 
 
 class TrajectoryEmbedder:
@@ -146,21 +153,37 @@ class TrajectoryEmbedder:
             every = max(d for d in range(1, every + 1) if divides % d == 0)
         return every
 
-    def cost(self, n: int) -> float:
-        """Relative cost of embedding ``n`` samples (``landmark_cost`` with ``max_points``)."""
-        return landmark_cost(n, self.max_points)
+    def cost(self, n: int, *, max_points: int | None = None, nystrom: bool = True) -> float:
+        """Relative cost of embedding ``n`` samples on m = min(n, ``max_points``) landmarks
+        (default: :attr:`max_points`): m² for the landmarks' map, (n − m)·m for the Nyström
+        placement of the others, and :data:`SAMPLE_UNITS` per sample; landmarks only
+        (``nystrom=False``): m² + ``SAMPLE_UNITS``·m. Increasing in ``n`` and ``max_points``
+        (up to ``n``), and never less with ``nystrom``."""
+        _check_int("n", n, 0)
+        if max_points is not None:
+            _check_int("max_points", max_points, 1)
+        m = min(n, self.max_points if max_points is None else max_points)
+        rows = n if nystrom else m
+        return float(m * m + (rows - m) * m + SAMPLE_UNITS * rows)
 
-    def fit(self, X: Any) -> tuple[np.ndarray, DiffusionMap]:
-        """The map of at most ``max_points`` evenly spaced rows of ``X``, the other rows placed
-        by Nyström extension: ``(coordinates of every row, the map of the landmarks)``.
+    def landmarks(self, n: int, *, max_points: int | None = None) -> np.ndarray:
+        """Indices of the rows of an ``n``-row :meth:`fit` (same ``max_points``) that its map
+        is fitted on; fitting on these rows alone is the landmarks-only embedding."""
+        return select_landmarks(n, self.max_points if max_points is None else max_points)
+
+    def fit(self, X: Any, *, max_points: int | None = None) -> tuple[np.ndarray, DiffusionMap]:
+        """The map of at most ``max_points`` (default :attr:`max_points`, for this call only)
+        evenly spaced rows of ``X`` (:meth:`landmarks`), the other rows placed by Nyström
+        extension: ``(coordinates of every row, the map of the landmarks)``.
 
         Raises:
+            ValueError: If ``max_points`` is not an integer >= 1.
             FloatingPointError: If an eigenvalue is not finite.
             DisconnectedGraphError: With ``disconnected="raise"`` on a disconnected graph.
         """
         X = np.asarray(X)
         n = X.shape[0]
-        landmarks = select_landmarks(n, self.max_points)
+        landmarks = self.landmarks(n, max_points=max_points)
         result = diffusion_map(
             X[landmarks],
             n_components=self.n_components,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lightning_landscape.embeddings.diffusion import diffusion_map, select_landmarks
-from lightning_landscape.embeddings.trajectory import TrajectoryEmbedder
+from lightning_landscape.embeddings.trajectory import SAMPLE_UNITS, TrajectoryEmbedder
 
 
 def _spiral(n: int) -> np.ndarray:
@@ -37,7 +37,7 @@ def test_fit_uses_at_most_max_points_landmarks():
     np.testing.assert_allclose(result.eigenvalues, reference.eigenvalues, rtol=1e-12)
     np.testing.assert_allclose(coords[landmarks], reference.coordinates, rtol=1e-9, atol=1e-12)
     assert np.all(np.isfinite(coords))
-    assert embedder.cost(60) == 20 * 20 + 40 * 20
+    assert embedder.cost(60) == 20 * 20 + 40 * 20 + SAMPLE_UNITS * 60
 
 
 def test_successive_embeddings_are_aligned_on_their_common_steps():
@@ -131,3 +131,62 @@ def test_recording_interval_leaves_enough_samples_and_divides_the_embedding_sche
         else:
             assert embedder.samples_in_window(total, every) >= min(total + 1, 2 * 8)
     assert 12 % embedder.recording_interval(60, longest=10, per_minimum=2, divides=12) == 0
+
+
+def _noisy_circle(n: int, dim: int = 50, noise: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points in angle order (one a step) along a unit circle in a random plane of
+    ``dim`` dimensions, with isotropic noise; and their angles."""
+    rng = np.random.default_rng(0)
+    theta = 2.0 * np.pi * np.arange(n) / n
+    frame = np.linalg.qr(rng.standard_normal((dim, 2)))[0]
+    X = np.c_[np.cos(theta), np.sin(theta)] @ frame.T + noise * rng.standard_normal((n, dim))
+    return X, theta
+
+
+def _angle_agreement(coords: np.ndarray, theta: np.ndarray) -> float:
+    """|mean exp(i(φ ∓ θ))| for φ the angle of the first two coordinates: 1 when φ is θ up to
+    a rotation and a reflection, near 0 when they are unrelated."""
+    phi = np.arctan2(coords[:, 1], coords[:, 0])
+    return max(abs(np.mean(np.exp(1j * (phi - theta)))), abs(np.mean(np.exp(1j * (phi + theta)))))
+
+
+def test_reduced_fits_still_recover_a_circle():
+    X, theta = _noisy_circle(600)
+    embedder = TrajectoryEmbedder(n_components=2, n_neighbors=10)
+    full, _ = embedder.fit(X)  # all 600 are landmarks (max_points=1000)
+    assert _angle_agreement(full, theta) > 0.99
+    # 60 landmarks for this call only, the other 540 placed by Nyström.
+    placed, result = embedder.fit(X, max_points=60)
+    assert embedder.max_points == 1000 and result.data.shape[0] == 60
+    assert placed.shape == (600, 2) and _angle_agreement(placed, theta) > 0.99
+    # Landmarks only: the map of the rows landmarks() names is the same map, on those rows.
+    landmarks = embedder.landmarks(600, max_points=60)
+    np.testing.assert_array_equal(landmarks, select_landmarks(600, 60))
+    alone, alone_result = embedder.fit(X[landmarks], max_points=60)
+    np.testing.assert_allclose(alone_result.eigenvalues, result.eigenvalues, rtol=1e-12)
+    np.testing.assert_allclose(alone, placed[landmarks], rtol=1e-9, atol=1e-12)
+    assert _angle_agreement(alone, theta[landmarks]) > 0.99
+    # The agreement tells rows apart: the same coordinates on shuffled angles do not agree.
+    shuffled = np.random.default_rng(1).permutation(landmarks)
+    assert _angle_agreement(alone, theta[shuffled]) < 0.5
+    with pytest.raises(ValueError, match="max_points must be an integer >= 1"):
+        embedder.fit(X, max_points=0)
+
+
+def test_cost_model_is_the_documented_formula_and_monotone():
+    embedder = TrajectoryEmbedder(max_points=50)
+    ns, ms = range(0, 200, 7), (8, 20, 50, 80)
+    for n in ns:
+        for m in ms:
+            k = min(n, m)  # landmarks fitted
+            placed = (n - k) * k + SAMPLE_UNITS * n
+            assert embedder.cost(n, max_points=m) == k * k + placed
+            assert embedder.cost(n, max_points=m, nystrom=False) == k * k + SAMPLE_UNITS * k
+        assert embedder.cost(n) == embedder.cost(n, max_points=50)
+        np.testing.assert_array_equal(embedder.landmarks(n), select_landmarks(n, 50))
+    for nystrom in (True, False):
+        grid = np.array([[embedder.cost(n, max_points=m, nystrom=nystrom) for m in ms] for n in ns])
+        assert np.all(np.diff(grid, axis=0) >= 0) and np.all(np.diff(grid, axis=1) >= 0)
+    assert all(embedder.cost(n, nystrom=False) <= embedder.cost(n) for n in ns)
+    with pytest.raises(ValueError, match="max_points must be an integer >= 1"):
+        embedder.cost(10, max_points=0)
