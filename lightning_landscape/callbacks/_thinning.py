@@ -29,6 +29,11 @@ TRACKING_SHARE = 0.005
 #: The diffusion monitor's sample recording stays under this share of the step time.
 RECORDING_SHARE = 0.01
 
+#: With ``every_n_steps=None`` the diffusion monitor records often enough (a short fit more
+#: often) that the embedded window holds this many times the ``n_components + 2`` samples an
+#: embedding needs; widening keeps it.
+SAMPLES_PER_MINIMUM = 2
+
 #: Runs timed before the first revision (and between revisions).
 REVISE_EVERY = 100
 
@@ -76,7 +81,8 @@ class Thinning:
 def recording_interval(monitor: Any, trainer: Any, seconds: float) -> int:
     """The diffusion monitor's recording interval after a sample that took ``seconds``: its
     default interval (``every_n_steps=None``) widened by ``monitor.recording`` (a
-    :class:`Thinning`) while the fit's window still gets twice the samples an embedding needs;
+    :class:`Thinning`) while the fit's window still gets :data:`SAMPLES_PER_MINIMUM` times the
+    samples an embedding needs;
     an interval the user chose, or one that must divide ``embed_every_n_steps``, is kept."""
     every = monitor.every_n_steps
     total = _final_step(trainer)
@@ -85,7 +91,7 @@ def recording_interval(monitor: Any, trainer: Any, seconds: float) -> int:
         return every
     thinning = monitor.recording
     thinning.every = every
-    per_minimum = 2 * monitor.embedder.min_samples
+    per_minimum = SAMPLES_PER_MINIMUM * monitor.embedder.min_samples
     limit = max(1, (total - monitor.embedder.window_start(total) + 1) // per_minimum)
     thinning.ran(seconds, monitor._coord.step_seconds, limit=limit)
     return thinning.every

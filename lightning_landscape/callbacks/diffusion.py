@@ -23,15 +23,12 @@ from ._base import NUMERICAL_FAILURES, ScheduledMonitor, _final_step, _log_dir
 from ._diffusion_plan import EmbedCost, check_sample_count, check_schedule, end_plan, few_samples
 from ._fixed_costs import say
 from ._recorder import TrajectoryRecorder
-from ._thinning import RECORDING_SHARE, Thinning, recording_interval
+from ._thinning import RECORDING_SHARE, SAMPLES_PER_MINIMUM, Thinning, recording_interval
 
 __all__ = ["DiffusionMapMonitor"]
 
 #: Recording interval of ``every_n_steps=None`` in a fit long enough for it.
 DEFAULT_EVERY_N_STEPS = 10
-#: With ``every_n_steps=None`` a shorter fit records more often, so that the embedded window
-#: holds at least this many times the ``n_components + 2`` samples an embedding needs.
-SAMPLES_PER_MINIMUM = 2
 
 
 class DiffusionMapMonitor(ScheduledMonitor):
