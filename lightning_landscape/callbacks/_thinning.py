@@ -8,10 +8,12 @@ is a few percent of the fit by itself. :class:`Thinning` times it and widens its
 whole multiples, until its measured cost is at most ``share`` of the step time; on slow steps
 (a big model) it keeps the requested interval.
 
-The interval is revised only after ``revise_every`` timed runs, and only ever widened: a short
-fit (the tests' few steps) keeps its requested interval, so its results are exactly those of
-every step, and a revision never shifts the steps already kept (a multiple of the old interval
-divides the step grid the same way).
+The interval is revised after ``revise_every`` timed runs, or sooner once the runs so far have
+cost more than ``revise_every`` runs may (expensive work, such as sketching a 4M-parameter
+model's weights, thins after a few samples instead of a hundred), and only ever widened: a
+short fit of cheap work (the tests' few steps) keeps its requested interval, so its results are
+exactly those of every step, and a revision never shifts the steps already kept (a multiple of
+the old interval divides the step grid the same way).
 """
 
 from __future__ import annotations
@@ -59,16 +61,20 @@ class Thinning:
         return step % self.every == 0
 
     def ran(self, seconds: float, step_seconds: float | None, *, limit: int | None = None) -> bool:
-        """Count one run of ``seconds``; after ``revise_every`` runs, widen the interval to the
-        smallest multiple whose cost per step is at most ``share`` of ``step_seconds`` (never
-        beyond ``limit``). Returns whether the interval changed."""
+        """Count one run of ``seconds``; after ``revise_every`` runs (or once the runs have cost
+        more than ``revise_every`` runs' share), widen the interval to the smallest multiple
+        whose cost per step is at most ``share`` of ``step_seconds`` (never beyond ``limit``).
+        Returns whether the interval changed."""
         self._seconds += seconds
         self._runs += 1
-        if self._runs < self.revise_every or not step_seconds or step_seconds <= 0:
+        if not step_seconds or step_seconds <= 0:
+            return False
+        allowed = self.share * step_seconds * self.every  # a run's share
+        if self._runs < self.revise_every and self._seconds <= self.revise_every * allowed:
             return False
         per_run = self._seconds / self._runs
         self._seconds, self._runs = 0.0, 0
-        factor = math.ceil(per_run / (self.share * step_seconds * self.every))
+        factor = math.ceil(per_run / allowed)
         wider = self.every * max(factor, 1)
         if limit is not None:
             wider = min(wider, max(limit - limit % self.every, self.every))

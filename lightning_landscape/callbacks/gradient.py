@@ -96,7 +96,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
             step read.
         track_training_noise: compute the continuous training-step signal. Where reading the
             norms would cost more than 0.5% of a step (fast steps), every k-th step is read,
-            k widened after each 100 reads (``callbacks/_thinning.py``; never with the comm hook).
+            k widened as timing requires (``callbacks/_thinning.py``; never with the comm hook).
         ddp_comm_hook: under DDP, read each rank's gradient before the all-reduce through a
             communication hook, for McCandlish's two-batch-size estimator
             (:func:`~lightning_landscape.linalg.two_batch_estimate`); off by default (it

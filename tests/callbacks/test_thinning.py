@@ -22,8 +22,13 @@ from tests.callbacks._models import DigitsModule, loader
 
 def test_thinning_widens_by_whole_multiples_only_after_enough_runs_and_never_narrows():
     t = Thinning(share=0.01, every=10, revise_every=3)
-    # 3 runs of 0.25 s against steps of 1 s: 0.25 / (0.01 * 1 * 10) = 2.5 -> 3 x 10.
-    assert not t.ran(0.25, 1.0) and not t.ran(0.25, 1.0) and t.every == 10
+    # A run may take 0.01 * 1 s * 10 = 0.1 s: three runs within it are revised by count, and
+    # keep the interval.
+    assert not t.ran(0.099, 1.0) and not t.ran(0.099, 1.0) and not t.ran(0.099, 1.0)
+    assert t.every == 10
+    # 0.25 s a run: after two runs (0.5 s) more than three runs may take (0.3 s) is spent, so
+    # the interval is revised at once: 0.25 / 0.1 = 2.5 -> 3 x 10.
+    assert not t.ran(0.25, 1.0) and t.every == 10
     assert t.ran(0.25, 1.0) and t.every == 30
     assert [s for s in range(100) if t.due(s)] == [0, 30, 60, 90]
     # Cheap runs never bring the interval back (the kept steps stay on one grid).
@@ -31,9 +36,7 @@ def test_thinning_widens_by_whole_multiples_only_after_enough_runs_and_never_nar
         t.ran(0.0, 1.0)
     assert t.every == 30
     # The limit caps the widening at a multiple of the current interval.
-    for _ in range(3):
-        changed = t.ran(100.0, 1.0, limit=100)
-    assert changed and t.every == 90
+    assert t.ran(100.0, 1.0, limit=100) and t.every == 90
     # No step time yet: nothing is decided, and the runs counted so far are kept.
     u = Thinning(share=0.01, revise_every=2)
     assert not u.ran(1.0, None) and not u.ran(1.0, None) and u.every == 1
@@ -56,8 +59,8 @@ def test_gradient_norms_are_read_every_kth_step_once_reading_costs_too_much(
     tracker = importlib.import_module("lightning_landscape.linalg.noise_scale")
     update = tracker.GradientNoiseTracker.update
 
-    def slow_update(self, *args, **kwargs):  # each read takes 0.02 fake s of a 1-s step
-        clock.now += 0.02
+    def slow_update(self, *args, **kwargs):  # each read takes 0.035 fake s
+        clock.now += 0.035
         return update(self, *args, **kwargs)
 
     monkeypatch.setattr(tracker.GradientNoiseTracker, "update", slow_update)
@@ -67,24 +70,23 @@ def test_gradient_norms_are_read_every_kth_step_once_reading_costs_too_much(
         [monitor, norms, AdvanceClock(clock)], max_steps=160, log_every_n_steps=20
     )
     trainer.fit(DigitsModule(hidden=6, dtype=torch.float64), loader(16, dtype=torch.float64))
-    # 0.02 s a read over 0.5% of a 1-s step: every 4th step once 100 reads were timed.
-    assert monitor._tracking.every == 4
-    read = [i for i in range(160) if i < 100 or i % 4 == 0]
+    # Steps of 1.035 s (the reads are inside them); a read may take 0.5% of that, 0.005175 s:
+    # after 15 reads (0.525 s) more than 100 reads may take (0.5175 s) is spent, and from then
+    # on every ceil(0.035 / 0.005175) = 7th step is read.
+    assert monitor._tracking.every == 7
+    read = [i for i in range(160) if i < 15 or i % 7 == 0]
     beta, num, w = 0.9, 0.0, 0.0
     for i in read:
         num, w = beta * num + (1 - beta) * norms.values[i], beta * w + (1 - beta)
     got = scalar_series(load_events(str(tmp_path)), "landscape/gradient/train_grad_norm_sq")
     assert got[160] == pytest.approx(num / w, rel=1e-6)
-    # Every step read as long as the reads are cheap (the reference test of every step is in
-    # test_gradient_monitor.py): a 100-step fit never thins.
-    assert len(norms.values) == 160
+    assert len(norms.values) == 160  # the reference read every step
 
 
 @pytest.mark.parametrize("every_n_steps", [None, 10])
 def test_diffusion_recording_widens_only_its_default_interval(
     tmp_path, make_trainer, monkeypatch, every_n_steps
 ):
-    monkeypatch.setattr(_thinning, "REVISE_EVERY", 5)
     clock = FakeClock()
     recorder = importlib.import_module("lightning_landscape.callbacks._recorder")
     record = recorder.TrajectoryRecorder.record
@@ -102,11 +104,12 @@ def test_diffusion_recording_widens_only_its_default_interval(
     if every_n_steps == 10:  # the user's interval is kept, whatever it costs
         assert steps == list(range(0, 601, 10))
         return
-    # Default interval 10; after 5 timed samples (steps 0-40, the warm-up's first sample
-    # untimed by the step clock): 0.3 s over 1% of 10 steps of 1 s -> 3 x 10 steps.
-    assert steps[:5] == [0, 10, 20, 30, 40]
+    # Default interval 10; a sample may take 1% of 10 steps of 1 s = 0.1 s. After 34 samples
+    # (steps 0-330: 10.2 s) more than REVISE_EVERY = 100 samples may take (10 s) is spent:
+    # 0.3 / 0.1 -> every 3 x 10 steps from then on.
+    assert _thinning.REVISE_EVERY == 100
+    assert steps[:34] == list(range(0, 331, 10))
     assert monitor.every_n_steps == 30
-    assert all(s % 30 == 0 for s in steps[5:]) and steps[-1] == 600
-    assert steps[5] <= 60
+    assert steps[34:] == list(range(360, 601, 30))
     # The end-of-fit embedding still has the samples it needs.
     assert monitor.last_result is not None and len(steps) >= 2 * monitor.embedder.min_samples
