@@ -32,7 +32,7 @@ from ..dashboard.layout import merge_layouts
 from ..dashboard.writer import mark_resumed
 from ..linalg.operators import HVPFailedError
 from . import _context as ctx
-from ._fixed_costs import QUIET_SECONDS, say, too_costly
+from ._fixed_costs import QUIET_SECONDS, over_room, say, too_costly
 from ._schedule import HOOK_SAMPLE_EVERY, Coordinator, coordinator_for
 
 __all__: list[str] = []
@@ -307,7 +307,10 @@ class ScheduledMonitor(Callback):
         assert self._coord is not None
         self._coord.tick(step)
         if self._due(trainer, pl_module, step):
-            self._measure(trainer, pl_module, step)
+            # The budget places a measurement it cannot afford before the end at the last step:
+            # that one is the end-of-fit measurement, bounded as such.
+            end = self.uses_budget and step == _final_step(trainer)
+            (self._measure_end if end else self._measure)(trainer, pl_module, step)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -342,7 +345,8 @@ class ScheduledMonitor(Callback):
 
     def _measure_end(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         """The end-of-fit measurement: the reduced one (:meth:`_reduced`) when the full one is
-        predicted to cost more than the fit so far affords (``_fixed_costs.too_costly``)."""
+        predicted to cost more than the fit so far affords (``_fixed_costs.too_costly``) or, on
+        the budget, more than the budget still affords (``_fixed_costs.over_room``)."""
         reduced = self._reduced()
         if reduced is None:
             self._measure(trainer, pl_module, step)
@@ -350,7 +354,10 @@ class ScheduledMonitor(Callback):
         full = self._charged_guess(trainer, pl_module)
         cost = self.last_cost if self.last_cost is not None else full
         fit = self._fit_seconds(step)
-        if not trainer.strategy.broadcast(too_costly(cost, fit), 0):
+        coord = self._coord if self.uses_budget else None
+        room = coord.room(self.name, self.max_overhead) if coord is not None else None
+        short = too_costly(cost, fit)
+        if not trainer.strategy.broadcast(short or over_room(cost, room), 0):
             self._measure(trainer, pl_module, step)
             return
         with reduced as left_out:
@@ -358,11 +365,15 @@ class ScheduledMonitor(Callback):
             small = self._charged_guess(trainer, pl_module)
             self._expected = cost * small / full if full > 0 else None
             if self._coord is not None and self._coord.first_notice(f"end:{self.name}"):
+                affords = (
+                    f"the fit so far ({fit:.1f} s of training)"
+                    if short
+                    else f"the monitor's budget ({max(room or 0.0, 0.0):.1f} s left)"
+                )
                 say(
                     trainer,
-                    f"{type(self).__name__}: the end-of-fit measurement (about {cost:.0f} s) "
-                    f"would take more than the fit so far ({fit:.1f} s of training) affords; "
-                    f"measuring {left_out} instead.",
+                    f"{type(self).__name__}: the end-of-fit measurement (about {cost:.1f} s) "
+                    f"would take more than {affords} affords; measuring {left_out} instead.",
                 )
             try:
                 self._measure(trainer, pl_module, step)
@@ -738,6 +749,23 @@ class LandscapeMonitor(ScheduledMonitor):
         self._reschedule(trainer, step, self.last_cost)
 
     # -- probe set ---------------------------------------------------------------------------
+    def _first_probe_batch(self) -> contextlib.AbstractContextManager[str] | None:
+        """A reduced form for a monitor whose cost grows with the probe set: the measurement on
+        its first batch alone (None with one batch or none: nothing to leave out)."""
+        probe = self._probe
+        if probe is None or len(probe) < 2:
+            return None
+
+        @contextlib.contextmanager
+        def first() -> Any:
+            self._probe = probe[:1]
+            try:
+                yield f"its first probe batch only (of {len(probe)})"
+            finally:
+                self._probe = probe
+
+        return first()
+
     def _guarded_probe(self, trainer: Trainer) -> list[Any] | None:
         """The probe set, or None after a failure to take it (out of memory moving it to the
         device, a loader error), warned on the rank that failed and tried again at the next

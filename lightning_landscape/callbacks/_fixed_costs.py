@@ -10,7 +10,9 @@ rules (docs/design.md, "Fixed costs and short fits"):
   to cost more than :data:`FIXED_COST_SHARE` of the whole fit's predicted training time (and more
   than :data:`QUIET_SECONDS`). An explicit ``every_n_*`` schedule is the user's and runs.
 - The end-of-fit measurement runs in its reduced form when its predicted cost exceeds
-  :data:`FIXED_COST_SHARE` of the training time so far (and :data:`QUIET_SECONDS`).
+  :data:`FIXED_COST_SHARE` of the training time so far (and :data:`QUIET_SECONDS`), or, for a
+  budget-scheduled monitor, what its budget still affords (and :data:`REDUCE_FLOOR_SECONDS`):
+  a fit whose budget never afforded a measurement would otherwise pay a whole one at its end.
 - A measurement predicted or found to take :data:`QUIET_SECONDS` or more is announced with one
   line before and one after, on rank 0; shorter ones are silent.
 
@@ -32,6 +34,19 @@ QUIET_SECONDS = 5.0
 #: the end-of-fit measurement is reduced, and a budget monitor whose reduced measurement exceeds
 #: it for the whole fit stays off.
 FIXED_COST_SHARE = 0.5
+
+
+#: An end-of-fit measurement predicted under this many seconds is never reduced for the
+#: budget's sake (the tiny models of tests and examples keep their whole picture).
+REDUCE_FLOOR_SECONDS = 0.5
+
+
+def over_room(cost: float | None, room: float | None) -> bool:
+    """Whether an end-of-fit cost of ``cost`` seconds exceeds the ``room`` the budget still
+    affords (and :data:`REDUCE_FLOOR_SECONDS`); unknown either way (None): it does not."""
+    if cost is None or room is None:
+        return False
+    return cost >= REDUCE_FLOOR_SECONDS and cost > room
 
 
 def too_costly(cost: float | None, fit_seconds: float | None) -> bool:

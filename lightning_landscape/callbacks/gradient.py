@@ -219,6 +219,9 @@ class GradientCovarianceMonitor(LandscapeMonitor):
     def _layout(self) -> dict[str, dict[str, list[str]]]:
         return gradient_layout(self.tag_prefix)
 
+    def _reduced(self) -> Any:  # the per-sample gradients of one probe batch instead of all
+        return self._first_probe_batch()
+
     # -- measurement -------------------------------------------------------------------------
     def _compute(
         self, pl_module: LightningModule, batches: list[Any], loss_fn: Any, reduce_fn: Any

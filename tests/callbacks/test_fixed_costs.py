@@ -24,7 +24,7 @@ from lightning_landscape import (
 from lightning_landscape.callbacks._fixed_costs import FIXED_COST_SHARE, QUIET_SECONDS, too_costly
 from lightning_landscape.dashboard import writer as dashboard_writer
 from tests._reference import cross_entropy_loss, dense_hessian
-from tests.callbacks._clock import FakeClock, TimedDigits
+from tests.callbacks._clock import AdvanceClock, FakeClock, TimedDigits
 from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, loader
 
@@ -163,6 +163,37 @@ def test_end_of_fit_measurement_shrinks_and_long_ones_say_so(tmp_path, make_trai
         "measuring the Hessian spectrum (top-2)",
         "measured the Hessian spectrum (top-2)",
     ], said
+
+
+def test_end_of_fit_measurement_the_budget_cannot_afford_shrinks(tmp_path, make_trainer, said):
+    """A budget monitor whose measurement never fitted its share (0.2% of 1,000 one-second
+    steps) gets no mid-fit measurement; at the end the whole one would take several times what
+    is left (though far under half the fit): the reduced one runs, and one line says why."""
+    clock = FakeClock()
+    kw = {"top_k": 2, "clock": clock, "max_overhead": 0.002}
+    monitor = HessianSpectrumMonitor(retain_graph=False, **kw)
+    gradient = GradientCovarianceMonitor(**kw)
+    module = TimedDigits(clock, seconds=0.005)  # every loss evaluation: 5 fake ms
+    trainer = make_trainer([monitor, gradient, AdvanceClock(clock)], max_steps=1000)
+    trainer.fit(module, loader(32))
+    coord = trainer._landscape_coordinator
+    acc = load_events(str(tmp_path))
+    assert set(scalar_series(acc, "landscape/hessian/eigenvalue_01")) == {1000}
+    assert "landscape/hessian/trace" not in acc.Tags()["scalars"]  # top-k only
+    H = dense_hessian(module, cross_entropy_loss, list(itertools.islice(loader(32), 4)))
+    top = torch.linalg.eigvalsh(H).flip(0)[:2].numpy()
+    assert monitor.last_eigenvalues == pytest.approx(top, rel=1e-5)
+    lines = [line for line in said if "monitor's budget" in line]
+    assert len(lines) == 1 and not [line for line in said if "fit so far" in line], said
+    assert "HessianSpectrumMonitor" in lines[0] and "top-k eigenvalues only" in lines[0]
+    # The gradient monitor (cheap here: measured all along) has a reduced form too: its first
+    # probe batch only, the probe set given back afterwards (after the fit it is released).
+    assert set(scalar_series(acc, "landscape/gradient/num_samples").values()) == {128.0}
+    probe = gradient._probe = list(itertools.islice(loader(32), 4))
+    with gradient._reduced() as what:
+        assert gradient._probe == probe[:1] and "first probe batch only (of 4)" in what
+    assert gradient._probe is probe
+    assert coord.train_seconds > 900  # about 1,000 s of training: the whole was not too long
 
 
 def test_quick_measurements_are_silent(make_trainer, said):
