@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+import lightning_utilities.core.rank_zero as rank_zero
 import pytest
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
@@ -48,3 +50,18 @@ def make_trainer(tmp_path) -> Callable[..., L.Trainer]:
         )
 
     return factory
+
+
+@pytest.fixture
+def said():
+    """The lines given through ``rank_zero_info`` during the test."""
+    lines: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = _Keep(level=logging.INFO)
+    rank_zero.log.addHandler(handler)
+    yield lines
+    rank_zero.log.removeHandler(handler)

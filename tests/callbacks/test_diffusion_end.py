@@ -4,9 +4,6 @@ generous budget or an explicit schedule. Costs are fake seconds (machine-indepen
 
 from __future__ import annotations
 
-import logging
-
-import lightning_utilities.core.rank_zero as rank_zero
 import numpy as np
 import pytest
 
@@ -32,20 +29,9 @@ TAG = "landscape/diffusion"
 STEPS = 328  # one-second steps, a sample at each; epochs of 16 steps: the end is mid-epoch
 
 
-@pytest.fixture
-def said():
-    """The lines given through ``rank_zero_info`` during the test."""
-    lines: list[str] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler = _Keep(level=logging.INFO)
-    rank_zero.log.addHandler(handler)
+@pytest.fixture(autouse=True)
+def _fresh_notices():
     dashboard_writer._reset_warn_once()
-    yield lines
-    rank_zero.log.removeHandler(handler)
 
 
 def _run(make_trainer, tmp_path, monkeypatch, per_unit: float, **kwargs):

@@ -4,12 +4,10 @@ files only under the log directory, and schedules that follow the fit's length."
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import warnings
 
 import lightning as L
-import lightning_utilities.core.rank_zero as rank_zero
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -27,21 +25,6 @@ from tests._reference import cross_entropy_loss, dense_hessian
 from tests.callbacks._clock import AdvanceClock, FakeClock, TimedDigits
 from tests.callbacks._events import load_events, scalar_series
 from tests.callbacks._models import DigitsModule, loader
-
-
-@pytest.fixture
-def said():
-    """The lines given through ``rank_zero_info`` during the test."""
-    lines: list[str] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler = _Keep(level=logging.INFO)
-    rank_zero.log.addHandler(handler)
-    yield lines
-    rank_zero.log.removeHandler(handler)
 
 
 @pytest.fixture(autouse=True)
