@@ -84,6 +84,11 @@ class Thinning:
         return True
 
 
+def norm_reading() -> Thinning:
+    """The gradient monitor's reading of the training gradients' norms, every step to start."""
+    return Thinning(TRACKING_SHARE)
+
+
 def recording_interval(monitor: Any, trainer: Any, seconds: float) -> int:
     """The diffusion monitor's recording interval after a sample that took ``seconds``: its
     default interval (``every_n_steps=None``) widened by ``monitor.recording`` (a

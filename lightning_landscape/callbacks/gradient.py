@@ -37,7 +37,7 @@ from . import _context as ctx
 from ._applicability import per_sample_path
 from ._base import LandscapeMonitor
 from ._schedule import HESSIAN_EIGENPAIRS, dependency_order
-from ._thinning import TRACKING_SHARE, Thinning
+from ._thinning import norm_reading
 
 __all__ = ["GradientCovarianceMonitor"]
 
@@ -169,7 +169,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         self._per_sample: Literal["auto", "vmap", "outputs"] = "auto"
         self._covariance_on = True  # off for the fit when no per-sample path applies
         self._route = method  # the covariance route the cost guess assumes
-        self._tracking = Thinning(TRACKING_SHARE)  # which steps' gradient norms are read
+        self._tracking = norm_reading()  # which steps' gradient norms are read
 
     def _state_key(self) -> str:
         n = {"every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs}
@@ -221,6 +221,9 @@ class GradientCovarianceMonitor(LandscapeMonitor):
 
     def _reduced(self) -> Any:  # the per-sample gradients of one probe batch instead of all
         return self._first_probe_batch()
+
+    def _what(self) -> str:
+        return f"the gradient covariance (top-{self.top_k})"
 
     # -- measurement -------------------------------------------------------------------------
     def _compute(
@@ -288,8 +291,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._grad_params, self._covariance_on = None, True
-        self._tracking = Thinning(TRACKING_SHARE)
+        self._grad_params, self._covariance_on, self._tracking = None, True, norm_reading()
         super().on_train_start(trainer, pl_module)
 
     @override
