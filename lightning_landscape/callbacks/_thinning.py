@@ -26,10 +26,10 @@ from ._base import _final_step
 __all__: list[str] = []
 
 #: The gradient monitor's per-step norm reading stays under this share of the step time.
-TRACKING_SHARE = 0.005
+TRACKING_SHARE = 0.0025
 
 #: The diffusion monitor's sample recording stays under this share of the step time.
-RECORDING_SHARE = 0.01
+RECORDING_SHARE = 0.005
 
 #: With ``every_n_steps=None`` the diffusion monitor records often enough (a short fit more
 #: often) that the embedded window holds this many times the ``n_components + 2`` samples an

@@ -95,7 +95,7 @@ class GradientCovarianceMonitor(LandscapeMonitor):
         noise_ema: decay of the moving average of training-gradient norms, in (0, 1), per
             step read.
         track_training_noise: compute the continuous training-step signal. Where reading the
-            norms would cost more than 0.5% of a step (fast steps), every k-th step is read,
+            norms would cost more than 0.25% of a step (fast steps), every k-th step is read,
             k widened as timing requires (``callbacks/_thinning.py``; never with the comm hook).
         ddp_comm_hook: under DDP, read each rank's gradient before the all-reduce through a
             communication hook, for McCandlish's two-batch-size estimator

@@ -70,11 +70,12 @@ def test_gradient_norms_are_read_every_kth_step_once_reading_costs_too_much(
         [monitor, norms, AdvanceClock(clock)], max_steps=160, log_every_n_steps=20
     )
     trainer.fit(DigitsModule(hidden=6, dtype=torch.float64), loader(16, dtype=torch.float64))
-    # Steps of 1.035 s (the reads are inside them); a read may take 0.5% of that, 0.005175 s:
-    # after 15 reads (0.525 s) more than 100 reads may take (0.5175 s) is spent, and from then
-    # on every ceil(0.035 / 0.005175) = 7th step is read.
-    assert monitor._tracking.every == 7
-    read = [i for i in range(160) if i < 15 or i % 7 == 0]
+    # Steps of 1.035 s (the reads are inside them); a read may take 0.25% of that, 0.0025875 s:
+    # after 8 reads (0.28 s) more than 100 reads may take (0.25875 s) is spent, and from then
+    # on every ceil(0.035 / 0.0025875) = 14th step is read.
+    assert _thinning.TRACKING_SHARE == 0.0025
+    assert monitor._tracking.every == 14
+    read = [i for i in range(160) if i < 8 or i % 14 == 0]
     beta, num, w = 0.9, 0.0, 0.0
     for i in read:
         num, w = beta * num + (1 - beta) * norms.values[i], beta * w + (1 - beta)
@@ -104,12 +105,13 @@ def test_diffusion_recording_widens_only_its_default_interval(
     if every_n_steps == 10:  # the user's interval is kept, whatever it costs
         assert steps == list(range(0, 601, 10))
         return
-    # Default interval 10; a sample may take 1% of 10 steps of 1 s = 0.1 s. After 34 samples
-    # (steps 0-330: 10.2 s) more than REVISE_EVERY = 100 samples may take (10 s) is spent:
-    # 0.3 / 0.1 -> every 3 x 10 steps from then on.
-    assert _thinning.REVISE_EVERY == 100
-    assert steps[:34] == list(range(0, 331, 10))
+    # Default interval 10; a sample may take 0.5% of 10 steps of 1 s = 0.05 s. After 17 samples
+    # (steps 0-160: 5.1 s) more than REVISE_EVERY = 100 samples may take (5 s) is spent:
+    # 0.3 / 0.05 -> 6 x 10 steps, capped at 30 so that the 600-step fit still records
+    # 2 x (n_components + 2) = 16 samples (601 // 16 = 37 -> 30).
+    assert _thinning.REVISE_EVERY == 100 and _thinning.RECORDING_SHARE == 0.005
+    assert steps[:17] == list(range(0, 161, 10))
     assert monitor.every_n_steps == 30
-    assert steps[34:] == list(range(360, 601, 30))
+    assert steps[17:] == list(range(180, 601, 30))
     # The end-of-fit embedding still has the samples it needs.
     assert monitor.last_result is not None and len(steps) >= 2 * monitor.embedder.min_samples
