@@ -102,7 +102,9 @@ def recording_interval(monitor: Any, trainer: Any, seconds: float) -> int:
         return every
     thinning = monitor.recording
     thinning.every = every
-    per_minimum = SAMPLES_PER_MINIMUM * monitor.embedder.min_samples
-    limit = max(1, (total - monitor.embedder.window_start(total) + 1) // per_minimum)
+    # The longest interval that still leaves the window its samples: the short-fit rule's own.
+    limit = monitor.embedder.recording_interval(
+        total, longest=total + 1, per_minimum=SAMPLES_PER_MINIMUM
+    )
     thinning.ran(seconds, monitor._coord.step_seconds, limit=limit)
     return thinning.every
