@@ -91,13 +91,14 @@ class Plan(NamedTuple):
     reduced: bool
 
     def notice(self, name: str, n: int, allowed: float | None) -> str:
-        """The one line that says what the end-of-fit embedding of ``n`` samples leaves out and
-        why (``allowed``: the seconds the budget still affords)."""
-        how = "placing the others by Nyström" if self.nystrom else "without placing the others"
+        """The one line that says what a reduced end-of-fit embedding of ``n`` samples (always
+        on landmarks alone, :func:`end_plan`) leaves out and why (``allowed``: the seconds the
+        budget still affords)."""
         return (
             f"{name}: the end-of-fit embedding of {n} samples (about {self.full:.1f} s) would "
             f"take more than the budget still affords ({max(allowed or 0.0, 0.0):.1f} s); "
-            f"embedding it on {self.landmarks} landmarks, {how} (about {self.seconds:.1f} s)."
+            f"embedding it on {self.landmarks} landmarks, without placing the others "
+            f"(about {self.seconds:.1f} s)."
         )
 
 
