@@ -268,3 +268,19 @@ def test_covariance_route_follows_the_documented_rule():
     assert covariance_route(10, 101, gram_max_elements=1000) == "lanczos"
     assert covariance_route(10, 100, gram_max_elements=1000, distributed=True) == "lanczos"
     assert covariance_route(10**6, 10**6, method="gram") == "gram"
+
+
+def test_lanczos_stops_once_the_krylov_space_holds_the_whole_range():
+    """Σ of N samples has rank <= N - 1, so no Krylov space has more than N dimensions: a run
+    whose tolerance cannot be met (tol=1e-300 here; in float32, rounding) stops after N + 1 products
+    (it used to run to its default 120 steps on restarts in the null space), exact."""
+    model = make_mlp(hidden=4, seed=1).double()
+    batches = digits_batches([5], torch.float64)
+    exact = _dense(_loop_gradients(model, batches))[2]
+    r = gradient_covariance(model, cross_entropy_loss, batches, top_k=3, method="lanczos", tol=1e-300)
+    assert r.num_products == 5 + 1
+    np.testing.assert_allclose(r.eigenvalues, exact[:3], rtol=1e-10)
+    # top_k beyond the rank: the nonzero eigenvalues, then zeros.
+    r = gradient_covariance(model, cross_entropy_loss, batches, top_k=8, method="lanczos")
+    np.testing.assert_allclose(r.eigenvalues[:4], exact[:4], rtol=1e-10)
+    assert np.all(np.abs(r.eigenvalues[4:]) <= 1e-12 * exact[0])
