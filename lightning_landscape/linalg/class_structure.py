@@ -61,17 +61,30 @@ __all__ = [
 ]
 
 
-def _orthonormal_rows(V: Tensor, name: str) -> Tensor:
+def _orthonormal_rows(V: Tensor, name: str, *, sources: bool = False) -> Any:
+    """An orthonormal basis (rows, float64) of the span of the rows of ``V``, by one QR.
+
+    The span of the first ``j`` basis rows is that of the first rows of ``V`` they came from
+    (QR keeps the column order), so one factorisation serves every prefix. With ``sources``,
+    also the index of the row of ``V`` each basis row came from (rows dependent on earlier ones
+    contribute none).
+    """
     if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[0] == 0:
         raise ValueError(f"{name} must be a 2-D tensor of row vectors (k, D); got {V!r:.80}")
     V = V.double()
     norms = torch.linalg.vector_norm(V, dim=1)
-    V = V[norms > 0]
-    if V.shape[0] == 0:
+    nonzero = torch.nonzero(norms > 0).flatten()
+    if nonzero.numel() == 0:
         raise ValueError(f"{name} holds only zero rows")
+    V = V[nonzero]
     Q, R = torch.linalg.qr(V.T)
     keep = torch.abs(torch.diagonal(R)) > V.shape[1] * torch.finfo(V.dtype).eps * norms.max()
-    return Q[:, keep].T
+    if not bool(keep.all()):
+        # A dependent row's column of Q is arbitrary, yet later rows have components along it:
+        # factor again without the dependent rows.
+        V, nonzero = V[keep], nonzero[keep]
+        Q = torch.linalg.qr(V.T).Q
+    return (Q.T, nonzero) if sources else Q.T
 
 
 def gradient_overlap(eigenvectors: Tensor, gradient: Tensor, *, cumulative: bool = False) -> Any:
@@ -101,11 +114,13 @@ def gradient_overlap(eigenvectors: Tensor, gradient: Tensor, *, cumulative: bool
     g = gradient.double().to(eigenvectors.device)
     g2 = float(g @ g)
     if cumulative:
-        out = []
-        for j in range(1, eigenvectors.shape[0] + 1):
-            Q = _orthonormal_rows(eigenvectors[:j], "eigenvectors")
-            out.append(float((Q @ g).pow(2).sum()) / g2 if g2 > 0 else np.nan)
-        return np.asarray(out)
+        # One QR for every prefix: basis row i lies in the span of rows <= its source row.
+        Q, source = _orthonormal_rows(eigenvectors, "eigenvectors", sources=True)
+        parts = torch.zeros(eigenvectors.shape[0], dtype=torch.float64, device=Q.device)
+        parts[source] = (Q @ g).pow(2)
+        if g2 <= 0:
+            return np.full(eigenvectors.shape[0], np.nan)
+        return np.cumsum(parts.cpu().numpy()) / g2
     Q = _orthonormal_rows(eigenvectors, "eigenvectors")
     return float((Q @ g).pow(2).sum()) / g2 if g2 > 0 else float("nan")
 

@@ -182,3 +182,22 @@ def test_gradient_overlap_and_principal_angles_analytic():
         principal_angles(A, torch.ones(2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="length 4 but gradient has length 3"):
         gradient_overlap(A, torch.ones(3, dtype=torch.float64))
+
+
+def test_cumulative_gradient_overlap_equals_a_projection_per_prefix():
+    """One QR serves every prefix: each cumulative share equals the least-squares projection of
+    g onto the span of that prefix alone, with a zero row first and a dependent row inside."""
+    gen = torch.Generator().manual_seed(3)
+    V = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    V[0] = 0.0  # a zero row contributes nothing
+    V[3] = 2.0 * V[1] - V[2]  # a dependent row adds nothing to the span
+    g = torch.randn(40, generator=gen, dtype=torch.float64)
+    expected = []
+    for j in range(1, 7):
+        A = V[:j].T
+        coef = torch.linalg.lstsq(A, g, driver="gelsd").solution
+        expected.append(float((A @ coef) @ (A @ coef)) / float(g @ g))
+    got = gradient_overlap(V, g, cumulative=True)
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert got[0] == 0.0 and got[3] == pytest.approx(got[2], abs=1e-12)
+    assert gradient_overlap(V, g) == pytest.approx(expected[-1], abs=1e-12)
