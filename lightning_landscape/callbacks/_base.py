@@ -218,6 +218,11 @@ class ScheduledMonitor(Callback):
         on what is left out. None (the default): the monitor has no reduced form."""
         return None
 
+    def _smaller(self) -> contextlib.AbstractContextManager[str] | None:
+        """A further reduction, entered inside :meth:`_reduced` when the reduced end-of-fit
+        measurement would still exceed the budget's room (None: none)."""
+        return None
+
     def _what(self) -> str:
         """What a measurement computes, for the progress lines of long measurements."""
         return "its measurement"
@@ -360,9 +365,16 @@ class ScheduledMonitor(Callback):
         if not trainer.strategy.broadcast(short or over_room(cost, room), 0):
             self._measure(trainer, pl_module, step)
             return
-        with reduced as left_out:
-            # The reduced cost: the measured one scaled as the a-priori guesses scale.
+        with contextlib.ExitStack() as stack:
+            left_out = stack.enter_context(reduced)
             small = self._charged_guess(trainer, pl_module)
+            smaller, guess = self._smaller(), cost * small / full if full > 0 else None
+            # Still more than affordable (decided on rank 0): a further reduction, if any.
+            still = too_costly(guess, fit) if short else over_room(guess, room)
+            if smaller is not None and trainer.strategy.broadcast(still, 0):
+                left_out += f", on {stack.enter_context(smaller)}"
+                small = self._charged_guess(trainer, pl_module)
+            # The reduced cost: the measured one scaled as the a-priori guesses scale.
             self._expected = cost * small / full if full > 0 else None
             if self._coord is not None and self._coord.first_notice(f"end:{self.name}"):
                 affords = (
@@ -579,7 +591,7 @@ class LandscapeMonitor(ScheduledMonitor):
         # Per-fit objects, created in on_train_start (ddp_spawn pickles callbacks).
         self._probe: list[Any] | None = None
         self._probe_root: str | None = None  # rank 0's log directory, the same on every rank
-        self._probe_seconds: float | None = None  # one timed gradient over the probe set
+        self._batch_seconds: float | None = None  # a timed probe gradient, per batch
         self._guess: float | None = None  # the latest a-priori cost
 
     # -- subclass hooks ----------------------------------------------------------------------
@@ -602,9 +614,11 @@ class LandscapeMonitor(ScheduledMonitor):
         The training step time is a poor proxy (for small models it is mostly framework
         overhead), so the probe gradient itself is timed, without touching ``.grad``.
         """
-        if self._probe_seconds is None:  # timed once a fit: the guesses differ by their scale
-            self._probe_seconds = self._time_probe_gradient(pl_module)
-        self._guess = self._gradient_equivalents() * self._probe_seconds
+        batches = len(self._probe or ())
+        if self._batch_seconds is None:  # timed once a fit: the guesses differ by their scale
+            self._batch_seconds = self._time_probe_gradient(pl_module) / max(batches, 1)
+        # Per batch, so that a reduced form on fewer probe batches is guessed as such.
+        self._guess = self._gradient_equivalents() * self._batch_seconds * batches
         return self._guess
 
     def _time_probe_gradient(self, pl_module: LightningModule) -> float:
@@ -627,9 +641,9 @@ class LandscapeMonitor(ScheduledMonitor):
     @override
     def _step_seconds_guess(self) -> float | None:
         # A training step is at least one batch gradient: the probe gradient over one batch.
-        if self._probe_seconds is None or not self._probe:
+        if self._batch_seconds is None or not self._probe:
             return None
-        return self._probe_seconds / len(self._probe)
+        return self._batch_seconds
 
     # -- Lightning hooks ---------------------------------------------------------------------
     @override
@@ -661,7 +675,7 @@ class LandscapeMonitor(ScheduledMonitor):
                 "measurement pass); use train_mode=False (eval mode, the default); got "
                 "train_mode=True"
             )
-        self._probe_seconds = self._guess = None
+        self._batch_seconds = self._guess = None
         if self._off is not None:
             return
         t0 = self._coord.clock() if self._coord is not None else 0.0
@@ -749,6 +763,9 @@ class LandscapeMonitor(ScheduledMonitor):
         self._reschedule(trainer, step, self.last_cost)
 
     # -- probe set ---------------------------------------------------------------------------
+    def _smaller(self) -> contextlib.AbstractContextManager[str] | None:
+        return self._first_probe_batch()  # None when the probe set is one batch already
+
     def _first_probe_batch(self) -> contextlib.AbstractContextManager[str] | None:
         """A reduced form for a monitor whose cost grows with the probe set: the measurement on
         its first batch alone (None with one batch or none: nothing to leave out)."""
