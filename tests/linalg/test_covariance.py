@@ -277,7 +277,9 @@ def test_lanczos_stops_once_the_krylov_space_holds_the_whole_range():
     model = make_mlp(hidden=4, seed=1).double()
     batches = digits_batches([5], torch.float64)
     exact = _dense(_loop_gradients(model, batches))[2]
-    r = gradient_covariance(model, cross_entropy_loss, batches, top_k=3, method="lanczos", tol=1e-300)
+    r = gradient_covariance(
+        model, cross_entropy_loss, batches, top_k=3, method="lanczos", tol=1e-300
+    )
     assert r.num_products == 5 + 1
     np.testing.assert_allclose(r.eigenvalues, exact[:3], rtol=1e-10)
     # top_k beyond the rank: the nonzero eigenvalues, then zeros.
