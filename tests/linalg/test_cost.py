@@ -392,26 +392,32 @@ def test_warm_start_from_the_exact_eigenvectors_stops_after_the_rayleigh_ritz_st
 @pytest.mark.parametrize("which", ["LA", "SA"])
 def test_warm_start_on_a_changed_matrix_matches_the_dense_spectrum(which) -> None:
     """Previous eigenvectors of A, operator A + E (a small symmetric change): the warm run
-    finds eigh(A + E)'s end of the spectrum and its eigenvectors (return_eigenvectors: the
-    residuals converge too) to the cold run's tolerance, with fewer products."""
+    finds eigh(A + E)'s end of the spectrum to the cold run's tolerance with fewer products;
+    with return_eigenvectors (Lanczos from the vectors' sum) the eigenvectors too."""
     A = matrix_with_spectrum(SPECTRUM, seed=4)
     gen = torch.Generator().manual_seed(7)
     E = torch.randn(D, D, generator=gen, dtype=F64) * 1e-4
     sign = 1.0 if which == "LA" else -1.0
     B = sign * (A + (E + E.T) / 2)
-    kw = dict(top_k=5, which=which, density=False, trace=False, return_eigenvectors=True)
-    prev = hessian_spectrum(Quadratic(sign * A), quadratic_loss, BATCH, **kw)
-    cold = hessian_spectrum(Quadratic(B), quadratic_loss, BATCH, **kw)
-    warm = hessian_spectrum(Quadratic(B), quadratic_loss, BATCH, warm_start=prev, **kw)
+    kw = dict(top_k=5, which=which, density=False, trace=False, tol=1e-8)
+    prev = hessian_spectrum(Quadratic(sign * A), quadratic_loss, BATCH, return_eigenvectors=True,
+                            **kw)  # fmt: skip
     lam, U = torch.linalg.eigh(B)
     order = torch.argsort(lam, descending=which == "LA")[:5]
-    for res in (cold, warm):
-        assert res.converged
-        np.testing.assert_allclose(res.eigenvalues, lam[order].numpy(), rtol=0, atol=1e-5 * 20)
-        assert np.all(res.residuals <= 1e-5 * 20.0)
-        cos = torch.linalg.svdvals(res.eigenvectors.to(F64) @ U[:, order])
-        assert float(cos.min()) >= 1 - 1e-6  # angles below r / gap (gap >= 1)
-    assert warm.num_hvps <= 0.8 * cold.num_hvps, (warm.num_hvps, cold.num_hvps)
+    for vectors in (False, True):
+        cold = hessian_spectrum(Quadratic(B), quadratic_loss, BATCH,
+                                return_eigenvectors=vectors, **kw)  # fmt: skip
+        warm = hessian_spectrum(Quadratic(B), quadratic_loss, BATCH, warm_start=prev,
+                                return_eigenvectors=vectors, **kw)  # fmt: skip
+        for res in (cold, warm):
+            assert res.converged
+            np.testing.assert_allclose(res.eigenvalues, lam[order].numpy(), rtol=0, atol=2e-7)
+        assert warm.num_hvps <= (0.9 if vectors else 0.6) * cold.num_hvps, (
+            vectors, warm.num_hvps, cold.num_hvps)  # fmt: skip
+    # tol times the run's norm estimate (row sums of T: above ||H|| = 20, below 1.5 ||H||)
+    assert np.all(warm.residuals <= 1e-8 * 30.0)
+    cos = torch.linalg.svdvals(warm.eigenvectors.to(F64) @ U[:, order])
+    assert float(cos.min()) >= 1 - 1e-12  # angles below r / gap (gap >= 1)
 
 
 def test_warm_start_from_an_unrelated_subspace_still_converges(moved) -> None:
