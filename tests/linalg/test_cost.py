@@ -471,3 +471,25 @@ def test_warm_start_memory_follows_the_model(A) -> None:
     assert bounded.bounded and bounded.converged
     assert bounded.basis_rows * D * 8 == rows
     np.testing.assert_allclose(bounded.theta, exact, rtol=0, atol=1e-6 * 20.0)
+
+
+def test_warm_start_with_a_float32_basis(A) -> None:
+    """A budget between the float32 and the float64 size of a full basis keeps a full float32
+    basis: the Gram residuals (products of float32 rows summed in float64) still stop the
+    expansion at the tolerance, and the values match the float64 spectrum."""
+    gen = torch.Generator().manual_seed(7)
+    E = torch.randn(D, D, generator=gen, dtype=F64) * 1e-4
+    B = A + (E + E.T) / 2
+    rows = 2 * 120 + 1  # the default step limit's worst case
+    budget = rows * D * 6  # float32 fits, float64 does not
+    op = MatrixOperator(B.float())
+    prev = torch.linalg.eigh(A).eigenvectors[:, -5:].T.float()
+    kw = dict(k=5, which="LA", tol=1e-5, max_iter=None, max_basis_bytes=budget)
+    run = eigen_run(op, generator=torch.Generator().manual_seed(0), warm_start=prev, **kw)
+    assert run.Y.dtype == F32 and not run.bounded and run.converged
+    warm = op.num_hvps
+    op.num_hvps = 0
+    eigen_run(op, generator=torch.Generator().manual_seed(0), **kw)
+    assert warm < op.num_hvps, (warm, op.num_hvps)
+    exact = np.sort(np.linalg.eigvalsh(B.numpy()))[::-1][:5]
+    np.testing.assert_allclose(run.theta, exact, rtol=0, atol=1e-5 * 20.0)
