@@ -230,9 +230,14 @@ def hessian_spectrum(
             product (their residuals are reported; the angle to the eigenvector is about
             ``r / gap``).
         warm_start: a previous result measured with ``return_eigenvectors=True``, or its
-            vectors as rows: the eigenvalues come from a block Krylov run started from them
-            (plus one random vector), far cheaper when the model moved little; the result then
-            has ``subspace_overlap`` and ``principal_angles``. Groups start cold.
+            vectors as rows: they are multiplied (one product each) and their Rayleigh-Ritz
+            pairs expanded one vector at a time until the bound above holds (an unchanged
+            Hessian stops at ``top_k`` products); far from the new top subspace, with fewer
+            than ``top_k`` vectors, with ``return_eigenvectors=True`` (the residuals themselves
+            must converge) or over ``max_basis_bytes``, the run is Lanczos from their sum
+            instead. Far cheaper when the model moved little; the result then has
+            ``subspace_overlap`` and ``principal_angles``, measured on the returned Ritz
+            vectors (near the previous ones unless converged). Groups start cold.
         max_basis_bytes: memory budget of the Lanczos bases; default half the free memory.
             Over budget the eigenvalue run uses thick restart with a bounded basis and the
             quadrature probes keep two vectors each (no full reorthogonalisation).

@@ -27,6 +27,7 @@ from lightning_landscape.linalg.lanczos import (
     CHUNK_ROWS,
     Rows,
     dot,
+    eigen_run,
     matmul_sum,
     plan_storage,
     run_lanczos,
@@ -363,3 +364,132 @@ def test_one_generator_per_measurement_is_deterministic() -> None:
     assert a.trace == b.trace and a.num_hvps == b.num_hvps
     np.testing.assert_array_equal(a.ritz_nodes, b.ritz_nodes)
     assert a.trace != c.trace
+
+
+# --------------------------------------------------------------------------------------------
+# Warm start: the Rayleigh-Ritz step on the previous vectors, its expansion, its fallback
+# --------------------------------------------------------------------------------------------
+
+
+def test_warm_start_from_the_exact_eigenvectors_stops_after_the_rayleigh_ritz_step(moved) -> None:
+    """The operator did not change: the previous vectors' Rayleigh-Ritz step already meets the
+    bound, so the run costs their top_k products (at most two more), float64 and float32."""
+    A = matrix_with_spectrum(SPECTRUM, seed=4)
+    quad = Quadratic(A, theta=torch.full((D,), 0.1, dtype=F64))
+    kw = dict(top_k=5, density=False, trace=False)
+    prev = hessian_spectrum(quad, quadratic_loss, BATCH, return_eigenvectors=True, **kw)
+    warm = hessian_spectrum(quad, quadratic_loss, BATCH, warm_start=prev, **kw)
+    assert warm.converged and warm.num_hvps <= 5 + 2, warm.num_hvps
+    np.testing.assert_allclose(warm.eigenvalues, SPECTRUM[:5], rtol=0, atol=1e-5 * 20.0)
+    model, batches = moved["model"], moved["batches"]
+    kw = dict(density=False, trace=False)
+    prev = hessian_spectrum(model, cross_entropy_loss, batches, return_eigenvectors=True, **kw)
+    again = hessian_spectrum(model, cross_entropy_loss, batches, warm_start=prev, **kw)
+    assert again.converged and again.num_hvps <= 10 + 2, again.num_hvps
+    np.testing.assert_allclose(again.eigenvalues, prev.eigenvalues, rtol=TOP_K_RTOL)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_warm_start_on_a_changed_matrix_matches_the_dense_spectrum(which) -> None:
+    """Previous eigenvectors of A, operator A + E (a small symmetric change): the warm run
+    finds eigh(A + E)'s end of the spectrum to the cold run's tolerance with fewer products;
+    with return_eigenvectors (Lanczos from the vectors' sum) the eigenvectors too."""
+    A = matrix_with_spectrum(SPECTRUM, seed=4)
+    gen = torch.Generator().manual_seed(7)
+    E = torch.randn(D, D, generator=gen, dtype=F64) * 1e-4
+    sign = 1.0 if which == "LA" else -1.0
+    B = sign * (A + (E + E.T) / 2)
+    kw = dict(top_k=5, which=which, density=False, trace=False, tol=1e-8)
+    prev = hessian_spectrum(Quadratic(sign * A), quadratic_loss, BATCH, return_eigenvectors=True,
+                            **kw)  # fmt: skip
+    lam, U = torch.linalg.eigh(B)
+    order = torch.argsort(lam, descending=which == "LA")[:5]
+    for vectors in (False, True):
+        cold = hessian_spectrum(Quadratic(B), quadratic_loss, BATCH,
+                                return_eigenvectors=vectors, **kw)  # fmt: skip
+        warm = hessian_spectrum(Quadratic(B), quadratic_loss, BATCH, warm_start=prev,
+                                return_eigenvectors=vectors, **kw)  # fmt: skip
+        for res in (cold, warm):
+            assert res.converged
+            np.testing.assert_allclose(res.eigenvalues, lam[order].numpy(), rtol=0, atol=2e-7)
+        assert warm.num_hvps <= (0.9 if vectors else 0.6) * cold.num_hvps, (
+            vectors, warm.num_hvps, cold.num_hvps)  # fmt: skip
+    # tol times the run's norm estimate (row sums of T: above ||H|| = 20, below 1.5 ||H||)
+    assert np.all(warm.residuals <= 1e-8 * 30.0)
+    cos = torch.linalg.svdvals(warm.eigenvectors.to(F64) @ U[:, order])
+    assert float(cos.min()) >= 1 - 1e-12  # angles below r / gap (gap >= 1)
+
+
+def test_warm_start_from_an_unrelated_subspace_still_converges(moved) -> None:
+    """Random previous vectors: the Rayleigh-Ritz step shows them far from the top subspace and
+    the run falls back to Lanczos from their sum; same accuracy as cold, at most the 10 wasted
+    products (and a few) more."""
+    kw = dict(density=False, trace=False)
+    Z = torch.randn(10, moved["lam"].size, generator=torch.Generator().manual_seed(3))
+    cold = hessian_spectrum(moved["moved"], cross_entropy_loss, moved["batches"], **kw)
+    warm = hessian_spectrum(moved["moved"], cross_entropy_loss, moved["batches"], warm_start=Z,
+                            **kw)  # fmt: skip
+    lam = moved["lam"][:10]
+    assert warm.converged
+    assert np.max(np.abs(warm.eigenvalues - lam) / np.abs(lam)) <= TOP_K_RTOL
+    assert warm.num_hvps <= cold.num_hvps + 10 + 5, (warm.num_hvps, cold.num_hvps)
+    assert warm.subspace_overlap is not None and warm.subspace_overlap < 0.1
+
+
+def test_warm_start_from_fewer_vectors_than_top_k() -> None:
+    """Two previous vectors for a top 5: the basis grows past them and finds the other three."""
+    A = matrix_with_spectrum(SPECTRUM, seed=4)
+    quad = Quadratic(A, theta=torch.full((D,), 0.1, dtype=F64))
+    kw = dict(density=False, trace=False, tol=1e-8)
+    prev = hessian_spectrum(quad, quadratic_loss, BATCH, top_k=2, return_eigenvectors=True, **kw)
+    warm = hessian_spectrum(quad, quadratic_loss, BATCH, top_k=5, warm_start=prev, **kw)
+    assert warm.converged
+    np.testing.assert_allclose(warm.eigenvalues, SPECTRUM[:5], rtol=0, atol=1e-8 * 20.0)
+
+
+def test_warm_start_memory_follows_the_model(A) -> None:
+    """A full warm run holds its basis and products (2 rows a product, rounded up to chunks),
+    as lanczos_memory counts a run of that many steps; over budget it is thick restart from
+    the previous vectors' sum, with the bounded basis (cap + 1 rows)."""
+    gen = torch.Generator().manual_seed(7)
+    E = torch.randn(D, D, generator=gen, dtype=F64) * 1e-4
+    op = MatrixOperator(A + (E + E.T) / 2)
+    prev = torch.linalg.eigh(A).eigenvectors[:, -5:].T
+    exact = np.sort(np.linalg.eigvalsh(op.A.numpy()))[::-1][:5]
+    kw = dict(k=5, which="LA", tol=1e-6, max_iter=None, warm_start=prev)
+    run = eigen_run(op, generator=torch.Generator().manual_seed(0), **kw)
+    hvps = op.num_hvps
+    assert run.converged and not run.bounded and hvps < 10  # expanded, no fallback
+    assert 2 * hvps <= run.basis_rows <= 2 * hvps + 2 * CHUNK_ROWS
+    assert 2 * hvps * D * 8 <= lanczos_memory(D, hvps, dtype=F64)
+    np.testing.assert_allclose(run.theta, exact, rtol=0, atol=1e-6 * 20.0)
+    op.num_hvps = 0
+    budget = 6 * D * 8
+    bounded = eigen_run(op, generator=torch.Generator().manual_seed(0), max_basis_bytes=budget,
+                        keep_products=False, **kw)  # fmt: skip
+    rows = lanczos_memory(D, 0, top_k=5, dtype=F64, max_basis_rows=7, keep_products=False)
+    assert bounded.bounded and bounded.converged
+    assert bounded.basis_rows * D * 8 == rows
+    np.testing.assert_allclose(bounded.theta, exact, rtol=0, atol=1e-6 * 20.0)
+
+
+def test_warm_start_with_a_float32_basis(A) -> None:
+    """A budget between the float32 and the float64 size of a full basis keeps a full float32
+    basis: the Gram residuals (products of float32 rows summed in float64) still stop the
+    expansion at the tolerance, and the values match the float64 spectrum."""
+    gen = torch.Generator().manual_seed(7)
+    E = torch.randn(D, D, generator=gen, dtype=F64) * 1e-4
+    B = A + (E + E.T) / 2
+    rows = 2 * 120 + 1  # the default step limit's worst case
+    budget = rows * D * 6  # float32 fits, float64 does not
+    op = MatrixOperator(B.float())
+    prev = torch.linalg.eigh(A).eigenvectors[:, -5:].T.float()
+    kw = dict(k=5, which="LA", tol=1e-5, max_iter=None, max_basis_bytes=budget)
+    run = eigen_run(op, generator=torch.Generator().manual_seed(0), warm_start=prev, **kw)
+    assert run.Y.dtype == F32 and not run.bounded and run.converged
+    warm = op.num_hvps
+    op.num_hvps = 0
+    eigen_run(op, generator=torch.Generator().manual_seed(0), **kw)
+    assert warm < op.num_hvps, (warm, op.num_hvps)
+    exact = np.sort(np.linalg.eigvalsh(B.numpy()))[::-1][:5]
+    np.testing.assert_allclose(run.theta, exact, rtol=0, atol=1e-5 * 20.0)
