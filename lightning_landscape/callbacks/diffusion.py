@@ -274,9 +274,10 @@ class DiffusionMapMonitor(ScheduledMonitor):
         t0 = clock()
         traj = self.recorder.load()
         rows = self.embedder.select(traj.steps, step)
-        if rows.size < self.embedder.min_samples:
-            what = f"{rows.size} samples at step {step}"
-            few_samples(self.embedder, what, "the embedding waits for more")
+        if rows.size < self.embedder.min_samples:  # on the budget, mid-fit: wait in silence
+            if not budget or bounded:
+                what = f"{rows.size} samples at step {step}"
+                few_samples(self.embedder, what, "the embedding waits for more")
             return
         landmarks, nystrom, expected = self._plan(trainer, int(rows.size), bounded)
         if not nystrom:

@@ -255,3 +255,17 @@ def test_progress_lines_go_through_a_live_progress_bar(make_trainer, capsys, sai
     assert "measuring the Hessian spectrum (top-2) at step 4" in out
     assert "measured the Hessian spectrum (top-2) at step 4" in out
     assert not [line for line in said if "at step 4" in line], said
+
+
+def test_budget_embedding_waits_for_samples_in_silence(make_trainer):
+    """Mid-fit, an embedding on the budget that finds fewer samples than it needs waits without
+    a warning (the window is still filling: nothing for the user to do); the end of fit embeds."""
+    clock = FakeClock()
+    kw = {"log_projector": False, "log_figure": False, "clock": clock}
+    monitor = DiffusionMapMonitor(every_n_steps=25, **kw)
+    module = TimedDigits(clock, seconds=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([monitor, AdvanceClock(clock)], max_steps=200).fit(module, loader(32))
+    assert not [w for w in caught if "waits for more" in str(w.message)], caught
+    assert monitor.last_result is not None and monitor.last_embedded_step == 200
