@@ -61,13 +61,21 @@ __all__ = [
 ]
 
 
-def _orthonormal_rows(V: Tensor, name: str, *, sources: bool = False) -> Any:
-    """An orthonormal basis (rows, float64) of the span of the rows of ``V``, by one QR.
+#: Smallest eigenvalue of the rows' normalised Gram matrix (condition number of the rows at most
+#: 1e3) for which :func:`_span` orthonormalises through it (Cholesky QR: one pass over ``D``,
+#: errors about 1e-16 times the condition number squared); below it, Householder QR.
+GRAM_MIN_EIGENVALUE = 1e-6
 
-    The span of the first ``j`` basis rows is that of the first rows of ``V`` they came from
-    (QR keeps the column order), so one factorisation serves every prefix. With ``sources``,
-    also the index of the row of ``V`` each basis row came from (rows dependent on earlier ones
-    contribute none).
+
+def _span(V: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The span of the rows of ``V`` as orthonormal rows ``Q = F^-1 R`` (float64; ``F`` lower
+    triangular, ``r x r``), and the index of the row of ``V`` each row of ``Q`` came from.
+
+    Row ``i`` of ``Q`` is a combination of the rows of ``V`` up to its source, so the first rows
+    of ``Q`` span the first rows of ``V`` (one factorisation serves every prefix); zero rows and
+    rows dependent on earlier ones contribute none. Well-conditioned rows (the usual case:
+    eigenvectors) are not orthonormalised at all: ``F`` is the Cholesky factor of ``V V^T`` and
+    ``R = V``, and callers apply ``F^-1`` to ``k x k`` products only.
     """
     if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[0] == 0:
         raise ValueError(f"{name} must be a 2-D tensor of row vectors (k, D); got {V!r:.80}")
@@ -77,6 +85,10 @@ def _orthonormal_rows(V: Tensor, name: str, *, sources: bool = False) -> Any:
     if nonzero.numel() == 0:
         raise ValueError(f"{name} holds only zero rows")
     V = V[nonzero]
+    G = V @ V.T
+    d = torch.sqrt(torch.diagonal(G))
+    if float(torch.linalg.eigvalsh(G / d[:, None] / d[None, :])[0]) > GRAM_MIN_EIGENVALUE:
+        return torch.linalg.cholesky(G), V, nonzero
     Q, R = torch.linalg.qr(V.T)
     keep = torch.abs(torch.diagonal(R)) > V.shape[1] * torch.finfo(V.dtype).eps * norms.max()
     if not bool(keep.all()):
@@ -84,7 +96,13 @@ def _orthonormal_rows(V: Tensor, name: str, *, sources: bool = False) -> Any:
         # factor again without the dependent rows.
         V, nonzero = V[keep], nonzero[keep]
         Q = torch.linalg.qr(V.T).Q
-    return (Q.T, nonzero) if sources else Q.T
+    eye = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)
+    return eye, Q.T, nonzero
+
+
+def _coefficients(F: Tensor, R: Tensor, X: Tensor) -> Tensor:
+    """``Q X^T`` for ``Q = F^-1 R`` (:func:`_span`)."""
+    return torch.linalg.solve_triangular(F, R @ X.T, upper=False)
 
 
 def gradient_overlap(eigenvectors: Tensor, gradient: Tensor, *, cumulative: bool = False) -> Any:
@@ -113,16 +131,12 @@ def gradient_overlap(eigenvectors: Tensor, gradient: Tensor, *, cumulative: bool
         )
     g = gradient.double().to(eigenvectors.device)
     g2 = float(g @ g)
-    if cumulative:
-        # One QR for every prefix: basis row i lies in the span of rows <= its source row.
-        Q, source = _orthonormal_rows(eigenvectors, "eigenvectors", sources=True)
-        parts = torch.zeros(eigenvectors.shape[0], dtype=torch.float64, device=Q.device)
-        parts[source] = (Q @ g).pow(2)
-        if g2 <= 0:
-            return np.full(eigenvectors.shape[0], np.nan)
-        return np.cumsum(parts.cpu().numpy()) / g2
-    Q = _orthonormal_rows(eigenvectors, "eigenvectors")
-    return float((Q @ g).pow(2).sum()) / g2 if g2 > 0 else float("nan")
+    # One factorisation for every prefix: basis row i lies in the span of rows <= its source.
+    F, R, source = _span(eigenvectors, "eigenvectors")
+    parts = torch.zeros(eigenvectors.shape[0], dtype=torch.float64, device=R.device)
+    parts[source] = _coefficients(F, R, g[None])[:, 0].pow(2)
+    shares = np.cumsum(parts.cpu().numpy()) / g2 if g2 > 0 else np.full(len(parts), np.nan)
+    return shares if cumulative else float(shares[-1])
 
 
 def principal_angles(A: Tensor, B: Tensor) -> np.ndarray:
@@ -138,9 +152,11 @@ def principal_angles(A: Tensor, B: Tensor) -> np.ndarray:
         raise ValueError("A and B must be 2-D tensors of row vectors")
     if A.shape[1] != B.shape[1]:
         raise ValueError(f"A and B rows must have the same length; got {A.shape[1]}, {B.shape[1]}")
-    QA = _orthonormal_rows(A, "A")
-    QB = _orthonormal_rows(B.to(A.device), "B")
-    s = torch.linalg.svdvals(QA @ QB.T).clamp(0.0, 1.0).cpu().numpy()
+    FA, RA, _ = _span(A, "A")
+    FB, RB, _ = _span(B.to(A.device), "B")
+    M = _coefficients(FA, RA, RB)  # Q_A R_B^T; then Q_A Q_B^T = M F_B^-T
+    M = torch.linalg.solve_triangular(FB, M.T, upper=False).T
+    s = torch.linalg.svdvals(M).clamp(0.0, 1.0).cpu().numpy()
     return np.sort(np.arccos(s))
 
 

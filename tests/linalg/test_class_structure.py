@@ -201,3 +201,19 @@ def test_cumulative_gradient_overlap_equals_a_projection_per_prefix():
     np.testing.assert_allclose(got, expected, atol=1e-12)
     assert got[0] == 0.0 and got[3] == pytest.approx(got[2], abs=1e-12)
     assert gradient_overlap(V, g) == pytest.approx(expected[-1], abs=1e-12)
+
+
+@pytest.mark.parametrize("conditioning", [1.0, 1e5])  # Cholesky QR through the Gram; QR
+def test_principal_angles_match_a_numpy_reference(conditioning):
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(5, 60, generator=gen, dtype=torch.float64)
+    B = torch.randn(4, 60, generator=gen, dtype=torch.float64)
+    A[4] = A[3] + A[4] / conditioning  # a nearly dependent row when conditioning is large
+    B[:2] = B[:2] + 3.0 * A[:2]  # and some shared directions
+    qa = np.linalg.qr(A.numpy().T)[0]
+    qb = np.linalg.qr(B.numpy().T)[0]
+    cosines = np.clip(np.linalg.svd(qa.T @ qb, compute_uv=False), 0.0, 1.0)
+    np.testing.assert_allclose(principal_angles(A, B), np.sort(np.arccos(cosines)), atol=1e-9)
+    g = torch.randn(60, generator=gen, dtype=torch.float64)
+    share = float(np.sum((qa.T @ g.numpy()) ** 2) / float(g @ g))
+    assert gradient_overlap(A, g) == pytest.approx(share, abs=1e-10)
