@@ -371,7 +371,8 @@ class ScheduledMonitor(Callback):
             smaller, guess = self._smaller(), cost * small / full if full > 0 else None
             # Still more than affordable (decided on rank 0): a further reduction, if any.
             still = too_costly(guess, fit) if short else over_room(guess, room)
-            if smaller is not None and trainer.strategy.broadcast(still, 0):
+            # Every rank joins the broadcast (one whose probe set failed has no smaller form).
+            if trainer.strategy.broadcast(still, 0) and smaller is not None:
                 left_out += f", on {stack.enter_context(smaller)}"
                 small = self._charged_guess(trainer, pl_module)
             # The reduced cost: the measured one scaled as the a-priori guesses scale.
