@@ -689,14 +689,20 @@ class LandscapeMonitor(ScheduledMonitor):
         super().on_train_start(trainer, pl_module)
 
     def _check_short_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Stay off for this fit if even the reduced measurement costs more than the whole
-        fit affords (``_fixed_costs``); only on the budget: an explicit schedule is the user's."""
+        """Stay off for this fit if even the smallest end-of-fit measurement (:meth:`_reduced`,
+        then :meth:`_smaller`) costs more than the whole fit affords (``_fixed_costs``); only on
+        the budget: an explicit schedule is the user's."""
         total = _final_step(trainer)
         if not self.uses_budget or total is None or total <= trainer.global_step:
             return
         assert self._coord is not None
         reduced = self._reduced()
-        with reduced if reduced is not None else contextlib.nullcontext("") as left_out:
+        with contextlib.ExitStack() as stack:
+            # The smallest form the end of fit may take: reduced, then smaller still.
+            left_out = stack.enter_context(reduced) if reduced is not None else ""
+            smaller = self._smaller() if reduced is not None else None
+            if smaller is not None:
+                left_out += f", on {stack.enter_context(smaller)}"
             cost = self._charged_guess(trainer, pl_module)
         fit = self._fit_seconds(total - trainer.global_step)
         if not trainer.strategy.broadcast(too_costly(cost, fit), 0):

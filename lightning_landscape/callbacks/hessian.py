@@ -55,17 +55,8 @@ class _Measurement:
 
 
 #: Options of :func:`hessian_spectrum` the monitor sets itself (the rest are forwarded).
-_SET_HERE = (
-    "top_k",
-    "which",
-    "density",
-    "trace",
-    "seed",
-    "groups",
-    "return_eigenvectors",
-    "params",
-    "reduce_fn",
-    "warm_start",
+_SET_HERE = tuple(
+    "top_k which density trace seed groups return_eigenvectors params reduce_fn warm_start".split()
 )
 
 
@@ -214,9 +205,11 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         probes = self.spectrum_kwargs.get("num_trace_probes") or 8
         hvps = steps * processes + self.top_k + (probes if self.trace else 0)
         # Each per-batch product costs 1/B of a probe-set one; each extra run builds a graph.
-        extra = (self.batch_max_hvps + 2.0) if self._spread_on(self.num_probe_batches) else 0.0
-        if self.log_sharpness:
-            extra += 40.0 + 2.0  # an Adam run (not known yet whether the optimizer is Adam)
+        # On the probe set as it is now (a reduced form may hold its first batch only).
+        batches = len(self._probe) if self._probe is not None else self.num_probe_batches
+        extra = (self.batch_max_hvps + 2.0) if self._spread_on(batches) else 0.0
+        if self.log_sharpness and self._adam() is not False:
+            extra += 40.0 + 2.0  # an Adam run (unless the optimizer is known to be another)
         return 2.0 * hvps * groups + 2.0 + 2.0 * extra
 
     def _run_shape(self) -> tuple[int, int, int]:
@@ -240,10 +233,13 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         return guess
 
     def _layout(self) -> dict[str, dict[str, list[str]]]:
+        return hessian_layout(self.tag_prefix, groups=self._group_names, adam=bool(self._adam()))
+
+    def _adam(self) -> bool | None:
+        """Whether the first optimizer is Adam or AdamW (None: no optimizer known yet)."""
         trainer = self._trainer() if self._trainer is not None else None
-        optimizers = getattr(trainer, "optimizers", None) or []
-        adam = bool(optimizers) and adam_hyperparameters(optimizers[0]) is not None
-        return hessian_layout(self.tag_prefix, groups=self._group_names, adam=adam)
+        optimizers = getattr(trainer, "optimizers", None)
+        return adam_hyperparameters(optimizers[0]) is not None if optimizers else None
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the callbacks; a weak reference cannot be, and is not needed there.

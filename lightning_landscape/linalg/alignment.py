@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .class_structure import gradient_overlap, principal_angles
@@ -56,7 +55,7 @@ def hessian_alignment(covariance: GradientCovariance, eigenvectors: Tensor) -> H
             "covariance must come from gradient_covariance(..., return_eigenvectors=True); "
             "got a result without eigenvectors or gradient"
         )
-    V = eigenvectors.to(device=covariance.gradient.device, dtype=torch.float64)
+    V = eigenvectors.to(device=covariance.gradient.device)
     overlap = gradient_overlap(V, covariance.gradient, cumulative=True)
     nonzero = covariance.eigenvectors[covariance.eigenvalues > 0]
     angles = None

@@ -79,16 +79,17 @@ def _span(V: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
     """
     if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[0] == 0:
         raise ValueError(f"{name} must be a 2-D tensor of row vectors (k, D); got {V!r:.80}")
-    V = V.double()
-    norms = torch.linalg.vector_norm(V, dim=1)
+    G = _products(V, V)
+    norms = torch.sqrt(torch.diagonal(G))
     nonzero = torch.nonzero(norms > 0).flatten()
     if nonzero.numel() == 0:
         raise ValueError(f"{name} holds only zero rows")
-    V = V[nonzero]
-    G = V @ V.T
-    d = torch.sqrt(torch.diagonal(G))
+    if nonzero.numel() < V.shape[0]:
+        V, G = V[nonzero], G[nonzero][:, nonzero]
+    d = norms[nonzero]
     if float(torch.linalg.eigvalsh(G / d[:, None] / d[None, :])[0]) > GRAM_MIN_EIGENVALUE:
         return torch.linalg.cholesky(G), V, nonzero
+    V = V.double()
     Q, R = torch.linalg.qr(V.T)
     keep = torch.abs(torch.diagonal(R)) > V.shape[1] * torch.finfo(V.dtype).eps * norms.max()
     if not bool(keep.all()):
@@ -100,9 +101,25 @@ def _span(V: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
     return eye, Q.T, nonzero
 
 
+#: Entries of the long dimension :func:`_products` upcasts at a time.
+PRODUCT_CHUNK = 2**16
+
+
+def _products(A: Tensor, B: Tensor) -> Tensor:
+    """``A @ B^T`` in float64, exactly as float64 would give it, without a float64 copy of
+    ``A`` or ``B``: rows of another dtype are upcast :data:`PRODUCT_CHUNK` entries at a time
+    (float32 eigenvectors of 4.3M parameters: 0.16 s against 0.45 s for whole copies)."""
+    if A.dtype == B.dtype == torch.float64:
+        return A @ B.T
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    for s in range(0, A.shape[1], PRODUCT_CHUNK):
+        out += A[:, s : s + PRODUCT_CHUNK].double() @ B[:, s : s + PRODUCT_CHUNK].double().T
+    return out
+
+
 def _coefficients(F: Tensor, R: Tensor, X: Tensor) -> Tensor:
     """``Q X^T`` for ``Q = F^-1 R`` (:func:`_span`)."""
-    return torch.linalg.solve_triangular(F, R @ X.T, upper=False)
+    return torch.linalg.solve_triangular(F, _products(R, X), upper=False)
 
 
 def gradient_overlap(eigenvectors: Tensor, gradient: Tensor, *, cumulative: bool = False) -> Any:
@@ -129,8 +146,8 @@ def gradient_overlap(eigenvectors: Tensor, gradient: Tensor, *, cumulative: bool
             f"eigenvectors rows have length {eigenvectors.shape[1]} but gradient has "
             f"length {gradient.shape[0]}"
         )
-    g = gradient.double().to(eigenvectors.device)
-    g2 = float(g @ g)
+    g = gradient.to(eigenvectors.device)
+    g2 = float(_products(g[None], g[None]))
     # One factorisation for every prefix: basis row i lies in the span of rows <= its source.
     F, R, source = _span(eigenvectors, "eigenvectors")
     parts = torch.zeros(eigenvectors.shape[0], dtype=torch.float64, device=R.device)

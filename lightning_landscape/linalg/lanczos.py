@@ -171,14 +171,43 @@ class Rows:
 
         ``rounded_to``: combine the rows as rounded to that dtype (the vectors an operator in
         that dtype actually multiplied).
+
+        Column block by column block (:func:`combine_columns`): each stored row is read once
+        and the output block stays in cache while every chunk adds to it, never an outer
+        product per row.
         """
         n = c.shape[-1]
-        out = c.new_zeros((*c.shape[:-1], self.dim))
-        for start, v in self.views(n):
-            if rounded_to is not None:
-                v = v.to(rounded_to).to(v.dtype)
-            out += c[..., start : start + v.shape[0]] @ v
+        out = c.new_empty((*c.shape[:-1], self.dim))
+        views = list(self.views(n))
+        if not views:
+            return out.zero_()
+        width = combine_columns(self.dim, out.numel() // self.dim, out.element_size(), out.device)
+        for a in range(0, self.dim, width):
+            o = out[..., a : a + width]
+            for i, (start, v) in enumerate(views):
+                part = v[:, a : a + width]
+                if rounded_to is not None:
+                    part = part.to(rounded_to).to(v.dtype)
+                cs = c[..., start : start + v.shape[0]]
+                beta = 0 if i == 0 else 1  # beta 0: the block's first chunk overwrites it
+                if o.dim() == 1:
+                    o.addmv_(part.T, cs, beta=beta)
+                else:
+                    o.addmm_(cs, part, beta=beta)
         return out
+
+
+#: Bytes of output one column block of :meth:`Rows.combine` holds on a CPU: small enough to stay
+#: in cache while every stored chunk adds to it.
+COMBINE_BLOCK_BYTES = 2**20
+
+
+def combine_columns(dim: int, rows: int, size: int, device: torch.device) -> int:
+    """Columns per block of :meth:`Rows.combine`: all of them on an accelerator (one kernel per
+    chunk), else :data:`COMBINE_BLOCK_BYTES` of output (at least 4,096 columns)."""
+    if device.type != "cpu":
+        return dim
+    return max(4096, COMBINE_BLOCK_BYTES // max(1, rows * size))
 
 
 def matmul_sum(V: Tensor, w: Tensor, chunk: int = 2**16) -> Tensor:

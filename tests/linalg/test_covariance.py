@@ -232,6 +232,23 @@ def test_non_finite_loss_raises_floating_point_error(problem):
             gradient_covariance(model, nan_loss, batches, method=method, per_sample="vmap")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_infinite_per_sample_gradient_with_finite_loss_raises(problem, dtype):
+    # The Gram route checks only the Gram matrix's diagonal: an infinite entry of one gradient
+    # (d sqrt(u)/du at u = 0) must still reach it through the centring.
+    model, batches, _ = problem
+    model = make_mlp(hidden=8, seed=3).to(dtype).eval()
+    batches = [(x.to(dtype), y) for x, y in batches]
+
+    def kinked_loss(m, b):
+        w = m[0].weight[0, 0]
+        return cross_entropy_loss(m, b) + torch.sqrt(w - w.detach())
+
+    assert math.isfinite(float(kinked_loss(model, batches[0])))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        gradient_covariance(model, kinked_loss, batches, method="gram", per_sample="vmap")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

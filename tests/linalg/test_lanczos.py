@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -247,3 +249,42 @@ def test_basis_stays_orthonormal_through_convergence(A, dtype) -> None:
     # The Ritz values of the 150-step basis include every wanted eigenvalue exactly once.
     theta = np.sort(np.linalg.eigvalsh(Q @ A.to(F64) @ Q.T))[::-1][:5]
     np.testing.assert_allclose(theta, np.sort(SPECTRUM)[::-1][:5], rtol=1e4 * eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_combine_over_chunks_and_column_blocks_equals_the_stacked_product(
+    monkeypatch, dtype
+):
+    # Rows of 3 a chunk and output blocks of 4,096 columns: a 7-row basis of 10,001 columns
+    # spans three chunks (the last partly filled) and three column blocks (the last short).
+    # the module (the package's `lanczos` attribute is the function of that name)
+    lz = importlib.import_module("lightning_landscape.linalg.lanczos")
+
+    dim = 10_001
+    monkeypatch.setattr(lz, "CHUNK_BYTES", 3 * dim * torch.empty((), dtype=dtype).element_size())
+    monkeypatch.setattr(lz, "COMBINE_BLOCK_BYTES", 1)
+    rows = lz.Rows(dim, dtype, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(7, dim, generator=g, dtype=torch.float64)
+    for r in dense:
+        rows.append(r.to(dtype))
+    assert rows.chunk == 3 and len(rows.chunks) == 3
+    stored = dense.to(dtype).double()
+    block = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    vector = torch.randn(7, generator=g, dtype=torch.float64)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    # Only the first n rows take part; a vector and a block of coefficients alike.
+    torch.testing.assert_close(
+        rows.combine(block.to(dtype)).double(), block @ stored[:5], rtol=tol, atol=tol
+    )
+    torch.testing.assert_close(
+        rows.combine(vector.to(dtype)).double(), vector @ stored, rtol=tol, atol=tol
+    )
+    # rounded_to: the rows as an operator in that dtype saw them.
+    rounded = dense.to(dtype).to(torch.bfloat16).double()
+    torch.testing.assert_close(
+        rows.combine(block.to(dtype), rounded_to=torch.bfloat16).double(),
+        block @ rounded[:5],
+        rtol=tol,
+        atol=tol,
+    )
