@@ -252,9 +252,7 @@ def test_basis_stays_orthonormal_through_convergence(A, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_rows_combine_over_chunks_and_column_blocks_equals_the_stacked_product(
-    monkeypatch, dtype
-):
+def test_rows_combine_over_chunks_and_column_blocks_equals_the_stacked_product(monkeypatch, dtype):
     # Rows of 3 a chunk and output blocks of 4,096 columns: a 7-row basis of 10,001 columns
     # spans three chunks (the last partly filled) and three column blocks (the last short).
     # the module (the package's `lanczos` attribute is the function of that name)
@@ -288,3 +286,20 @@ def test_rows_combine_over_chunks_and_column_blocks_equals_the_stacked_product(
         rtol=tol,
         atol=tol,
     )
+
+
+@pytest.mark.parametrize("dim", [70_000, 2**17])
+def test_batched_chunk_products_equal_the_chunk_loop(dim):
+    # The accelerator path of the chunked float64-summed products (one batched product for the
+    # whole chunks, one for the rest) against float64, on rows that are a slice of a larger
+    # storage chunk (not contiguous as a block), for a vector and a block of columns.
+    lz = importlib.import_module("lightning_landscape.linalg.lanczos")
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(16, dim, generator=g)[2:5]
+    for w in (torch.randn(dim, generator=g), torch.randn(dim, 4, generator=g)):
+        batched = lz._batched_chunks(V, w, 2**16)
+        loop = lz._chunked_matmul(V, w, 2**16)
+        exact = V.double() @ w.double()
+        assert batched.dtype == torch.float64 and batched.shape == exact.shape
+        torch.testing.assert_close(batched, exact, rtol=0, atol=2e-7 * dim)
+        torch.testing.assert_close(batched, loop, rtol=0, atol=2e-7 * dim)
