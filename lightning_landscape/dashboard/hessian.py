@@ -15,8 +15,9 @@ from .writer import missing_tensorboard, tensorboard_writer
 
 if TYPE_CHECKING:
     from ..linalg import HessianSpectrum
+    from ..linalg.sharpness import BatchSharpness
 
-__all__ = ["hessian_scalars", "log_hessian_spectrum"]
+__all__ = ["batch_spread_scalars", "hessian_scalars", "log_hessian_spectrum"]
 
 
 def hessian_scalars(result: HessianSpectrum) -> dict[str, float]:
@@ -44,6 +45,24 @@ def hessian_scalars(result: HessianSpectrum) -> dict[str, float]:
     for g, sub in (result.groups or {}).items():
         values.update(_eigen_scalars(f"{g}/", sub))
     return values
+
+
+def batch_spread_scalars(spread: BatchSharpness) -> dict[str, float]:
+    """The per-batch λ_max spread's scalars, by tag suffix.
+
+    Raises:
+        FloatingPointError: a per-batch top eigenvalue is not finite.
+    """
+    lam = spread.eigenvalues
+    if not np.all(np.isfinite(lam)):
+        raise FloatingPointError("a per-batch top eigenvalue is not finite")
+    return {
+        "lambda_max_batch_mean": float(lam.mean()),
+        "lambda_max_batch_min": float(lam.min()),
+        "lambda_max_batch_max": float(lam.max()),
+        "lambda_max_batch_std": float(lam.std(ddof=1)),
+        "lambda_max_batch_residual": float(spread.residuals.max()),
+    }
 
 
 def _eigen_scalars(prefix: str, result: HessianSpectrum) -> dict[str, float]:
