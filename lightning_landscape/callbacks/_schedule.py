@@ -26,7 +26,7 @@ __all__: list[str] = []
 
 #: All monitors together stay under this share of wall time (docs/design.md, "Cost"), or under
 #: the largest ``max_overhead`` a monitor of the trainer was given, if that is larger.
-TOTAL_OVERHEAD = 0.03
+TOTAL_OVERHEAD = 0.02
 
 #: Measurements are planned against this fraction of each budget: the rest is a margin for what
 #: the coordinator cannot time (one-off imports and set-up inside a fit, run-to-run noise of the
