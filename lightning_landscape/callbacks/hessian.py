@@ -43,7 +43,7 @@ ABOVE_LINE_MEASUREMENTS = 3
 
 #: Below this ``subspace_overlap`` the next warm start is a Lanczos run from the vectors' sum: a
 #: subspace turning that fast (demo Transformer 0.966; digits >= 0.999) wastes a Rayleigh-Ritz
-#: step's ``top_k`` products (docs/science.md, "Warm starts").
+#: step's ``top_k`` products (docs/science.md, "Successive subspaces").
 WARM_OVERLAP_MIN = 0.99
 
 #: Options of :class:`HessianOperator` the extra runs (per batch, Adam) share with the spectrum.
