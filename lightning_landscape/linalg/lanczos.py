@@ -166,18 +166,21 @@ class Rows:
         parts = [matmul_sum(v, w) for _, v in self.views(n)]
         return torch.cat(parts) if parts else w.new_zeros((0, *w.shape[1:]))
 
-    def combine(self, c: Tensor, rounded_to: torch.dtype | None = None) -> Tensor:
+    def combine(
+        self, c: Tensor, rounded_to: torch.dtype | None = None, out: Tensor | None = None
+    ) -> Tensor:
         """``c @ rows[:len(c)]`` for a vector (or a ``(b, n)`` block) of coefficients.
 
         ``rounded_to``: combine the rows as rounded to that dtype (the vectors an operator in
-        that dtype actually multiplied).
+        that dtype actually multiplied). ``out``: where to write the result (else a new tensor).
 
         Column block by column block (:func:`combine_columns`): each stored row is read once
         and the output block stays in cache while every chunk adds to it, never an outer
         product per row.
         """
         n = c.shape[-1]
-        out = c.new_empty((*c.shape[:-1], self.dim))
+        if out is None:
+            out = c.new_empty((*c.shape[:-1], self.dim))
         views = list(self.views(n))
         if not views:
             return out.zero_()
@@ -289,12 +292,13 @@ class Ring:
     def coeffs(self, w: Tensor, n: int | None = None) -> Tensor:
         return self._kept() @ w
 
-    def combine(self, c: Tensor) -> Tensor:
-        return c @ self._kept()
+    def combine(self, c: Tensor, out: Tensor | None = None) -> Tensor:
+        return torch.matmul(c, self._kept(), out=out)
 
 
 def _reorthogonalise(basis: Rows, w: Tensor, n: int | None = None) -> tuple[Tensor, float]:
-    """``w`` minus its part in the first ``n`` rows (classical Gram-Schmidt, DGKS second pass).
+    """``w`` minus its part in the first ``n`` rows (classical Gram-Schmidt, DGKS second pass),
+    in place.
 
     After the three-term recurrence ``w`` is nearly orthogonal already, so one pass usually keeps
     it orthogonal to working precision; a second pass runs only when the first removed a large
@@ -302,8 +306,9 @@ def _reorthogonalise(basis: Rows, w: Tensor, n: int | None = None) -> tuple[Tens
     """
     before = float(torch.linalg.vector_norm(w))
     beta = before
+    part = torch.empty_like(w)  # one scratch vector for both passes
     for _ in range(2):
-        w = w - basis.combine(basis.coeffs(w, n))
+        w = w.sub_(basis.combine(basis.coeffs(w, n), out=part))
         beta = float(torch.linalg.vector_norm(w))
         if beta > DGKS_ETA * before:
             break
@@ -354,15 +359,21 @@ class _Process:
         j = self.steps
         q = self.Q[j]
         w = w.to(device=q.device, dtype=q.dtype)
+        if w.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+            w = w.clone()  # an operator that returned its input (a view of the basis row)
         if self.W is not None:
             self.W.append(w)
         if j == 0 and self.keep_first_product:
             self.first_product = w.clone()
             self.start = q.clone()
         alpha = dot(q, w)
-        w = w - alpha * q
+        if not math.isfinite(alpha):  # any inf or nan in w makes this float64 sum one
+            raise FloatingPointError("non-finite operator product inside Lanczos")
+        # In place from here: ``w`` is this step's row of the operator's output (stored above
+        # as a copy when kept), and every new vector of length D costs page faults on a CPU.
+        w = w.sub_(q, alpha=alpha)
         if j > 0:
-            w = w - self.betas[-1] * self.Q[j - 1]
+            w = w.sub_(self.Q[j - 1], alpha=self.betas[-1])
         w, beta = _reorthogonalise(self.Q, w)
         self.alphas.append(alpha)
         self.anorm = max(self.anorm, abs(alpha) + beta + (self.betas[-1] if j > 0 else 0.0))
@@ -383,7 +394,7 @@ class _Process:
             self.block_start = j + 1
         else:
             self.betas.append(beta)
-            self.Q.append(w / beta)
+            self.Q.append(w.div_(beta))
         if self.steps >= self.max_steps:
             self.done = True
 
@@ -551,12 +562,14 @@ def advance(operator: Any, procs: list[_Process], stop: Any = None) -> None:
         active = [p for p in procs if not p.done]
         if not active:
             return
-        block = torch.stack([p.Q[p.steps] for p in active])
+        rows = [p.Q[p.steps] for p in active]
+        # One process (the eigenvalue run): its basis row itself, not a copy of length D.
+        block = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
         for p in active:
             p.product_dtype = operator.dtype
         W = operator.matmat(block.to(device=operator.device, dtype=operator.dtype))
-        if not all_finite(W):
-            raise FloatingPointError("non-finite operator product inside Lanczos")
+        # A non-finite product is caught by each step's first inner product (free), not by a
+        # pass of its own over the products.
         for p, w in zip(active, W, strict=False):
             p.step(w)
         if stop is not None and not procs[0].done and stop(procs[0]):

@@ -207,10 +207,29 @@ def test_argument_errors(A) -> None:
 
 
 def test_non_finite_products_raise() -> None:
-    A = torch.eye(20, dtype=F64)
-    A[3, 3] = float("nan")
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        lanczos(MatrixOperator(A), top_k=2)
+    # Caught by each step's first inner product: any inf or nan entry of a product.
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        A = torch.eye(20, dtype=F64)
+        A[3, 3] = bad
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            lanczos(MatrixOperator(A), top_k=2)
+
+
+def test_an_operator_that_returns_its_input_leaves_the_basis_intact() -> None:
+    """Steps work in place on the product; a product that is the basis row itself (an identity
+    operator returning its argument) must not be overwritten: the Ritz vector is the start."""
+
+    class Identity:
+        dim, dtype, device = 12, F64, torch.device("cpu")
+
+        def matmat(self, X: torch.Tensor) -> torch.Tensor:
+            return X
+
+    v0 = torch.arange(1.0, 13.0, dtype=F64)
+    res = lanczos(Identity(), top_k=1, v0=v0, max_iter=1, return_eigenvectors=True)
+    assert res.eigenvalues[0] == pytest.approx(1.0, abs=1e-14)
+    assert res.eigenvectors is not None
+    torch.testing.assert_close(res.eigenvectors[0].abs(), v0 / v0.norm(), atol=1e-14, rtol=0)
 
 
 def test_value_rule_saves_products_and_keeps_its_bound(A) -> None:
