@@ -226,15 +226,22 @@ class Coordinator:
             return final_step
         return nxt
 
-    def affords(self, monitor: str, cost: float, max_overhead: float) -> bool:
+    def affords(
+        self, monitor: str, cost: float, max_overhead: float, steps_since: int | None = None
+    ) -> bool:
         """Whether a measurement of ``cost`` seconds now (plus the same again in reserve for the
         end of fit) keeps ``monitor`` within ``max_overhead`` and all monitors within the total
         cap, both at their :meth:`rate`: the test for work that can only run at fixed points
-        (epoch ends), where :meth:`next_step` cannot place it."""
+        (epoch ends), where :meth:`next_step` cannot place it. As there, no bursts: with
+        ``steps_since`` (steps since the monitor's last such measurement) at least ``cost /
+        rate`` seconds of training must separate the two, however much budget was saved up."""
         rates = self._rates(monitor, max_overhead)
         if self.train_seconds <= 0 or rates is None:
             return False
         rate_self, rate_all = rates
+        t_step = self.step_seconds or 0.0
+        if steps_since is not None and steps_since * t_step < cost / rate_self:
+            return False
         spent_self = self.spent.get(monitor, 0.0) + 2 * cost
         spent_all = sum(self.spent.values()) + 2 * cost
         return (

@@ -141,11 +141,8 @@ class DiffusionMapMonitor(ScheduledMonitor):
         )
         self.requested_every_n_steps = every_n_steps  # None: adapted to each fit's length
         self.sample, self.directory = sample, directory
-        self.log_projector, self.log_figure, self.log_histogram = (
-            log_projector,
-            log_figure,
-            log_histogram,
-        )
+        self.log_projector, self.log_figure = log_projector, log_figure
+        self.log_histogram = log_histogram
         # Checkpointed state; last_embed_cost: what the latest embedding took.
         self.num_embeddings, self.last_embedded_step = 0, None
         self.last_embed_cost: EmbedCost | None = None
@@ -269,7 +266,7 @@ class DiffusionMapMonitor(ScheduledMonitor):
         if not self.recorder.is_open:
             return
         clock = self._now
-        if budget and not self._affordable():
+        if budget and not self._affordable(step):
             return
         t0 = clock()
         traj = self.recorder.load()
@@ -310,11 +307,14 @@ class DiffusionMapMonitor(ScheduledMonitor):
             say(trainer, plan.notice(type(self).__name__, n, allowed))
         return plan.landmarks, plan.nystrom, plan.seconds
 
-    def _affordable(self) -> bool:
-        """Whether the predicted cost and as much again for the end of fit fit in the budget
-        (the first embedding runs as soon as there is any budget, and is timed)."""
+    def _affordable(self, step: int) -> bool:
+        """Whether the predicted cost and as much again for the end of fit fit in the budget,
+        with enough training since the last embedding (no bursts; the first embedding runs as
+        soon as there is any budget, and is timed)."""
         cost = self._embed_cost() if self.last_embed_cost is not None else 0.0
-        return self._coord is None or self._coord.affords(self.name, cost, self.max_overhead)
+        last = self.last_embedded_step
+        since = None if last is None else step - last
+        return self._coord is None or self._coord.affords(self.name, cost, self.max_overhead, since)
 
     def _cost_model(self) -> EmbedCost:
         """The latest embedding's costs, else the a-priori ones for this sample size."""

@@ -5,6 +5,7 @@ unchanged training, resume without gaps or duplicates, gradient samples, DDP."""
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 from datetime import timedelta
 
@@ -15,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
+from lightning_landscape.callbacks._schedule import PLANNING_SHARE
 from lightning_landscape.callbacks.diffusion import DiffusionMapMonitor
 from lightning_landscape.embeddings import trajectory as embedder_module
 from lightning_landscape.embeddings.diffusion import diffusion_map
@@ -211,6 +213,11 @@ def test_epoch_end_embeddings_follow_the_budget_by_default(tmp_path, make_traine
     share = DiffusionMapMonitor().max_overhead  # the default, 2%
     assert spent <= share * train, sizes  # within the monitor's share
     assert spent >= 0.4 * share * train, sizes  # and the share is used, not wasted
+    # No bursts: budget saved up is not spent at consecutive epoch ends. Between two
+    # embeddings lies at least (nearly: the cost is predicted) cost / rate of training.
+    for before, n in itertools.pairwise(sizes[:-1]):
+        gap = 4 * (n - before)  # one-second steps; a sample every 4 steps
+        assert gap >= 0.8 * 1e-4 * n**2 / (PLANNING_SHARE * share), sizes
     # An explicit schedule replaces the budget: one embedding per epoch, reproducibly.
     sizes, spent, train = _budget_run(
         make_trainer, tmp_path / "fixed", monkeypatch, embed_every_n_epochs=1

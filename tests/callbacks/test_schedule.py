@@ -230,3 +230,14 @@ def test_a_measurement_just_before_the_end_of_fit_waits_for_it():
         free + spacing - 1
     )
     assert coord.next_step("hessian", 1000, COST, BUDGET, final_step=free - 5) == free - 5
+
+
+def test_fixed_point_work_is_not_spent_in_a_burst():
+    """Budget saved up over a long gap buys one measurement, not several back to back: like
+    next_step, affords() wants cost / rate of training since the monitor's last one."""
+    coord = Coordinator(clock=FakeClock(), warmup_steps=0)
+    coord.train_seconds, coord.counted_steps = 1000.0, 1000  # one-second steps, nothing spent
+    rate = PLANNING_SHARE * 0.02
+    assert coord.affords("diffusion", 1.0, 0.02)  # never measured: the budget alone decides
+    assert coord.affords("diffusion", 1.0, 0.02, steps_since=math.ceil(1.0 / rate))
+    assert not coord.affords("diffusion", 1.0, 0.02, steps_since=math.floor(1.0 / rate))
