@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .figures import write_figure
+from .figures import fixed_margins, write_figure
 from .layout import Layout
 from .projector import write_projector_embedding
 from .writer import missing_tensorboard
@@ -95,7 +95,7 @@ def trajectory_figure(
     order = np.argsort(s, kind="stable")
     C, s = C[order], s[order]
 
-    fig = Figure(figsize=(10.0, 4.2), dpi=100, layout="constrained")
+    fig = Figure(figsize=(10.0, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, width_ratios=[1.3, 1.0])
     x, y = (C[:, 0], C[:, 1]) if C.shape[1] >= 2 else (s, C[:, 0])
@@ -123,6 +123,7 @@ def trajectory_figure(
     right.grid(True, which="both", alpha=0.3)
     if title:
         fig.suptitle(title)
+    fixed_margins(fig, left=0.08, bottom=0.11, wspace=0.22, titled=bool(title))
     return fig
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .axis import SpectrumAxis
-from .figures import write_figure
+from .figures import fixed_margins, write_figure
 from .histogram import HISTOGRAM_SIGMA, spectrum_axis_markdown, write_spectrum_histogram
 from .layout import Layout
 from .text import write_text
@@ -267,5 +267,5 @@ def class_structure_figure(
     ax.legend(loc="upper right", fontsize="small")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
+    fixed_margins(fig, left=0.13, bottom=0.12, wspace=0.2, titled=False, right=0.97)
     return fig

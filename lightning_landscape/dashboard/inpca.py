@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .figures import write_figure
+from .figures import fixed_margins, write_figure
 from .layout import Layout, write_custom_scalars_layout
 from .projector import write_projector_embedding
 from .text import write_text
@@ -121,7 +121,7 @@ def trajectory_figure(
     if explained_stress is not None:
         text += f" — explained stress {explained_stress:.1%}"
     fig.suptitle(text)
-    fig.tight_layout()
+    fixed_margins(fig, left=0.03, bottom=0.12, wspace=0.25, titled=True)
     return fig
 
 
