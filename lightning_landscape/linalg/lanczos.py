@@ -1414,7 +1414,18 @@ def lanczos(
 
 def reorthogonalisation_seconds(device: torch.device, dim: int) -> float:
     """Seconds of one Gram-Schmidt pass ``w - (B @ w) @ B`` per float64 basis row of ``dim``
-    numbers on ``device``: timed on at most 8 × 2^19 numbers and scaled (memory-bound)."""
+    numbers on ``device``: timed on at most 8 × 2^19 numbers and scaled (memory-bound). Timed
+    once per device and length in a process (a cost guess; each timing draws 4M numbers)."""
+    key = (str(torch.device(device)), int(dim))
+    if key not in _REORTH_SECONDS:
+        _REORTH_SECONDS[key] = _time_reorthogonalisation(torch.device(device), int(dim))
+    return _REORTH_SECONDS[key]
+
+
+_REORTH_SECONDS: dict[tuple[str, int], float] = {}
+
+
+def _time_reorthogonalisation(device: torch.device, dim: int) -> float:
     n, rows = max(1, min(dim, 1 << 19)), 8
     gen = torch.Generator().manual_seed(0)
     B = torch.randn(rows, n, generator=gen, dtype=torch.float64).to(device)
