@@ -280,3 +280,32 @@ def test_budget_embedding_waits_for_samples_in_silence(make_trainer):
         make_trainer([monitor, AdvanceClock(clock)], max_steps=200).fit(module, loader(32))
     assert not [w for w in caught if "waits for more" in str(w.message)], caught
     assert monitor.last_result is not None and monitor.last_embedded_step == 200
+
+
+def test_probe_gradient_is_timed_once_for_monitors_that_share_its_shape(
+    tmp_path, make_trainer, monkeypatch
+):
+    """The a-priori cost guesses time a probe gradient per batch; monitors whose probe batches
+    have the same shapes, mode and loss reuse the first one's timing (a few gradients each on a
+    large model), a monitor with its own loss times its own."""
+    from lightning_landscape.callbacks import _base
+
+    calls: list[str] = []
+    real = _base.LandscapeMonitor._time_probe_gradient
+
+    def counted(self, pl_module):
+        calls.append(type(self).__name__)
+        return real(self, pl_module)
+
+    monkeypatch.setattr(_base.LandscapeMonitor, "_time_probe_gradient", counted)
+    monitors = [HessianSpectrumMonitor(top_k=2), GradientCovarianceMonitor(top_k=2), InPCAMonitor()]
+    make_trainer(monitors, max_steps=12).fit(DigitsModule(), loader(32))
+    assert calls == ["HessianSpectrumMonitor"], calls
+    times = {m._batch_seconds for m in monitors}
+    assert len(times) == 1 and next(iter(times)) > 0  # one timing, the same for all three
+
+    calls.clear()
+    own = HessianSpectrumMonitor(top_k=2, loss_fn=cross_entropy_loss)
+    shared = GradientCovarianceMonitor(top_k=2)
+    make_trainer([own, shared], max_steps=12, root=tmp_path / "b").fit(DigitsModule(), loader(32))
+    assert sorted(calls) == ["GradientCovarianceMonitor", "HessianSpectrumMonitor"], calls
