@@ -138,12 +138,14 @@ def linear_path_losses(
         (len(ts),) float64 losses.
     """
     t = np.asarray(ts, dtype=np.float64)
+    # lerp: one pass and one vector per point (exact at both ends), not three.
     return np.array(
         [
-            loss_at_weights(model, (1 - ti) * w1 + ti * w2, batches, loss_fn, reduce_fn=reduce_fn)
+            loss_at_weights(model, torch.lerp(w1, w2, float(ti)), batches, loss_fn,
+                            reduce_fn=reduce_fn)
             for ti in t
         ]
-    )
+    )  # fmt: skip
 
 
 def _check_path(losses: ArrayLike, ts: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
