@@ -483,8 +483,10 @@ def _gram_route(
     losses = torch.empty(N, dtype=torch.float64, device=p0.device)
     i = 0
     for batch, n in zip(batches, sizes, strict=True):
-        for r, ell in ps.gradient_chunks(batch, n, chunk):
-            G[i : i + len(r)] = r
+        # The vmap path writes each chunk's rows straight into G (no temporary of that size).
+        for r, ell in ps.gradient_chunks(batch, n, chunk, out=G[i : i + n]):
+            if r.data_ptr() != G[i].data_ptr():
+                G[i : i + len(r)] = r
             losses[i : i + len(r)] = ell.double()
             i += len(r)
     loss = float(losses.mean())

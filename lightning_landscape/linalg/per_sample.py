@@ -75,18 +75,22 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def _flat(tensors: Sequence[Tensor | None], params: Sequence[Tensor], lead: int) -> Tensor:
-    """Concatenate per-parameter tensors with ``lead`` leading rows into ``(lead, D)``."""
+def _flat(
+    tensors: Sequence[Tensor | None],
+    params: Sequence[Tensor],
+    lead: int,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Concatenate per-parameter tensors with ``lead`` leading rows into ``(lead, D)`` (into
+    ``out`` when given: no temporary of that size)."""
     p0 = params[0]
-    return torch.cat(
-        [
-            torch.zeros(lead, p.numel(), dtype=p0.dtype, device=p0.device)
-            if t is None
-            else t.reshape(lead, -1).to(p0.dtype)
-            for p, t in zip(params, tensors, strict=True)
-        ],
-        dim=1,
-    )
+    parts = [
+        torch.zeros(lead, p.numel(), dtype=p0.dtype, device=p0.device)
+        if t is None
+        else t.reshape(lead, -1).to(p0.dtype)
+        for p, t in zip(params, tensors, strict=True)
+    ]
+    return torch.cat(parts, dim=1) if out is None else torch.cat(parts, dim=1, out=out)
 
 
 def _batched_grad(
@@ -180,7 +184,9 @@ class _PerSample:
 
         return f
 
-    def _vmap_grads(self, batch: Any, n: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    def _vmap_grads(
+        self, batch: Any, n: int, start: int, stop: int, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         leaves, spec, idx = _split_batch(batch, n)
         f = self._single(leaves, spec, idx)
         pdict = {f"model.{k}": p.detach() for k, p in zip(self.names, self.params, strict=True)}
@@ -189,7 +195,7 @@ class _PerSample:
         grads, losses = torch.func.vmap(
             torch.func.grad_and_value(f), in_dims=in_dims, randomness="different"
         )(pdict, *samples)
-        rows = _flat([grads[f"model.{k}"] for k in self.names], self.params, stop - start)
+        rows = _flat([grads[f"model.{k}"] for k in self.names], self.params, stop - start, out)
         return rows.detach(), losses.detach()
 
     def _vmap_losses(self, batch: Any, n: int) -> Tensor:
@@ -263,9 +269,15 @@ class _PerSample:
         return self._outputs_losses(batch, n)
 
     def gradient_chunks(
-        self, batch: Any, n: int, chunk: int, losses: Tensor | None = None
+        self,
+        batch: Any,
+        n: int,
+        chunk: int,
+        losses: Tensor | None = None,
+        out: Tensor | None = None,
     ) -> Iterable[tuple[Tensor, Tensor]]:
-        """``(rows, losses)`` per chunk of samples: per-sample gradients ``(c, D)``."""
+        """``(rows, losses)`` per chunk of samples: per-sample gradients ``(c, D)``; with
+        ``out`` (``(n, D)``), the ``vmap`` path writes the rows into it (and yields views)."""
         if self.path == "outputs" and losses is None:
             losses = self._outputs_losses(batch, n)
         for start in range(0, n, chunk):
@@ -274,7 +286,9 @@ class _PerSample:
             if start == 0 and first is not None and first[0] == id(batch):
                 yield first[1]
             elif self.path == "vmap":
-                yield self._vmap_grads(batch, n, start, stop)
+                yield self._vmap_grads(
+                    batch, n, start, stop, None if out is None else out[start:stop]
+                )
             else:
                 assert losses is not None
                 yield self._jacobian_rows(losses, start, stop), losses[start:stop].detach()

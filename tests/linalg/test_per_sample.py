@@ -42,6 +42,39 @@ def test_matches_loop_in_chunks(per_sample):
     torch.testing.assert_close(rows, _loop_rows(model, batch), atol=1e-14, rtol=1e-12)
 
 
+def test_gram_route_writes_the_rows_into_its_matrix_and_matches_the_loop(monkeypatch):
+    """The covariance's Gram route has the vmap path write each chunk of per-sample gradients
+    straight into its (N, D) matrix: the rows are the loop's, and no chunk is copied again."""
+    model = make_mlp(hidden=8, seed=3).double().eval()
+    batches = digits_batches([7, 6], torch.float64)
+    seen: list[torch.Tensor] = []
+    real = covariance_module._centre_and_gram
+
+    def spy(G):
+        seen.append(G.clone())
+        return real(G)
+
+    monkeypatch.setattr(covariance_module, "_centre_and_gram", spy)
+    copies = []
+    real_setitem = torch.Tensor.__setitem__
+
+    def counting(self, key, value):
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and self.dim() == 2:
+            copies.append(value.shape)
+        return real_setitem(self, key, value)
+
+    monkeypatch.setattr(torch.Tensor, "__setitem__", counting)
+    covariance_module.gradient_covariance(
+        model, cross_entropy_loss, batches, method="gram", per_sample="vmap", chunk_size=4
+    )
+    monkeypatch.undo()
+    expected = torch.cat([_loop_rows(model, b) for b in batches])
+    torch.testing.assert_close(seen[0], expected, atol=1e-14, rtol=1e-12)
+    # Only the first chunk (computed while choosing the path) is copied in; the rest are
+    # written in place: chunks of 4 over batches of 7 and 6 make 4 chunks, 1 copy.
+    assert len(copies) == 1, copies
+
+
 def test_batchnorm_in_train_mode_takes_the_outputs_path_with_a_notice():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(64, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 10))
