@@ -9,8 +9,9 @@ whole multiples, until its measured cost is at most ``share`` of the step time; 
 (a big model) it keeps the requested interval.
 
 The interval is revised after ``revise_every`` timed runs, or sooner once the runs so far have
-cost more than ``revise_every`` runs may (expensive work, such as sketching a 4M-parameter
-model's weights, thins after a few samples instead of a hundred), and only ever widened: a
+cost more than ``revise_every`` runs may and at least :data:`EARLY_REVISION_SECONDS` (expensive
+work, such as sketching a 4M-parameter model's weights, thins after a few samples instead of a
+hundred), and only ever widened: a
 short fit of cheap work (the tests' few steps) keeps its requested interval, so its results are
 exactly those of every step, and a revision never shifts the steps already kept (a multiple of
 the old interval divides the step grid the same way).
@@ -38,6 +39,12 @@ SAMPLES_PER_MINIMUM = 2
 
 #: Runs timed before the first revision (and between revisions).
 REVISE_EVERY = 100
+
+#: A revision before ``REVISE_EVERY`` runs (work found expensive early) needs at least this many
+#: seconds spent: a few reads of a tiny model's gradients, whose cost relative to its
+#: millisecond steps a loaded machine can inflate, never thin a short fit; a 4M-parameter
+#: sketch (tens of milliseconds a sample) still thins after a few samples.
+EARLY_REVISION_SECONDS = 0.05
 
 
 class Thinning:
@@ -70,7 +77,8 @@ class Thinning:
         if not step_seconds or step_seconds <= 0:
             return False
         allowed = self.share * step_seconds * self.every  # a run's share
-        if self._runs < self.revise_every and self._seconds <= self.revise_every * allowed:
+        early = self._seconds > max(self.revise_every * allowed, EARLY_REVISION_SECONDS)
+        if self._runs < self.revise_every and not early:
             return False
         per_run = self._seconds / self._runs
         self._seconds, self._runs = 0.0, 0

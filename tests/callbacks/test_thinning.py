@@ -42,6 +42,21 @@ def test_thinning_widens_by_whole_multiples_only_after_enough_runs_and_never_nar
     assert not u.ran(1.0, None) and not u.ran(1.0, None) and u.every == 1
 
 
+def test_cheap_work_is_not_thinned_early_whatever_its_share():
+    """Before REVISE_EVERY runs, a revision needs EARLY_REVISION_SECONDS spent as well: a tiny
+    model's gradient-norm reads (0.1 ms against 2-ms steps: 5%, above the 0.25% share, as a
+    loaded machine can make them) keep every step in a short fit; expensive work still thins
+    after a few runs."""
+    t = Thinning(share=0.0025)
+    for _ in range(99):
+        assert not t.ran(1e-4, 2e-3)
+    assert t.every == 1 and 99 * 1e-4 < _thinning.EARLY_REVISION_SECONDS
+    assert t.ran(1e-4, 2e-3) and t.every == 20  # at REVISE_EVERY runs: 5% / 0.25% = 20
+    u = Thinning(share=0.0025)
+    assert not u.ran(0.03, 2e-3)  # 0.03 s < EARLY_REVISION_SECONDS: not yet
+    assert u.ran(0.03, 2e-3) and u.every == 6000  # 0.06 s spent: revised after two runs
+
+
 class _GradNorms(Callback):
     """||grad||^2 of every optimizer step, by a loop over the parameters."""
 
