@@ -1348,7 +1348,8 @@ def lanczos(
     eigenvalues appear and the residual estimates stay meaningful.
 
     Args:
-        operator: symmetric operator with ``dim``, ``dtype``, ``device`` and ``matmat``.
+        operator: symmetric operator with ``dim``, ``dtype``, ``device`` and ``matmat``
+            (which must not modify its argument: it may be a row of the stored basis).
         top_k: number of wanted eigenvalues.
         which: ``"LA"`` largest algebraic (descending) or ``"SA"`` smallest algebraic (ascending).
         max_iter: maximum Lanczos steps; default ``min(D, max(4 top_k, 120))`` (a bounded run
