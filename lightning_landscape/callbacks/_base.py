@@ -631,7 +631,7 @@ class LandscapeMonitor(ScheduledMonitor):
         leaves = [t for t in tree_leaves(first) if isinstance(t, torch.Tensor)]
         shapes = tuple((tuple(t.shape), str(t.dtype)) for t in leaves)
         loss = "training_step" if self.loss_fn is None else id(self.loss_fn)
-        key = f"probe-gradient-seconds/{self.train_mode}/{loss}/{shapes}"
+        key = f"probe-gradient-seconds/{id(pl_module)}/{self.train_mode}/{loss}/{shapes}"
         shared = self._coord.latest(key) if self._coord is not None else None
         if shared is None:
             shared = self._time_probe_gradient(pl_module) / max(batches, 1)
