@@ -90,7 +90,7 @@ def _flat(
         else t.reshape(lead, -1).to(p0.dtype)
         for p, t in zip(params, tensors, strict=True)
     ]
-    return torch.cat(parts, dim=1) if out is None else torch.cat(parts, dim=1, out=out)
+    return torch.cat(parts, dim=1, out=out)
 
 
 def _batched_grad(
@@ -336,8 +336,9 @@ def per_sample_gradients(
         ps.decide(batch, n, chunk)
         out = torch.empty(n, D, dtype=plist[0].dtype, device=plist[0].device)
         i = 0
-        for rows, _ in ps.gradient_chunks(batch, n, chunk):
-            out[i : i + len(rows)] = rows
+        for rows, _ in ps.gradient_chunks(batch, n, chunk, out=out):
+            if rows.data_ptr() != out[i].data_ptr():  # not written in place (outputs path)
+                out[i : i + len(rows)] = rows
             i += len(rows)
         return out
 
