@@ -41,11 +41,6 @@ __all__ = ["HessianSpectrumMonitor"]
 #: of stability the ratio hovers around 1, so one reading above it is expected.
 ABOVE_LINE_MEASUREMENTS = 3
 
-#: Below this ``subspace_overlap`` the next warm start is a Lanczos run from the vectors' sum: a
-#: subspace turning that fast (demo Transformer 0.966; digits >= 0.999) wastes a Rayleigh-Ritz
-#: step's ``top_k`` products (docs/science.md, "Successive subspaces").
-WARM_OVERLAP_MIN = 0.99
-
 #: Options of :class:`HessianOperator` the extra runs (per batch, Adam) share with the spectrum.
 _OPERATOR_OPTIONS = ("retain_graph", "batch_size_fn", "dtype", "hvp")
 
@@ -188,7 +183,6 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         self.log_batch_spread = check_bool("log_batch_spread", log_batch_spread)
         self.batch_max_hvps = check_int("batch_max_hvps", batch_max_hvps, minimum=2)
         self._previous: torch.Tensor | None = None  # last top-k eigenvectors (warm start)
-        self._turned = False  # the last measurement's subspace turned: see WARM_OVERLAP_MIN
         self._watch = StabilityWatch(ABOVE_LINE_MEASUREMENTS)  # the above-the-line warning
         self._trainer: weakref.ref[Trainer] | None = None
 
@@ -200,7 +194,7 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._trainer = weakref.ref(trainer)  # the layout asks which optimizer it is
-        self._previous, self._turned = None, False  # a new fit (maybe another model): cold
+        self._previous = None  # a new fit (maybe another model): cold
         if self.groups is not None:
             self._group_names = list(parameter_groups(pl_module, self.groups))
 
@@ -287,8 +281,6 @@ class HessianSpectrumMonitor(LandscapeMonitor):
         # eigenvalues leave are free, converging them cost up to 1.6x the products.
         vectors = True if kept else ("ritz" if self.warm_start or spread else False)
         warm = None if self.density or self.trace else previous  # where it saves products
-        if warm is not None and self._turned:  # a Lanczos run from the vectors' sum: no
-            warm = warm.sum(dim=0, keepdim=True)  # Rayleigh-Ritz step of top_k products
         result = hessian_spectrum(
             pl_module, loss_fn, batches, top_k=self.top_k, density=self.density,
             trace=self.trace, seed=self.seed, groups=self.groups, reduce_fn=reduce_fn,
@@ -296,12 +288,9 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             **self.spectrum_kwargs,
         )  # fmt: skip
         extra: dict[str, float] = {}
-        overlap = result.subspace_overlap if warm is previous else None
-        if previous is not None and overlap is None:
+        if previous is not None and warm is None:
             assert result.eigenvectors is not None
-            extra["subspace_overlap"] = overlap = subspace_overlap(previous, result.eigenvectors)
-            result = dataclasses.replace(result, subspace_overlap=None, principal_angles=None)
-        self._turned = overlap is not None and overlap < WARM_OVERLAP_MIN
+            extra["subspace_overlap"] = subspace_overlap(previous, result.eigenvectors)
         hvps, sharp = result.num_hvps, None
         if spread:
             hvps += self._batch_spread(pl_module, batches, loss_fn, reduce_fn, result, extra)

@@ -1153,6 +1153,20 @@ def _expected_expansions(state: _WarmState, vectors: bool) -> float:
     return float((2.0 if vectors else 1.0) * np.sum(decades))
 
 
+def _turned(sub: _Subspace, tol: float) -> bool:
+    """Whether the first previous vector (the extreme one), multiplied alone, shows the operator
+    changed too much for a Rayleigh-Ritz step on the previous vectors to pay: its relative
+    residual ``||H v - (v^T H v) v|| / ||H v||`` above ``sqrt(tol)``, so that its bound
+    ``r^2 / gap`` with a gap of order ``||H||`` exceeds ``tol ||H||`` and every wanted pair
+    needs expansions. Measured on the models of ``benchmarks/hvp_counts.py`` (tol 1e-5, top 10):
+    below it the Rayleigh-Ritz start took 11-16 products against 13-46 from the vectors' sum;
+    above it, after a training step, 23-60 against 14-50."""
+    v, w = sub.V[0], sub.W[0]
+    theta = float(sub.G[0, 0])
+    r = float(torch.linalg.vector_norm(w - theta * v.to(w.dtype)))
+    return r > math.sqrt(tol) * float(torch.linalg.vector_norm(w))
+
+
 def warm_run(
     operator: Any,
     previous: Tensor,
@@ -1170,15 +1184,18 @@ def warm_run(
     """Warm-started eigenvalue run: Rayleigh-Ritz on the previous vectors, then expanded one
     vector at a time (Davidson without a preconditioner, Morgan & Scott 1986).
 
-    The previous rows are orthonormalised into the basis and multiplied (one product each);
-    while a wanted Ritz value's error bound (:func:`_warm_state`, the cold run's rule on an
-    explicit basis) exceeds ``tol ||H||``, the dominant direction of the unconverged residuals
-    (:func:`_expansion`) joins the basis, one product at a time. When the operator did not
+    The first previous row is multiplied alone: when its residual shows the operator moved
+    away (:func:`_turned`), the run gives up at once, one product spent. Otherwise all rows are
+    orthonormalised into the basis and multiplied (one product each); while a wanted Ritz
+    value's error bound (:func:`_warm_state`, the cold run's rule on an explicit basis) exceeds
+    ``tol ||H||``, the dominant direction of the unconverged residuals (:func:`_expansion`)
+    joins the basis, one product at a time. When the operator did not
     change, the first step already meets the bound: ``len(previous)`` products.
 
     Returns the run and the products spent, or None and the products spent when the caller
     should fall back to a Lanczos run from :func:`warm_start_vector` (with the rest of the
-    budget): with fewer than ``k`` previous vectors (before any product), or when the expansion
+    budget): with fewer than ``k`` previous vectors (before any product), after the first
+    product when the first row turned (:func:`_turned`), or when the expansion
     is expected to cost more than a Lanczos run (:data:`WARM_EXPANSIONS_PER_VALUE`) and the
     budget leaves that run ``k`` steps. A single previous vector is never given up: expanding
     it is a Lanczos run from it. :func:`eigen_run` calls it for values only (``vectors``
@@ -1191,10 +1208,17 @@ def warm_run(
     one storage chunk of rows at a time. Cost: at most ``max_hvps`` products.
     """
     sub = _Subspace(int(operator.dim), dtype, device)
-    for v in previous[:max_hvps]:
+    if min(len(previous), max_hvps) < k:
+        return None, 0  # the previous vectors cannot span the wanted subspace
+    if not sub.add(previous[0]):
+        return None, 0
+    sub.multiply(operator)
+    if len(previous) > 1 and max_hvps - 1 >= k and _turned(sub, tol):
+        return None, 1
+    for v in previous[1:max_hvps]:
         sub.add(v)
     if len(sub) < k:
-        return None, 0  # the previous vectors cannot span the wanted subspace
+        return None, 1  # the previous vectors are not independent
     sub.multiply(operator)
     state = _warm_state(sub, k, which, tol, vectors)
     costly = _expected_expansions(state, vectors) > WARM_EXPANSIONS_PER_VALUE * k

@@ -31,6 +31,7 @@ from lightning_landscape.linalg.lanczos import (
     matmul_sum,
     plan_storage,
     run_lanczos,
+    warm_run,
 )
 from lightning_landscape.linalg.spectrum import MAX_TRACE_PROBES, MIN_SLQ_STEPS, MIN_TRACE_PROBES
 from tests._reference import (
@@ -421,9 +422,9 @@ def test_warm_start_on_a_changed_matrix_matches_the_dense_spectrum(which) -> Non
 
 
 def test_warm_start_from_an_unrelated_subspace_still_converges(moved) -> None:
-    """Random previous vectors: the Rayleigh-Ritz step shows them far from the top subspace and
-    the run falls back to Lanczos from their sum; same accuracy as cold, at most the 10 wasted
-    products (and a few) more."""
+    """Random previous vectors: the first one's residual shows them far from the top subspace
+    and the run falls back to Lanczos from their sum; same accuracy as cold, at most the one
+    wasted product (and a few) more."""
     kw = dict(density=False, trace=False)
     Z = torch.randn(10, moved["lam"].size, generator=torch.Generator().manual_seed(3))
     cold = hessian_spectrum(moved["moved"], cross_entropy_loss, moved["batches"], **kw)
@@ -432,8 +433,39 @@ def test_warm_start_from_an_unrelated_subspace_still_converges(moved) -> None:
     lam = moved["lam"][:10]
     assert warm.converged
     assert np.max(np.abs(warm.eigenvalues - lam) / np.abs(lam)) <= TOP_K_RTOL
-    assert warm.num_hvps <= cold.num_hvps + 10 + 5, (warm.num_hvps, cold.num_hvps)
+    assert warm.num_hvps <= cold.num_hvps + 1 + 5, (warm.num_hvps, cold.num_hvps)
     assert warm.subspace_overlap is not None and warm.subspace_overlap < 0.1
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+def test_the_warm_start_probes_the_first_vector_before_the_rayleigh_ritz_step(scale) -> None:
+    """Previous vectors: A's top 5 eigenvectors, the first turned by an angle phi towards the
+    sixth. Its exact relative residual under A, |l1 - l6| cos(phi) sin(phi) / ||A v||, is set
+    to ``scale`` sqrt(tol): below sqrt(tol) the run keeps the previous vectors (5 products and
+    its expansions), above it gives up after that one product (the caller then runs Lanczos
+    from the vectors' sum)."""
+    A = matrix_with_spectrum(SPECTRUM, seed=4)
+    lam, U = torch.linalg.eigh(A)
+    lam, U = lam.flip(0), U.flip(1)
+    tol = 1e-6
+    # relative residual of cos(phi) u1 + sin(phi) u6 as a function of phi, solved on a grid
+    phis = np.linspace(0, 0.2, 200_001)
+    l1, l6 = float(lam[0]), float(lam[5])
+    c, s = np.cos(phis), np.sin(phis)
+    rel = abs(l1 - l6) * c * s / np.hypot(c * l1, s * l6)
+    phi = float(phis[np.searchsorted(rel, scale * np.sqrt(tol))])
+    prev = U[:, :5].T.clone()
+    prev[0] = np.cos(phi) * U[:, 0] + np.sin(phi) * U[:, 5]
+    op = MatrixOperator(A)
+    run, spent = warm_run(
+        op, prev, k=5, which="LA", tol=tol, max_hvps=60, generator=torch.Generator(),
+        dtype=F64, device=torch.device("cpu"),
+    )  # fmt: skip
+    if scale > 1:
+        assert run is None and spent == 1 and op.num_hvps == 1
+    else:
+        assert run is not None and run.converged and spent >= 5 and op.num_hvps == spent
+        np.testing.assert_allclose(run.theta, lam[:5].numpy(), rtol=0, atol=tol * 20.0)
 
 
 def test_warm_start_from_fewer_vectors_than_top_k() -> None:
