@@ -9,19 +9,16 @@ a time, so the table reads the same on any machine. For each model the script me
   adaptive quadrature and trace probes);
 * ``old defaults``: the fixed settings of the previous release (``tol=1e-6``, 4 quadrature
   probes of 80 steps, 16 trace probes), for comparison;
-* ``warm top-10``: top 10 after the weights moved by 1e-3 of their mean magnitude (seeded
-  noise), started from the previous measurement's Ritz vectors (measured with
-  ``return_eigenvectors=True``), next to a cold top 10 on the same moved weights;
-* ``warm from the sum``: top 10 on the moved weights from the previous vectors' sum (a Lanczos
-  run without the Rayleigh-Ritz step: ``HessianSpectrumMonitor``'s warm start after a
-  measurement whose ``subspace_overlap`` fell below ``WARM_OVERLAP_MIN``), with the overlap;
+* ``warm starts`` (a second table): top 10 started from the previous measurement's Ritz vectors
+  (``return_eigenvectors="ritz"``, as ``HessianSpectrumMonitor`` keeps them) against a cold top
+  10, on the same weights moved by seeded noise of 1e-4 and 1e-3 of their mean magnitude, and
+  after 1 and 10 plain SGD steps (lr 0.1, the probe batches in turn, eval mode: what a monitor
+  measuring every step or every 10 steps sees), with the logged ``subspace_overlap`` and the
+  path the run took: ``RR`` (Rayleigh-Ritz on the previous vectors, then expanded) or ``sum``
+  (the first vector's residual showed the top subspace turned: one product, then Lanczos from
+  the vectors' sum);
 * ``bounded top-10``: top 10 with a basis budget of 24 vectors (thick restart), and the bytes
   of the bases by the memory model :func:`~lightning_landscape.linalg.lanczos_memory`;
-* ``monitor warm start`` (a line per model under the table): what ``HessianSpectrumMonitor``'s
-  own measurement costs on the moved weights, cold and warm-started from the previous one, both
-  keeping their Ritz vectors as the monitor does (``return_eigenvectors="ritz"``): at its
-  defaults (density and trace on), with ``density=False`` (top 10 and trace) and with
-  ``density=False, trace=False`` (top 10 only).
 
 With ``--accuracy`` the small models' dense float64 Hessians (``torch.func``) check the defaults
 against the targets (top 10 to 1e-4 relative, W1 <= 2% of the spectral range, trace within 5%
@@ -176,17 +173,8 @@ def measure(name: str) -> dict[str, Any]:
     D = sum(p.numel() for p in model.parameters() if p.requires_grad)
     top = dict(top_k=10, density=False, trace=False)
     alone = hessian_spectrum(model, loss_fn, batches, **top)
-    prev = hessian_spectrum(model, loss_fn, batches, return_eigenvectors=True, **top)
     defaults = hessian_spectrum(model, loss_fn, batches)
     old = hessian_spectrum(model, loss_fn, batches, **OLD_DEFAULTS)
-    moved = _moved(model)
-    cold = hessian_spectrum(moved, loss_fn, batches, **top)
-    warm = hessian_spectrum(moved, loss_fn, batches, warm_start=prev, **top)
-    # The monitor's warm start after a measurement whose subspace_overlap fell below
-    # WARM_OVERLAP_MIN: a Lanczos run from the previous vectors' sum, no Rayleigh-Ritz step.
-    assert prev.eigenvectors is not None
-    summed = prev.eigenvectors.sum(dim=0, keepdim=True)
-    from_sum = hessian_spectrum(moved, loss_fn, batches, warm_start=summed, **top)
     budget = 24 * D * 4
     bounded = hessian_spectrum(model, loss_fn, batches, max_basis_bytes=budget, **top)
     steps = alone.num_hvps
@@ -200,16 +188,10 @@ def measure(name: str) -> dict[str, Any]:
         "slq_steps": int(defaults.ritz_nodes.shape[1]),
         "density_error": defaults.density_error,
         "old_defaults": old.num_hvps,
-        "cold_moved": cold.num_hvps,
-        "warm_moved": warm.num_hvps,
-        "warm_ratio": warm.num_hvps / cold.num_hvps,
-        "subspace_overlap": warm.subspace_overlap,
-        "sum_moved": from_sum.num_hvps,
         "bounded_top10": bounded.num_hvps,
         "bounded_rel_diff": float(
             np.max(np.abs(bounded.eigenvalues - alone.eigenvalues) / np.abs(alone.eigenvalues))
         ),
-        **_monitor_warm(model, moved, batches, loss_fn),
         "full_basis_bytes": lanczos_memory(D, steps, dtype=torch.float32),
         "bounded_basis_bytes": lanczos_memory(
             D, steps, top_k=10, max_basis_rows=bounded_cap(10, 24), keep_products=False
@@ -218,19 +200,55 @@ def measure(name: str) -> dict[str, Any]:
     }
 
 
-def _monitor_warm(model: nn.Module, moved: nn.Module, batches: list, loss_fn: Callable) -> dict:
-    """The monitor's measurement on the moved weights, cold and warm, density on and off."""
-    out = {}
-    for name, density, trace in (
-        ("density", True, True),
-        ("no_density", False, True),
-        ("top10", False, False),
-    ):
-        kw = dict(top_k=10, density=density, trace=trace, return_eigenvectors="ritz")
-        prev = hessian_spectrum(model, loss_fn, batches, **kw)
-        cold = hessian_spectrum(moved, loss_fn, batches, **kw)
-        warm = hessian_spectrum(moved, loss_fn, batches, warm_start=prev, **kw)
-        out[f"monitor_{name}_cold"], out[f"monitor_{name}_warm"] = cold.num_hvps, warm.num_hvps
+def _stepped(model: nn.Module, batches: list, loss_fn: Callable, steps: int) -> nn.Module:
+    """The model after ``steps`` plain SGD steps (lr 0.1) on the probe batches in turn."""
+    out = copy.deepcopy(model)
+    opt = torch.optim.SGD(out.parameters(), lr=0.1)
+    for i in range(steps):
+        opt.zero_grad()
+        loss_fn(out, batches[i % len(batches)]).backward()
+        opt.step()
+    for p in out.parameters():
+        p.grad = None
+    return out
+
+
+MOVES: dict[str, Callable[[nn.Module, list, Callable], nn.Module]] = {
+    "noise 1e-4": lambda m, b, f: _moved(m, 1e-4),
+    "noise 1e-3": lambda m, b, f: _moved(m, 1e-3),
+    "1 SGD step": lambda m, b, f: _stepped(m, b, f, 1),
+    "10 SGD steps": lambda m, b, f: _stepped(m, b, f, 10),
+}
+
+
+def warm_starts(name: str) -> dict[str, Any]:
+    """Cold and warm top 10 after each move of :data:`MOVES`, and the warm run's path."""
+    import importlib
+
+    lanczos = importlib.import_module("lightning_landscape.linalg.lanczos")
+    model, batches, loss_fn = MODELS[name]()
+    top = dict(top_k=10, density=False, trace=False)
+    prev = hessian_spectrum(model, loss_fn, batches, return_eigenvectors="ritz", **top)
+    paths, real = [], lanczos.warm_run
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        run, spent = real(*args, **kwargs)
+        paths.append("RR" if run is not None else "sum")
+        return run, spent
+
+    out: dict[str, Any] = {"model": name}
+    lanczos.warm_run = spy
+    try:
+        for label, move in MOVES.items():
+            moved = move(model, batches, loss_fn)
+            cold = hessian_spectrum(moved, loss_fn, batches, **top)
+            warm = hessian_spectrum(moved, loss_fn, batches, warm_start=prev, **top)
+            out[label] = {
+                "cold": cold.num_hvps, "warm": warm.num_hvps, "path": paths[-1],
+                "ratio": warm.num_hvps / cold.num_hvps, "overlap": warm.subspace_overlap,
+            }  # fmt: skip
+    finally:
+        lanczos.warm_run = real
     return out
 
 
@@ -290,8 +308,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     print("| model | D | top-10 alone | defaults | ratio | SLQ probes x steps | old defaults "
-          "| cold / warm top-10 (moved 1e-3) | warm/cold | bounded top-10 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| bounded top-10 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         row = measure(name)
         if args.accuracy and row["D"] <= 6000:
@@ -300,26 +318,22 @@ def main() -> None:
         print(
             f"| {name} | {row['D']:,} | {row['top10_alone']} | {row['defaults']} "
             f"| {row['ratio']:.2f} | {row['slq_probes']} x {row['slq_steps']} "
-            f"| {row['old_defaults']} | {row['cold_moved']} / {row['warm_moved']} "
-            f"| {row['warm_ratio']:.2f} | {row['bounded_top10']} |",
+            f"| {row['old_defaults']} | {row['bounded_top10']} |",
             flush=True,
         )
-    for row in rows:
-        cases = {"defaults": "density", "density=False": "no_density", "top 10 only": "top10"}
-        parts = [
-            f"{label} {row[f'monitor_{k}_cold']} / {row[f'monitor_{k}_warm']} "
-            f"({row[f'monitor_{k}_warm'] / row[f'monitor_{k}_cold']:.2f}x)"
-            for label, k in cases.items()
+    print("\nWarm top 10 / cold top 10 (warm/cold; path; subspace_overlap):\n")
+    print("| model | " + " | ".join(MOVES) + " |")
+    print("|---|" + "---|" * len(MOVES))
+    for name in args.models:
+        warm = warm_starts(name)
+        rows.append(warm)
+        cells = [
+            f"{c['warm']} / {c['cold']} ({c['ratio']:.2f}; {c['path']}; {c['overlap']:.4f})"
+            for c in (warm[label] for label in MOVES)
         ]
-        print(f"{row['model']}: monitor cold / warm HVPs (moved 1e-3): " + ", ".join(parts))
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     for row in rows:
-        print(
-            f"{row['model']}: top-10 subspace_overlap {row['subspace_overlap']:.4f}; warm start "
-            f"from the vectors' sum (the monitor's after an overlap below 0.99): "
-            f"{row['sum_moved']} HVPs ({row['sum_moved'] / row['cold_moved']:.2f}x cold)"
-        )
-    for row in rows:
-        row.pop("_results")
+        row.pop("_results", None)
         if "top10_rel_err" in row:
             print(
                 f"{row['model']}: top-10 rel err {row['top10_rel_err']:.1e} (<= 1e-4), "
