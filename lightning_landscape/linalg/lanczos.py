@@ -185,6 +185,22 @@ class Rows:
         if not views:
             return out.zero_()
         width = combine_columns(self.dim, out.numel() // self.dim, out.element_size(), out.device)
+        if out.dim() == 2 and len(views) > 1 and out.device.type == "cpu":
+            # A block from chunks of few rows (wide models: one row each) would be a rank-few
+            # update per chunk; the rows' column slices copied into one block make it one
+            # product per column block (1.8x faster for 10 Ritz vectors of 21 rows of 4.3M).
+            size = max(1, n * out.element_size())
+            width = min(GATHER_COLUMNS, max(4096, GATHER_BLOCK_BYTES // size))
+            block = c.new_empty((n, min(width, self.dim)))
+            for a in range(0, self.dim, width):
+                b = block[:, : min(width, self.dim - a)]
+                for start, v in views:
+                    part = v[:, a : a + width]
+                    if rounded_to is not None:
+                        part = part.to(rounded_to).to(v.dtype)
+                    b[start : start + v.shape[0]] = part
+                out[:, a : a + width].addmm_(c, b, beta=0)
+            return out
         for a in range(0, self.dim, width):
             o = out[..., a : a + width]
             for i, (start, v) in enumerate(views):
@@ -203,6 +219,13 @@ class Rows:
 #: Bytes of output one column block of :meth:`Rows.combine` holds on a CPU: small enough to stay
 #: in cache while every stored chunk adds to it.
 COMBINE_BLOCK_BYTES = 2**20
+
+
+#: Columns, and bytes at most, of the block of rows :meth:`Rows.combine` gathers for a block of
+#: coefficients on a CPU (measured best at 65,536 columns for 21 rows of 4.3M: 0.14 s against
+#: 0.25 s for a rank-one update per row).
+GATHER_COLUMNS = 2**16
+GATHER_BLOCK_BYTES = 8 * 2**20
 
 
 def combine_columns(dim: int, rows: int, size: int, device: torch.device) -> int:
@@ -962,10 +985,12 @@ def _finish(
     """
     residuals = np.asarray(estimates, dtype=np.float64)
     if HY is not None:
-        theta_t = torch.as_tensor(theta.copy(), dtype=Y.dtype, device=Y.device)
         V = Y if multiplied is None else multiplied
-        r = torch.linalg.vector_norm(HY - theta_t[:, None] * V, dim=1)
-        residuals = (r / torch.linalg.vector_norm(V, dim=1)).cpu().numpy()
+        residuals = np.empty(len(theta))
+        scratch = torch.empty_like(HY[0]) if len(theta) else None  # one row, not k (wide models)
+        for i in range(len(theta)):
+            r = torch.sub(HY[i], V[i], alpha=float(theta[i]), out=scratch)
+            residuals[i] = float(torch.linalg.vector_norm(r) / torch.linalg.vector_norm(V[i]))
     return EigenRun(
         theta=np.asarray(theta, dtype=np.float64),
         residuals=np.asarray(residuals, dtype=np.float64),
