@@ -317,6 +317,8 @@ class ScheduledMonitor(Callback):
             # that one is the end-of-fit measurement, bounded as such.
             end = self.uses_budget and step == _final_step(trainer)
             (self._measure_end if end else self._measure)(trainer, pl_module, step)
+            if end:
+                self._coord.ended(self.name)  # its reserve is paid
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -330,6 +332,8 @@ class ScheduledMonitor(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._off is None:
             self._finish_fit(trainer, pl_module)
+        if self._coord is not None:
+            self._coord.ended(self.name)  # its end-of-fit reserve is paid (or not needed)
         self._end_barrier(trainer)
 
     def _finish_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -2,7 +2,8 @@
 
 The budget places each monitor's next measurement so that its time stays under its
 ``max_overhead`` share of training time (and all monitors together under ``total_overhead``),
-always keeping in reserve the cost of the end-of-fit measurement, and less the per-step cost of
+always keeping in reserve the end-of-fit measurement of every monitor (each one's latest cost, so
+the end-of-fit measurements together fit under the total cap too), and less the per-step cost of
 the monitors' hooks (their bodies timed at one call in :data:`HOOK_SAMPLE_EVERY`, Lightning's
 dispatch of each :data:`DISPATCH_SECONDS`). Step time is measured after a
 warm-up (first steps, compilation), excluding the time spent measuring. Decisions are made on
@@ -74,6 +75,9 @@ class Coordinator:
         self.train_seconds = 0.0
         self.counted_steps = 0
         self.spent: dict[str, float] = {}
+        # Per monitor: the cost of its end-of-fit measurement kept in reserve (its latest cost,
+        # measured or guessed), until it has been paid (:meth:`ended`).
+        self.reserve: dict[str, float] = {}
         self.monitors: set[str] = set()
         # Per monitor: seconds its hook bodies took (extrapolated from the timed calls) since
         # the warm-up, and how many per-step hooks Lightning dispatches to it.
@@ -185,6 +189,16 @@ class Coordinator:
         planned = PLANNING_SHARE * cap
         return max(planned - self.hook_share(monitors), MIN_RATE_FRACTION * planned)
 
+    def _reserved(self, monitor: str, cost: float) -> float:
+        """The end-of-fit reserve of every monitor, ``monitor``'s at ``cost`` (its latest cost
+        replaces what it reserved before)."""
+        self.reserve[monitor] = cost
+        return sum(self.reserve.values())
+
+    def ended(self, monitor: str) -> None:
+        """``monitor`` has paid its end-of-fit measurement: release its reserve."""
+        self.reserve.pop(monitor, None)
+
     def _rates(self, monitor: str, max_overhead: float) -> tuple[float, float] | None:
         """``monitor``'s own rate and the total cap's, which counts every registered monitor."""
         rate_self = self.rate(max_overhead, (monitor,))
@@ -201,7 +215,8 @@ class Coordinator:
         max_overhead: float,
         final_step: int | None = None,
     ) -> int | None:
-        """First step at which a measurement of ``cost`` seconds (plus the end-of-fit reserve)
+        """First step at which a measurement of ``cost`` seconds (plus the end-of-fit reserve:
+        as much again for ``monitor``, every other monitor's latest cost for the total cap)
         keeps ``monitor`` within ``max_overhead`` and all monitors within the total cap, both
         at the :meth:`rate` that leaves room for their per-step hook cost, and at least
         ``cost / rate`` seconds of training after ``step`` (no bursts). A step closer than that
@@ -215,7 +230,7 @@ class Coordinator:
         spent_self = self.spent.get(monitor, 0.0)
         spent_all = sum(self.spent.values())
         need_self = (spent_self + 2 * cost) / rate_self
-        need_all = (spent_all + 2 * cost) / rate_all
+        need_all = (spent_all + cost + self._reserved(monitor, cost)) / rate_all
         need = max(need_self, need_all) - self.train_seconds
         # Never faster than the budget's rate: a measurement needs cost / rate of training
         # since the last one, so budget saved up by a long gap is not spent back to back
@@ -229,9 +244,9 @@ class Coordinator:
     def affords(
         self, monitor: str, cost: float, max_overhead: float, steps_since: int | None = None
     ) -> bool:
-        """Whether a measurement of ``cost`` seconds now (plus the same again in reserve for the
-        end of fit) keeps ``monitor`` within ``max_overhead`` and all monitors within the total
-        cap, both at their :meth:`rate`: the test for work that can only run at fixed points
+        """Whether a measurement of ``cost`` seconds now (plus the end-of-fit reserve, as in
+        :meth:`next_step`) keeps ``monitor`` within ``max_overhead`` and all monitors within the
+        total cap, both at their :meth:`rate`: the test for work that can only run at fixed points
         (epoch ends), where :meth:`next_step` cannot place it. As there, no bursts: with
         ``steps_since`` (steps since the monitor's last such measurement) at least ``cost /
         rate`` seconds of training must separate the two, however much budget was saved up."""
@@ -243,7 +258,7 @@ class Coordinator:
         if steps_since is not None and steps_since * t_step < cost / rate_self:
             return False
         spent_self = self.spent.get(monitor, 0.0) + 2 * cost
-        spent_all = sum(self.spent.values()) + 2 * cost
+        spent_all = sum(self.spent.values()) + cost + self._reserved(monitor, cost)
         return (
             spent_self <= rate_self * self.train_seconds
             and spent_all <= rate_all * self.train_seconds
@@ -251,14 +266,16 @@ class Coordinator:
 
     def room(self, monitor: str, max_overhead: float) -> float | None:
         """Seconds of measurement ``monitor`` can still take now within ``max_overhead`` and the
-        total cap, both at their :meth:`rate` (negative when over); None before the step time
-        is known. The bound of a fixed cost that can be made smaller (an end-of-fit one)."""
+        total cap, both at their :meth:`rate`, less the other monitors' end-of-fit reserves still
+        unpaid (negative when over); None before the step time is known. The bound of a fixed
+        cost that can be made smaller (an end-of-fit one)."""
         rates = self._rates(monitor, max_overhead)
         if rates is None:
             return None
         rate_self, rate_all = rates
         own = rate_self * self.train_seconds - self.spent.get(monitor, 0.0)
-        return min(own, rate_all * self.train_seconds - sum(self.spent.values()))
+        others = sum(v for k, v in self.reserve.items() if k != monitor)
+        return min(own, rate_all * self.train_seconds - sum(self.spent.values()) - others)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -55,6 +55,33 @@ def test_total_cap_binds_when_several_monitors_spend():
     assert 20.0 + 2 * COST > cap * (train_at_next - 1.0)
 
 
+def test_total_cap_keeps_every_monitors_end_of_fit_in_reserve():
+    """Each monitor's end-of-fit measurement always runs: the total cap keeps all of them in
+    reserve (each at its latest cost), not only the one of the monitor being placed, until a
+    monitor has paid its own."""
+    coord = Coordinator(clock=FakeClock(), warmup_steps=0, total_overhead=0.10)
+    coord.train_seconds, coord.counted_steps = 100.0, 100
+    cap = PLANNING_SHARE * 0.10
+    coord.next_step("hessian", 100, 4.0, 0.10)  # placed: 4 s kept for its end of fit
+    coord.next_step("hessian", 100, 2.0, 0.10)  # its latest cost replaces the first
+    coord.record("other", 5.0)
+    nxt = coord.next_step("gradient", 100, COST, 0.10)
+    train_at = 100.0 + (nxt - 100)  # 1-s steps
+
+    def fits(train: float) -> bool:  # spent + this one + its reserve + the Hessian's reserve
+        return 5.0 + 2 * COST + 2.0 <= cap * train + 1e-9
+
+    assert fits(train_at) and not fits(train_at - 1.0)
+    # The same test for work at fixed points.
+    coord.train_seconds = 200.0  # 18 s at the cap: 5 spent + 2 c + 2 reserved
+    assert coord.affords("gradient", 5.5, 0.10) and not coord.affords("gradient", 5.6, 0.10)
+    # At the end of fit, the room of one monitor leaves the others' reserves unpaid ...
+    assert coord.room("gradient", 0.10) == pytest.approx(cap * 200.0 - 5.0 - 2.0)
+    # ... until they have paid theirs.
+    coord.ended("hessian")
+    assert coord.room("gradient", 0.10) == pytest.approx(cap * 200.0 - 5.0)
+
+
 def test_total_cap_is_two_percent_unless_a_monitor_is_given_more():
     coord = Coordinator(clock=FakeClock(), warmup_steps=0)
     for name, share in (("hessian", 0.02), ("gradient", 0.01), ("inpca", 0.005)):
