@@ -72,7 +72,8 @@ class HessianSpectrumMonitor(LandscapeMonitor):
 
     Schedule: by default a wall-time budget (``max_overhead``, 2% of training time) places the
     measurements; the end-of-fit measurement always runs, as the top-k eigenvalues only
-    (``density=False, trace=False``) when the fit so far is too short to afford the full one.
+    (no density, trace, per-batch spread or Adam's preconditioned run) when the fit so far is
+    too short to afford the full one.
     ``every_n_steps`` / ``every_n_epochs`` give a fixed, reproducible schedule instead. Under
     ``fast_dev_run``, or on the budget in a fit too short even for the top-k, it measures nothing
     (one line says so); a measurement of 5 s or more is announced (docs/design.md, "Fixed costs
@@ -248,18 +249,28 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     def _spread_on(self, num_batches: int) -> bool:
         return self.log_batch_spread and num_batches > 1
 
+    def _extras(self) -> dict[str, str]:
+        """What a measurement adds to the top-k that costs products: attribute -> name."""
+        extras = {"density": "density", "trace": "trace"}
+        extras["log_batch_spread"] = "per-batch lambda_max"
+        if self._adam():  # the SGD line needs no product; Adam's preconditioned run does
+            extras["log_sharpness"] = "Adam's preconditioned sharpness"
+        return {k: v for k, v in extras.items() if getattr(self, k)}
+
     def _reduced(self) -> contextlib.AbstractContextManager[str] | None:
         # None: top-k only already, nothing to leave out.
-        return self._top_k_only() if self.density or self.trace else None
+        return self._top_k_only() if self._extras() else None
 
     @contextlib.contextmanager
     def _top_k_only(self) -> Iterator[str]:
-        density, trace = self.density, self.trace
-        self.density = self.trace = False
+        extras = self._extras()
+        for name in extras:
+            setattr(self, name, False)
         try:
-            yield "the top-k eigenvalues only, without density and trace"
+            yield f"the top-k eigenvalues only, without {', '.join(extras.values())}"
         finally:
-            self.density, self.trace = density, trace
+            for name in extras:
+                setattr(self, name, True)
 
     def _what(self) -> str:
         parts = [f"top-{self.top_k}"] + [n for n in ("density", "trace") if getattr(self, n)]

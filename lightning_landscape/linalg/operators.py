@@ -168,18 +168,35 @@ class _LinearOperator:
     def shape(self) -> tuple[int, int]:
         return (self.dim, self.dim)
 
+    #: Whether ``_matmat`` takes ``out``, a buffer the product may be written into.
+    accepts_out = False
+
     def _matmat(self, V: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def matmat(self, V: Tensor) -> Tensor:
-        """Multiply a block of vectors, given as the rows of ``V`` with shape ``(B, D)``."""
+    def matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
+        """Multiply a block of vectors, given as the rows of ``V`` with shape ``(B, D)``.
+
+        ``out``: a contiguous ``(B, D)`` buffer of the operator's dtype and device, not sharing
+        ``V``'s storage, that the product may be written into (a hint: use the returned tensor,
+        which may be another).
+        A caller that multiplies many vectors one after another saves a fresh allocation of
+        length ``D`` per product: on a CPU, page faults that cost 45 ms for 2e7 parameters.
+        """
         if V.dim() != 2 or V.shape[1] != self.dim:
             raise ValueError(
                 f"V must have shape (B, {self.dim}) (rows are vectors); got {tuple(V.shape)}"
             )
-        out = self._matmat(V.to(device=self.device, dtype=self.dtype))
+        dtype = V.dtype
+        V = V.to(device=self.device, dtype=self.dtype)
+        usable = (
+            out is not None and self.accepts_out and out.shape == V.shape
+            and out.dtype == self.dtype and out.device == V.device and out.is_contiguous()
+            and out.untyped_storage().data_ptr() != V.untyped_storage().data_ptr()
+        )  # fmt: skip
+        res = self._matmat(V, out=out) if usable else self._matmat(V)  # type: ignore[call-arg]
         self.num_hvps += V.shape[0]
-        return out.to(dtype=V.dtype)
+        return res.to(dtype=dtype)
 
     def matvec(self, v: Tensor) -> Tensor:
         """Multiply one vector of shape ``(D,)``."""
@@ -212,8 +229,10 @@ class MatrixOperator(_LinearOperator):
         self.device = A.device
         self.num_hvps = 0
 
-    def _matmat(self, V: Tensor) -> Tensor:
-        return V @ self.A.T
+    accepts_out = True
+
+    def _matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
+        return torch.matmul(V, self.A.T, out=out)
 
 
 class HessianOperator(_LinearOperator):
@@ -387,8 +406,11 @@ class HessianOperator(_LinearOperator):
         self._grads = None
 
     # -- products ----------------------------------------------------------------------------
-    def _double_backward(self, grads: Sequence[Tensor | None], V: Tensor, retain: bool) -> Tensor:
-        """Rows of ``V`` times the Jacobian of ``grads`` with respect to the parameters."""
+    def _double_backward(
+        self, grads: Sequence[Tensor | None], V: Tensor, retain: bool, out: Tensor | None = None
+    ) -> Tensor:
+        """Rows of ``V`` times the Jacobian of ``grads`` with respect to the parameters (into
+        ``out`` when given)."""
         B = V.shape[0]
         outputs, grad_outputs = [], []
         offset = 0
@@ -399,7 +421,7 @@ class HessianOperator(_LinearOperator):
                 grad_outputs.append(V[:, offset : offset + n].reshape(B, *p.shape))
             offset += n
         if not outputs:  # the gradient does not depend on the parameters: H = 0
-            return torch.zeros_like(V)
+            return torch.zeros_like(V) if out is None else out.zero_()
 
         def run(batched: bool) -> tuple[Tensor | None, ...]:
             if batched:
@@ -423,6 +445,8 @@ class HessianOperator(_LinearOperator):
                     allow_unused=True,
                 )
                 rows.append(res)
+            if B == 1:  # a view, not a copy of length D (45-60 ms for 2e7 parameters)
+                return tuple(None if r is None else r.unsqueeze(0) for r in rows[0])
             return tuple(
                 None if rows[0][i] is None else torch.stack([r[i] for r in rows])
                 for i in range(len(self.params))
@@ -440,13 +464,17 @@ class HessianOperator(_LinearOperator):
         else:
             res = run(batched=False)
         # Filled in place, each parameter's block freed once copied: one vector of overhead at
-        # most the largest parameter, not a second full copy (torch.cat).
-        out = torch.zeros_like(V)
+        # most the largest parameter, not a second full copy (torch.cat). Only the blocks of
+        # parameters the loss does not reach are zero-filled.
+        out = torch.empty_like(V) if out is None else out
         parts, offset = list(res), 0
         for i, p in enumerate(self.params):
+            block = out[:, offset : offset + p.numel()]
             if parts[i] is not None:
-                out[:, offset : offset + p.numel()] = parts[i].reshape(B, -1)  # type: ignore[union-attr]
+                block.copy_(parts[i].reshape(B, -1))  # type: ignore[union-attr]
                 parts[i] = None
+            else:
+                block.zero_()
             offset += p.numel()
         return out
 
@@ -464,11 +492,11 @@ class HessianOperator(_LinearOperator):
             stacklevel=4,
         )
 
-    def _local_matmat(self, V: Tensor) -> Tensor:
+    def _local_matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
         if self.hvp == "finite_difference":
             return self._finite_difference_matmat(V)
         try:
-            return self._exact_local_matmat(V)
+            return self._exact_local_matmat(V, out)
         except RuntimeError as err:
             if not (self._auto and missing_double_backward(err)):
                 raise
@@ -510,20 +538,24 @@ class HessianOperator(_LinearOperator):
                 p.copy_(s + h * v[offset : offset + n].view_as(s))
                 offset += n
 
-    def _exact_local_matmat(self, V: Tensor) -> Tensor:
+    def _exact_local_matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
         if self._grads is not None:
-            return self._double_backward(self._grads, V, retain=True)
-        out = torch.zeros_like(V)
+            return self._double_backward(self._grads, V, retain=True, out=out)
+        out = torch.zeros_like(V) if out is None else out.zero_()
         with curvature_context(self.device):
             for w, batch in zip(self._weights, self.batches, strict=False):
                 _, grads = self._batch_grads(batch, create_graph=True)
                 out += w * self._double_backward(grads, V, retain=False)
         return out
 
-    def _matmat(self, V: Tensor) -> Tensor:
+    accepts_out = True
+
+    def _matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
         failed, error = 0.0, None
         try:
-            local = self._local_matmat(V)
+            # Under DDP the products travel packed with the failure flag: no use for ``out``.
+            single = out is not None and self._reduce is None
+            local = self._local_matmat(V, out) if single else self._local_matmat(V)
         except Exception as err:
             # Across processes any failure (out of memory, or a loss_fn that raises on this
             # shard only) joins the collective with a flag: raising here would leave the other

@@ -151,7 +151,10 @@ def test_end_of_fit_measurement_shrinks_and_long_ones_say_so(tmp_path, make_trai
     H = dense_hessian(module, cross_entropy_loss, list(itertools.islice(loader(32), 1)))
     top = torch.linalg.eigvalsh(H).flip(0)[:2].numpy()
     assert monitor.last_eigenvalues == pytest.approx(top, rel=1e-5)
-    reduced = "eigenvalues only, without density and trace, on its first probe batch only (of 4)"
+    reduced = (
+        "eigenvalues only, without density, trace, per-batch lambda_max, on its first probe "
+        "batch only (of 4)"
+    )
     assert sum(reduced in line for line in said) == 1, said
     # Step 0 was not announced (no prediction yet) but reported; step 12 both.
     assert [line.split(": ")[1].split(" at step")[0] for line in said if " step " in line] == [
@@ -161,13 +164,40 @@ def test_end_of_fit_measurement_shrinks_and_long_ones_say_so(tmp_path, make_trai
     ], said
 
 
+class _AdamDigits(DigitsModule):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_the_reduced_hessian_measurement_leaves_out_every_extra_run(make_trainer, adam):
+    """Top-k only means the top-k Lanczos run alone: no density, trace, per-batch runs, nor
+    (with Adam) the preconditioned run; the SGD line costs no product and stays. Each is given
+    back afterwards."""
+    monitor = HessianSpectrumMonitor(top_k=2, every_n_steps=1)
+    module = _AdamDigits() if adam else DigitsModule()
+    make_trainer([monitor], max_steps=2).fit(module, loader(32))
+    full = monitor._gradient_equivalents()
+    with monitor._reduced() as what:
+        assert not (monitor.density or monitor.trace or monitor.log_batch_spread)
+        assert monitor.log_sharpness is not adam
+        assert ("Adam's preconditioned sharpness" in what) is adam
+        assert what.startswith("the top-k eigenvalues only, without density, trace, per-batch")
+        # The a-priori guess follows: the top-k run alone (6 top_k products, 2 gradients each).
+        assert monitor._gradient_equivalents() == 2.0 * (6 * 2 + 2) + 2.0 < full
+    assert monitor.density and monitor.trace and monitor.log_batch_spread
+    assert monitor.log_sharpness
+    monitor.density = monitor.trace = monitor.log_batch_spread = monitor.log_sharpness = False
+    assert monitor._reduced() is None  # top-k only already
+
+
 def test_end_of_fit_measurement_the_budget_cannot_afford_shrinks(tmp_path, make_trainer, said):
-    """A budget monitor whose measurement never fitted its share (0.1% of 1,000 one-second
+    """A budget monitor whose measurement never fitted its share (0.04% of 1,000 one-second
     steps) gets no mid-fit measurement; at the end the whole one would take several times what
     is left (though far under half the fit): the reduced one runs, and one line says why."""
     clock = FakeClock()
     kw = {"top_k": 2, "clock": clock}
-    monitor = HessianSpectrumMonitor(retain_graph=False, max_overhead=0.001, **kw)
+    monitor = HessianSpectrumMonitor(retain_graph=False, max_overhead=0.0004, **kw)
     gradient = GradientCovarianceMonitor(max_overhead=0.002, **kw)
     module = TimedDigits(clock, seconds=0.005)  # every loss evaluation: 5 fake ms
     trainer = make_trainer([monitor, gradient, AdvanceClock(clock)], max_steps=1000)

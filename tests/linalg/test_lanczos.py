@@ -322,3 +322,63 @@ def test_batched_chunk_products_equal_the_chunk_loop(dim):
         assert batched.dtype == torch.float64 and batched.shape == exact.shape
         torch.testing.assert_close(batched, exact, rtol=0, atol=2e-7 * dim)
         torch.testing.assert_close(batched, loop, rtol=0, atol=2e-7 * dim)
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        (None, True),
+        (float("nan"), False),
+        (float("inf"), False),
+        (-float("inf"), False),
+        ("both infinities", False),
+        ("overflowing sum", True),
+    ],
+)
+def test_all_finite_reads_every_entry_not_only_the_sum(bad, expected):
+    """The fast path (a finite float32 sum) and the exact fallback (a sum that overflowed from
+    finite entries, or cancelling infinities) agree with an entry-by-entry check."""
+    all_finite = importlib.import_module("lightning_landscape.linalg.lanczos").all_finite
+    x = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0))
+    if bad == "both infinities":
+        x[0, 7], x[2, 11] = float("inf"), -float("inf")
+    elif bad == "overflowing sum":
+        x[:] = 3e38  # finite entries whose float32 sum is inf
+    elif bad is not None:
+        x[1, 4999] = bad
+    assert bool(torch.isfinite(x).all()) is expected
+    assert all_finite(x, chunk=4096) is expected
+
+
+@pytest.mark.parametrize("accepts_out", [False, True])
+def test_thick_restart_on_a_long_operator_finds_known_eigenvalues(accepts_out):
+    """Thick restart on an operator longer than one dot chunk (several short dots summed in
+    float64) and a small cap (several restarts) finds the known top eigenvalues, with
+    orthonormal Ritz vectors."""
+    mod = importlib.import_module("lightning_landscape.linalg.lanczos")
+    dim, k = 2 * 2**16 + 17, 3
+    gen = torch.Generator().manual_seed(2)
+    U = torch.linalg.qr(torch.randn(dim, 8, generator=gen, dtype=torch.float64)).Q
+    top = torch.tensor([9.0, 7.0, 5.0, 3.0, 2.5, 2.0, 1.5, 1.0], dtype=torch.float64)
+
+    class LowRank:
+        dtype, device = torch.float64, torch.device("cpu")
+        calls_with_out = 0
+
+        def matmat(self, V, out=None):
+            if out is not None:  # products into the rows a restart let go
+                LowRank.calls_with_out += 1
+                return torch.matmul((V @ U) * top, U.T, out=out)
+            return ((V @ U) * top) @ U.T
+
+    LowRank.accepts_out = accepts_out
+
+    run = mod.thick_restart_lanczos(
+        LowRank(), torch.randn(dim, generator=gen, dtype=torch.float64), k=k, which="LA",
+        tol=1e-10, cap=k + 3, max_hvps=200, generator=gen, dtype=torch.float64,
+        device=torch.device("cpu"), vectors=True,
+    )  # fmt: skip
+    assert np.allclose(np.sort(run.theta)[::-1], top[:k].numpy(), rtol=1e-8)
+    gram = run.Y @ run.Y.T
+    assert torch.allclose(gram, torch.eye(k, dtype=torch.float64), atol=1e-10)
+    assert (LowRank.calls_with_out > k) is accepts_out  # restarts happened and rows were reused

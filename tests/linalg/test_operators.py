@@ -175,6 +175,48 @@ def test_frozen_parameters_are_left_out() -> None:
     _assert_products_close(op.matmat(V), V @ H, scale, TOL.matvec)
 
 
+class _UnreachedHead(nn.Module):
+    """An MLP with a parameter the loss never reaches (its Hessian rows are zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp("tanh", seed=3)
+        self.unused = nn.Parameter(torch.ones(17))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("retain_graph", [True, False])
+def test_products_written_into_a_given_buffer_equal_the_dense_hessian(retain_graph) -> None:
+    """``matmat(V, out=buf)`` writes every entry of the product: a buffer full of nan (as a
+    reused one may hold) gives the dense Hessian's product, zeros where the loss does not reach
+    the parameters; a buffer that does not fit is ignored."""
+    model = _UnreachedHead().double()
+    batches = _batches64([40, 9])
+    H = dense_hessian(model, cross_entropy_loss, batches)
+    op = HessianOperator(model, cross_entropy_loss, batches, retain_graph=retain_graph)
+    assert op.accepts_out and op.dim == H.shape[0]
+    assert next(model.parameters()) is model.unused
+    V = _vectors(3, op.dim, seed=8) / op.dim**0.5
+    scale = spectral_norm(H)
+    for rows in (1, 3):
+        buf = torch.full((rows, op.dim), float("nan"), dtype=F64)
+        HV = op.matmat(V[:rows], out=buf)
+        assert HV.data_ptr() == buf.data_ptr()  # written in place, not a new tensor
+        assert bool(torch.isfinite(HV).all())
+        assert bool((HV[:, :17] == 0).all())  # ``unused`` comes first in parameters()
+        _assert_products_close(HV, V[:rows] @ H, scale, TOL.matvec)
+    X = V[:1].clone()  # the input itself is never written into
+    HX = op.matmat(X, out=X)
+    assert HX.data_ptr() != X.data_ptr() and torch.equal(X, V[:1])
+    _assert_products_close(HX, V[:1] @ H, scale, TOL.matvec)
+    wrong = torch.full((2, op.dim), float("nan"), dtype=F64)  # a shape that does not fit
+    HV = op.matmat(V[:1], out=wrong)
+    assert HV.data_ptr() != wrong.data_ptr() and bool(torch.isnan(wrong).all())
+    _assert_products_close(HV, V[:1] @ H, scale, TOL.matvec)
+
+
 def test_num_hvps_counts_vectors() -> None:
     model = make_mlp("relu", seed=2).double()
     batches = _batches64([20, 11])
