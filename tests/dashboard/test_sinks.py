@@ -34,9 +34,17 @@ def _monitor() -> HessianSpectrumMonitor:
 def _wandb_history(save_dir, *, rows: int = 0, key: str = "_step") -> dict[str, list]:
     """``{key: [value per history row]}`` from the offline run file, once it holds ``rows``
     values of ``key`` (W&B's service may still be writing the file after ``finish()``)."""
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + 60
     while True:
-        history = _read_history(save_dir)
+        try:
+            history = _read_history(save_dir)
+        except DecodeError:  # a record read while the service was writing it: read again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
         if len(history.get(key, [])) >= rows or time.monotonic() > deadline:
             return history
         time.sleep(0.5)
