@@ -829,10 +829,10 @@ def _products(
         block = V[a : a + max(1, n)].to(device=operator.device, dtype=operator.dtype)
         res = operator.matmat(block) if out is None else operator.matmat(block, out=out)
         parts.append(res.to(device=V.device, dtype=V.dtype))
-    out = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else V.clone()
-    if not all_finite(out):
+    products = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else V.clone()
+    if not all_finite(products):
         raise FloatingPointError("non-finite operator product inside Lanczos")
-    return out
+    return products
 
 
 def all_finite(x: Tensor, chunk: int = 2**22) -> bool:
