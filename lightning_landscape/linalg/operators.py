@@ -494,16 +494,16 @@ class HessianOperator(_LinearOperator):
 
     def _local_matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
         if self.hvp == "finite_difference":
-            return self._finite_difference_matmat(V)
+            return self._finite_difference_matmat(V, out)
         try:
             return self._exact_local_matmat(V, out)
         except RuntimeError as err:
             if not (self._auto and missing_double_backward(err)):
                 raise
             self._switch_to_finite_differences(err)
-            return self._finite_difference_matmat(V)
+            return self._finite_difference_matmat(V, out)
 
-    def _finite_difference_matmat(self, V: Tensor) -> Tensor:
+    def _finite_difference_matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
         """Central differences of the local probe-set gradient, one row of ``V`` at a time.
 
         The weights move in place under ``no_grad`` and are copied back from a saved copy in
@@ -512,17 +512,19 @@ class HessianOperator(_LinearOperator):
         saved = [p.detach().clone() for p in self.params]
         theta_norm = math.sqrt(sum(float(s.double().pow(2).sum()) for s in saved))
         v_norms = torch.linalg.vector_norm(V.double(), dim=1).tolist()
-        out = torch.zeros_like(V)
+        out = torch.empty_like(V) if out is None else out
         try:
             for i, v_norm in enumerate(v_norms):
                 if v_norm == 0.0:
+                    out[i].zero_()
                     continue
                 h = finite_difference_step(self.dtype, theta_norm, v_norm)
                 self._shift_weights(saved, V[i], h)
                 g_plus = self._local_gradient()[1]
                 self._shift_weights(saved, V[i], -h)
                 g_minus = self._local_gradient()[1]
-                out[i] = (g_plus - g_minus) / (2.0 * h)
+                torch.sub(g_plus, g_minus, out=out[i]).div_(2.0 * h)  # no temporaries of length D
+                del g_plus, g_minus
         finally:
             with torch.no_grad():
                 for p, s in zip(self.params, saved, strict=True):
@@ -535,7 +537,7 @@ class HessianOperator(_LinearOperator):
         with torch.no_grad():
             for p, s in zip(self.params, saved, strict=True):
                 n = p.numel()
-                p.copy_(s + h * v[offset : offset + n].view_as(s))
+                p.copy_(s).add_(v[offset : offset + n].view_as(s), alpha=h)  # no temporaries
                 offset += n
 
     def _exact_local_matmat(self, V: Tensor, out: Tensor | None = None) -> Tensor:
@@ -545,7 +547,8 @@ class HessianOperator(_LinearOperator):
         with curvature_context(self.device):
             for w, batch in zip(self._weights, self.batches, strict=False):
                 _, grads = self._batch_grads(batch, create_graph=True)
-                out += w * self._double_backward(grads, V, retain=False)
+                # In place: ``w * product`` would allocate a second block of D-vectors.
+                out.add_(self._double_backward(grads, V, retain=False), alpha=w)
         return out
 
     accepts_out = True

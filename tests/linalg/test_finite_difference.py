@@ -169,6 +169,25 @@ def test_zero_vector_gives_zero_product() -> None:
     assert torch.equal(op.matvec(torch.zeros(op.dim, dtype=F64)), torch.zeros(op.dim, dtype=F64))
 
 
+def test_products_written_into_a_given_buffer_are_finite_differences_too() -> None:
+    """``matmat(V, out=buf)`` on the finite-difference path writes every row of a nan-filled
+    buffer (as a reused one may hold): zero for a zero row, the difference quotient elsewhere,
+    equal to the products into a fresh tensor."""
+    model = make_mlp("tanh", seed=0).double()
+    batches = _batches64()
+    op = HessianOperator(model, cross_entropy_loss, batches, hvp="finite_difference")
+    V = _vectors(3, op.dim, seed=4)
+    V[1] = 0.0
+    buf = torch.full_like(V, float("nan"))
+    HV = op.matmat(V, out=buf)
+    assert HV.data_ptr() == buf.data_ptr()  # written in place
+    assert torch.equal(HV[1], torch.zeros(op.dim, dtype=F64))
+    assert torch.equal(HV, op.matmat(V))
+    H = dense_hessian(model, cross_entropy_loss, batches)
+    rel = _rel_errors(HV[[0, 2]], V[[0, 2]] @ H, V[[0, 2]], spectral_norm(H))
+    assert rel.max().item() <= _fd_bound(F64)
+
+
 def test_step_follows_the_documented_formula() -> None:
     eps = torch.finfo(torch.float32).eps
     assert finite_difference_step(torch.float32, 3.0, 2.0) == pytest.approx(
