@@ -31,7 +31,7 @@ from .._checks import check_positive_int
 from ..dashboard import tensorboard_writer, warn_once, write_custom_scalars_layout
 from ..dashboard.layout import merge_layouts
 from ..dashboard.writer import mark_resumed
-from ..linalg.operators import HVPFailedError
+from ..linalg.operators import HessianOperator, HVPFailedError
 from . import _context as ctx
 from ._fixed_costs import QUIET_SECONDS, over_room, say, too_costly
 from ._schedule import HOOK_SAMPLE_EVERY, Coordinator, coordinator_for
@@ -598,6 +598,7 @@ class LandscapeMonitor(ScheduledMonitor):
         self._probe: list[Any] | None = None
         self._probe_root: str | None = None  # rank 0's log directory, the same on every rank
         self._batch_seconds: float | None = None  # a timed probe gradient, per batch
+        self._product_seconds: float | None = None  # a timed Hessian-vector product, per batch
         self._guess: float | None = None  # the latest a-priori cost
 
     # -- subclass hooks ----------------------------------------------------------------------
@@ -660,6 +661,40 @@ class LandscapeMonitor(ScheduledMonitor):
                 times.append(clock() - t0)
         return min(times)
 
+    def _time_probe_product(
+        self, pl_module: LightningModule, hvp: str = "auto", dtype: Any = None, **_: Any
+    ) -> float:
+        """Seconds of one Hessian-vector product on the first probe batch (the faster of two
+        after the graph is built: the first pays one-off set-up), as the measurement computes
+        it: exact double backward, or central differences where that is unavailable (then
+        quietly: the measurement gives the notice). 0 (unknown) without a probe set, or if the
+        product fails here (the measurement will say why)."""
+        if not self._probe:
+            return 0.0
+        clock, times = self._now, []
+        loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
+        try:
+            with ctx.isolated(pl_module, train_mode=self.train_mode), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                op = HessianOperator(
+                    pl_module,
+                    loss_fn,
+                    self._probe[:1],
+                    hvp=hvp,
+                    dtype=dtype,  # type: ignore[arg-type]
+                )
+                v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
+                v = v.to(device=op.device, dtype=op.dtype)
+                for _ in range(2):
+                    t0 = clock()
+                    op.matvec(v)
+                    if pl_module.device.type == "cuda":
+                        torch.cuda.synchronize(pl_module.device)
+                    times.append(clock() - t0)
+        except Exception:  # a guess: never a reason to stop training
+            return 0.0
+        return min(times)
+
     @override
     def _step_seconds_guess(self) -> float | None:
         # A training step is at least one batch gradient: the probe gradient over one batch.
@@ -697,7 +732,7 @@ class LandscapeMonitor(ScheduledMonitor):
                 "measurement pass); use train_mode=False (eval mode, the default); got "
                 "train_mode=True"
             )
-        self._batch_seconds = self._guess = None
+        self._batch_seconds = self._product_seconds = self._guess = None
         if self._off is not None:
             return
         t0 = self._coord.clock() if self._coord is not None else 0.0

@@ -200,18 +200,18 @@ class HessianSpectrumMonitor(LandscapeMonitor):
             self._group_names = list(parameter_groups(pl_module, self.groups))
 
     def _gradient_equivalents(self) -> float:
-        # An HVP costs 1.2-2 probe gradients: the conservative end, as this only places the
-        # first measurement. Lanczos steps, trace probes and top_k as a margin, per spectrum.
+        # One HVP in probe gradients: timed (1.2-1.5 on MLPs, 4 on an LSTM), else 2; Lanczos
+        # steps, trace probes and top_k as a margin, per spectrum; per-batch products 1/B of
+        # a probe-set one (on the probe set as it is now: a reduced form may hold one batch);
+        # a graph per run, about two gradients.
+        per_hvp = (self._product_seconds or 0.0) / (self._batch_seconds or 1.0) or 2.0
         steps, processes, groups = self._run_shape()
         probes = self.spectrum_kwargs.get("num_trace_probes") or 8
         hvps = steps * processes + self.top_k + (probes if self.trace else 0)
-        # Each per-batch product costs 1/B of a probe-set one; each extra run builds a graph.
-        # On the probe set as it is now (a reduced form may hold its first batch only).
-        batches = len(self._probe) if self._probe is not None else self.num_probe_batches
-        extra = (self.batch_max_hvps + 2.0) if self._spread_on(batches) else 0.0
-        if self.log_sharpness and self._adam() is not False:
-            extra += 40.0 + 2.0  # an Adam run (unless the optimizer is known to be another)
-        return 2.0 * hvps * groups + 2.0 + 2.0 * extra
+        spread = self._spread_on(len(self._probe or ()) or self.num_probe_batches)
+        adam = self.log_sharpness and self._adam() is not False  # unless known to be another
+        extra = self.batch_max_hvps * spread + 40.0 * adam  # the extra runs' products
+        return per_hvp * (hvps * groups + extra) + 2.0 * (1 + spread + adam)
 
     def _run_shape(self) -> tuple[int, int, int]:
         """Lanczos steps per process, processes and spectra of one measurement, a priori: about
@@ -224,6 +224,8 @@ class HessianSpectrumMonitor(LandscapeMonitor):
     def _cost_guess(self, trainer: Trainer, pl_module: LightningModule) -> float:
         # The products, plus what does not scale with them: the reorthogonalisation (about
         # m²/2 passes over a basis row for m steps, memory-bound) and the figures.
+        if self._product_seconds is None:  # timed once a fit, as the measurement computes it
+            self._product_seconds = self._time_probe_product(pl_module, **self.spectrum_kwargs)
         guess = super()._cost_guess(trainer, pl_module)
         steps, processes, groups = self._run_shape()
         dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)

@@ -339,3 +339,41 @@ def test_probe_gradient_is_timed_once_for_monitors_that_share_its_shape(
     shared = GradientCovarianceMonitor(top_k=2)
     make_trainer([own, shared], max_steps=12, root=tmp_path / "b").fit(DigitsModule(), loader(32))
     assert sorted(calls) == ["GradientCovarianceMonitor", "HessianSpectrumMonitor"], calls
+
+
+def test_hessian_cost_guess_times_one_product(make_trainer, monkeypatch):
+    """The Hessian monitor's a-priori cost counts each product at its timed cost over the timed
+    probe gradient (one batch each, fake seconds), not at an assumed two gradients: the guess of
+    a model whose products cost 9 gradients is 4.5x that of the assumed 2 in its products."""
+    from lightning_landscape.callbacks import _base
+
+    clock = FakeClock()
+
+    class SlowProducts(_base.HessianOperator):
+        def matvec(self, v):
+            clock.now += 0.9
+            return super().matvec(v)
+
+    monkeypatch.setattr(_base, "HessianOperator", SlowProducts)
+    kw = {"log_batch_spread": False, "log_sharpness": False, "clock": clock}
+    monitor = HessianSpectrumMonitor(top_k=2, **kw)
+    make_trainer([monitor], max_steps=12).fit(TimedDigits(clock, seconds=0.1), loader(32))
+    assert monitor._batch_seconds == pytest.approx(0.1)  # one training_step per probe batch
+    assert monitor._product_seconds == pytest.approx(0.9)
+    timed = monitor._gradient_equivalents()
+    monitor._product_seconds = None  # unknown: two gradients a product
+    assumed = monitor._gradient_equivalents()
+    graph = 2.0  # the one graph of the run, two gradients, whatever the products cost
+    assert (timed - graph) / (assumed - graph) == pytest.approx(4.5)
+
+
+@pytest.mark.parametrize("hvp", ["auto", "finite_difference"])
+def test_hessian_cost_guess_times_the_product_the_measurement_uses(make_trainer, hvp):
+    """The timed product is the one the measurement will compute: with ``hvp="finite_difference"``
+    two gradients (two ``training_step`` calls, 0.1 fake seconds each); an exact product reuses
+    the retained graph and calls the loss not at all."""
+    clock = FakeClock()
+    monitor = HessianSpectrumMonitor(top_k=2, clock=clock, hvp=hvp)
+    make_trainer([monitor], max_steps=12).fit(TimedDigits(clock, seconds=0.1), loader(32))
+    expected = 0.2 if hvp == "finite_difference" else 0.0
+    assert monitor._product_seconds == pytest.approx(expected, abs=1e-9)
