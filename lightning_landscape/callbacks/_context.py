@@ -157,10 +157,27 @@ def silenced_logging(model: Any) -> Iterator[None]:
 
 
 def default_outputs(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
-    """``(model(batch[0]), batch[1])`` for tuple or list batches."""
+    """``(model(batch[0]), batch[1])`` for tuple or list batches; for a sequence model, one
+    sample per position (:func:`per_position`)."""
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise ValueError("outputs_fn: the default needs (inputs, targets) batches")
-    return model(batch[0]), batch[1]
+    return per_position(model(batch[0]), batch[1])
+
+
+def per_position(logits: Any, targets: Any) -> tuple[Any, Any]:
+    """Next-token models as classifiers of every position: logits ``(B, T, C)`` with targets
+    ``(B, T)``, or logits already flattened to ``(B*T, C)`` (Lightning's demo Transformer and
+    LSTM) with targets ``(B, T)``, become ``(B*T, C)`` and ``(B*T,)``. Anything else is
+    returned as it is (and judged by the caller)."""
+    if not (isinstance(logits, Tensor) and isinstance(targets, Tensor)) or targets.ndim < 2:
+        return logits, targets
+    if targets.is_floating_point() or logits.ndim < 2:
+        return logits, targets
+    if logits.shape[:-1] == targets.shape:
+        return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if logits.ndim == 2 and logits.shape[0] == targets.numel():
+        return logits, targets.reshape(-1)
+    return logits, targets
 
 
 def clone_batch(batch: Any) -> Any:

@@ -108,7 +108,9 @@ class InPCAMonitor(LandscapeMonitor):
         num_probe_batches: probe batches per rank.
         probe_dataloader: take the probe set from this loader (e.g. a validation loader).
         outputs_fn: ``outputs_fn(model, batch) -> (logits, targets)`` with logits (n, C) and
-            integer targets (n,); default ``(model(batch[0]), batch[1])``. Tried at fit start
+            integer targets (n,); default ``(model(batch[0]), batch[1])``, for a next-token
+            model (logits ``(B, T, C)`` or ``(B*T, C)``, targets ``(B, T)``) one sample per
+            position. Tried at fit start
             on the first probe batch: where the default does not apply (no ``forward``, dict
             batches, outputs that are not logits) the predictions are off with one notice (the
             geometry goes on); an ``outputs_fn`` passed here that does not apply raises

@@ -16,8 +16,9 @@ with the covariance operator and the class-structure estimator.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -91,6 +92,16 @@ def _flat(
         for p, t in zip(params, tensors, strict=True)
     ]
     return torch.cat(parts, dim=1, out=out)
+
+
+@contextlib.contextmanager
+def _no_fallback_notice() -> Iterator[None]:
+    """Silence torch's "performance drop" warning, given when ``vmap`` has no batching rule for
+    an operator (the CPU flash attention kernels, say) and loops over it instead: the result is
+    the same, the user can do nothing about it, and the measurement's cost is timed anyway."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        yield
 
 
 def _batched_grad(
@@ -192,9 +203,10 @@ class _PerSample:
         pdict = {f"model.{k}": p.detach() for k, p in zip(self.names, self.params, strict=True)}
         samples = [leaves[j][start:stop] for j in idx]
         in_dims = (None, *([0] * len(samples)))
-        grads, losses = torch.func.vmap(
-            torch.func.grad_and_value(f), in_dims=in_dims, randomness="different"
-        )(pdict, *samples)
+        with _no_fallback_notice():
+            grads, losses = torch.func.vmap(
+                torch.func.grad_and_value(f), in_dims=in_dims, randomness="different"
+            )(pdict, *samples)
         rows = _flat([grads[f"model.{k}"] for k in self.names], self.params, stop - start, out)
         return rows.detach(), losses.detach()
 
@@ -204,9 +216,10 @@ class _PerSample:
         f = self._single(leaves, spec, idx)
         pdict = {f"model.{k}": p for k, p in zip(self.names, self.params, strict=True)}
         in_dims = (None, *([0] * len(idx)))
-        return torch.func.vmap(f, in_dims=in_dims, randomness="different")(
-            pdict, *[leaves[j] for j in idx]
-        )
+        with _no_fallback_notice():
+            return torch.func.vmap(f, in_dims=in_dims, randomness="different")(
+                pdict, *[leaves[j] for j in idx]
+            )
 
     # outputs path ------------------------------------------------------------------------
     def _outputs_losses(self, batch: Any, n: int) -> Tensor:
@@ -378,7 +391,8 @@ def per_sample_problems(
     )
     if loss_fn is not None:
         try:
-            ps._vmap_grads(batch, n, 0, min(n, samples))
+            with curvature_context(plist[0].device):  # the kernels the measurement will use
+                ps._vmap_grads(batch, n, 0, min(n, samples))
             problems["vmap"] = None
         except torch.OutOfMemoryError:  # says nothing about whether the path applies
             raise

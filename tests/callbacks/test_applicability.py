@@ -164,3 +164,57 @@ def test_the_lstm_measured_with_the_outputs_fn_the_warning_asks_for(tmp_path, ma
     ours = _fit(make_trainer, tmp_path, SmallLSTM(), _lstm_loader(), [gradient], 4)
     assert gradient.num_measurements == 3 and gradient.skipped == 0
     assert len(ours) == 1 and "per-sample gradients come from outputs_fn" in ours[0], ours
+
+
+class NextToken(L.LightningModule):
+    """A next-token model with a ``forward``: logits ``(B, T, V)`` (or flattened to
+    ``(B*T, V)``, as Lightning's demos return them) for targets ``(B, T)``."""
+
+    def __init__(self, flat: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.flat = flat
+        self.embed, self.head = nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB)
+
+    def forward(self, x):
+        logits = self.head(torch.tanh(self.embed(x)))
+        return logits.reshape(-1, VOCAB) if self.flat else logits
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x).reshape(-1, VOCAB), y.reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_default_outputs_of_a_next_token_model_are_one_sample_per_position(
+    tmp_path, make_trainer, flat
+):
+    """The default ``(model(batch[0]), batch[1])`` of a next-token model applies position by
+    position (B*T samples a batch: each position's logits against its target), and the InPCA
+    predictions are on, without a notice."""
+    from lightning_landscape.callbacks import _context as ctx
+
+    _reset_warn_once()
+    module = NextToken(flat)
+    x, y = next(iter(_lstm_loader()))
+    logits, targets = ctx.default_outputs(module, (x, y))
+    assert logits.shape == (x.numel(), VOCAB) and torch.equal(targets, y.reshape(-1))
+    assert torch.equal(logits, module(x).reshape(-1, VOCAB))
+    inpca = InPCAMonitor(every_n_steps=2, num_probe_batches=2)
+    ours = _fit(make_trainer, tmp_path, module, _lstm_loader(), [inpca], 4)
+    assert ours == [] and inpca._predictions_enabled and inpca.skipped == 0
+    assert "landscape/inpca/progress" in load_events(str(tmp_path)).Tags()["scalars"]
+
+
+def test_per_position_leaves_other_shapes_to_the_checks():
+    from lightning_landscape.callbacks._context import per_position
+
+    logits, labels = torch.zeros(6, 4), torch.zeros(6, dtype=torch.long)
+    assert per_position(logits, labels) == (logits, labels)  # a classifier: as it is
+    soft = torch.zeros(2, 3)  # float targets (soft labels): not positions
+    assert per_position(torch.zeros(2, 3, 4), soft)[1] is soft
+    odd = torch.zeros(2, 5, dtype=torch.long)  # 10 targets for 6 rows: left to the checks
+    assert per_position(logits, odd) == (logits, odd)

@@ -146,3 +146,32 @@ def test_per_sample_problems_names_the_path_that_fails():
     assert got["vmap"] is None and "vector of the 6 per-sample losses" in got["outputs"]
     # .grad is never written.
     assert all(p.grad is None for p in [*mlp.parameters(), *no_forward.parameters()])
+
+
+class _Attention(nn.Module):
+    """One attention layer: ``scaled_dot_product_attention`` on CPU has no vmap batching rule
+    for its flash kernel, so torch loops over it and warns "performance drop"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.head = nn.Linear(6, 18), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)  # (n, heads=1, T, d)
+        out = nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1)
+        return self.head(out.mean(dim=-2))
+
+
+def test_vmap_fallback_notice_of_torch_is_not_passed_on(recwarn):
+    """Where vmap loops over an operator it has no batching rule for, the applicability check
+    (on the kernels the measurement will use) and the per-sample gradients (the loop's) give
+    no "performance drop" warning from torch: nothing a user can act on, and the
+    measurement is timed anyway."""
+    model = _Attention().eval()
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(5, 4, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen))
+    assert per_sample_problems(model, cross_entropy_loss, batch)["vmap"] is None
+    rows = per_sample_gradients(model, cross_entropy_loss, batch, per_sample="vmap")
+    torch.testing.assert_close(rows, _loop_rows(model, batch), atol=1e-5, rtol=1e-4)
+    assert not [w for w in recwarn if "performance drop" in str(w.message)]
