@@ -158,15 +158,10 @@ class InPCAMonitor(LandscapeMonitor):
         clock: Callable[[], float] | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps=every_n_steps,
-            every_n_epochs=every_n_epochs,
-            max_overhead=max_overhead,
-            num_probe_batches=num_probe_batches,
-            probe_dataloader=probe_dataloader,
-            loss_fn=loss_fn,
-            train_mode=train_mode,
-            clock=clock,
-        )
+            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, max_overhead=max_overhead,
+            num_probe_batches=num_probe_batches, probe_dataloader=probe_dataloader,
+            loss_fn=loss_fn, train_mode=train_mode, clock=clock,
+        )  # fmt: skip
         _check_arguments(
             n_components, log_spaced_per_decade, (every_n_steps, every_n_epochs), outputs_fn
         )
@@ -206,8 +201,13 @@ class InPCAMonitor(LandscapeMonitor):
         return super()._due(trainer, pl_module, step)
 
     def _gradient_equivalents(self) -> float:  # a probe forward ≈ a third of a probe gradient
-        forwards = 1 + (self.barrier_grid * len(self.barrier_anchors) if self.geometry else 0)
-        return forwards / 3.0 + 0.5
+        # A path to each anchor set so far: none at the first measurement (nothing to join).
+        anchors = {"init": self._tracker.w0, "previous": self._tracker.w_prev}
+        paths = sum(anchors[a] is not None for a in self.barrier_anchors) if self.geometry else 0
+        return (1 + self.barrier_grid * paths) / 3.0 + 0.5
+
+    def _what(self) -> str:
+        return "the probe predictions" + (" and the trajectory geometry" if self.geometry else "")
 
     def _layout(self) -> dict[str, dict[str, list[str]]]:
         return inpca_layout(self.tag_prefix, GEOMETRY_PREFIX)

@@ -377,3 +377,18 @@ def test_hessian_cost_guess_times_the_product_the_measurement_uses(make_trainer,
     make_trainer([monitor], max_steps=12).fit(TimedDigits(clock, seconds=0.1), loader(32))
     expected = 0.2 if hvp == "finite_difference" else 0.0
     assert monitor._product_seconds == pytest.approx(expected, abs=1e-9)
+
+
+def test_inpca_cost_guess_counts_only_the_paths_it_will_walk(make_trainer):
+    """The first InPCA measurement joins no path (no anchor is set yet): its guess is one probe
+    forward, not the barrier grid's forward passes to every anchor, so the step-0
+    measurement of a slow model is not announced as a long one. Later guesses count a path to
+    each anchor, and the progress lines name what is measured."""
+    monitor = InPCAMonitor(barrier_grid=7)
+    one_forward = 1 / 3 + 0.5
+    assert monitor._gradient_equivalents() == pytest.approx(one_forward)
+    make_trainer([monitor], max_steps=4).fit(DigitsModule(), loader(32))
+    assert monitor._tracker.w0 is not None and monitor._tracker.w_prev is not None
+    assert monitor._gradient_equivalents() == pytest.approx((1 + 7 * 2) / 3 + 0.5)
+    assert monitor._what() == "the probe predictions and the trajectory geometry"
+    assert InPCAMonitor(geometry=False)._what() == "the probe predictions"
