@@ -662,7 +662,7 @@ class LandscapeMonitor(ScheduledMonitor):
         return min(times)
 
     def _time_probe_product(
-        self, pl_module: LightningModule, hvp: str = "auto", dtype: Any = None, **_: Any
+        self, pl_module: LightningModule, hvp: Any = "auto", dtype: Any = None, **_: Any
     ) -> float:
         """Seconds of one Hessian-vector product on the first probe batch (the faster of two
         after the graph is built: the first pays one-off set-up), as the measurement computes
@@ -676,13 +676,7 @@ class LandscapeMonitor(ScheduledMonitor):
         try:
             with ctx.isolated(pl_module, train_mode=self.train_mode), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                op = HessianOperator(
-                    pl_module,
-                    loss_fn,
-                    self._probe[:1],
-                    hvp=hvp,
-                    dtype=dtype,  # type: ignore[arg-type]
-                )
+                op = HessianOperator(pl_module, loss_fn, self._probe[:1], hvp=hvp, dtype=dtype)
                 v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
                 v = v.to(device=op.device, dtype=op.dtype)
                 for _ in range(2):

@@ -110,11 +110,10 @@ class InPCAMonitor(LandscapeMonitor):
         outputs_fn: ``outputs_fn(model, batch) -> (logits, targets)`` with logits (n, C) and
             integer targets (n,); default ``(model(batch[0]), batch[1])``, for a next-token
             model (logits ``(B, T, C)`` or ``(B*T, C)``, targets ``(B, T)``) one sample per
-            position. Tried at fit start
-            on the first probe batch: where the default does not apply (no ``forward``, dict
-            batches, outputs that are not logits) the predictions are off with one notice (the
-            geometry goes on); an ``outputs_fn`` passed here that does not apply raises
-            ``ValueError`` before step 1.
+            position. Tried at fit start on the first probe batch: where the default does not
+            apply (no ``forward``, dict batches, outputs that are not logits) the predictions
+            are off with one notice (the geometry goes on); an ``outputs_fn`` passed here that
+            does not apply raises ``ValueError`` before step 1.
         loss_fn: ``loss_fn(model, batch) -> scalar`` for the path losses; default
             ``training_step``.
         train_mode: measure in train mode instead of eval mode (not deterministic under DDP).
