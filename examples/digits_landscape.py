@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{hessian.num_measurements} Hessian, {gradient.num_measurements} gradient, "
         f"{predictions.num_measurements} InPCA measurements; "
         f"{trajectory.num_measurements} trajectory samples, "
-        f"{trajectory.num_embeddings} diffusion embeddings; "
+        f"{trajectory.num_embeddings} diffusion "
+        f"{'embedding' if trajectory.num_embeddings == 1 else 'embeddings'}; "
         f"{sum(m.skipped for m in monitors)} skipped; logs in {trainer.logger.log_dir}\n"
         f"open them with: tensorboard --logdir {args.logdir} --samples_per_plugin images=100"
     )
