@@ -29,7 +29,7 @@ def test_digits_example_writes_the_landscape(tmp_path, capsys):
     # Samples and embeddings are told apart (the trajectory is sampled every 10 steps and
     # embedded at the end of fit).
     assert "3 Hessian, 3 gradient, 5 InPCA measurements; 9 trajectory samples, 1 diffusion " in out
-    assert "embeddings; 0 skipped" in out
+    assert "1 diffusion embedding; 0 skipped" in out
     acc = load_events(str(tmp_path))
     tags = acc.Tags()
     for tag in (
