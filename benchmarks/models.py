@@ -12,8 +12,9 @@ to ``hessian_spectrum``, hessian-eigenthings (``loss(model, batch)``) and PyHess
   (``nn.Transformer`` 2+2 layers, d=200, 2 heads), vocabulary 64, about 1.3M parameters.
 * ``lstm``: Lightning's demo ``lightning.pytorch.demos.lstm.SimpleLSTM``, vocabulary 64
   (``--lstm-width``/``nlayers`` set its size; default 256 wide, 2 layers, about 1.1M parameters).
-* ``mlp20m``, ``mlp100m``: 3072-h-h-h-10 ReLU MLPs on flattened CIFAR-shaped inputs with ``h``
-  solved for about 20M / 100M parameters (``mlp`` with ``params=`` for other sizes).
+* ``mlp20m``, ``mlp100m``, ``mlp1b``: 3072-h-h-h-10 ReLU MLPs on flattened CIFAR-shaped inputs
+  with ``h`` solved for about 20M / 100M / 1B parameters (``mlp`` with ``params=`` for other
+  sizes; ``mlp1b`` is for a GPU and not in ``scale.py``'s default list).
 
 Token data for the sequence models come from a seeded random Markov chain whose every token has
 four likely successors, so the next-token loss has structure to learn. Models are returned in
@@ -285,6 +286,8 @@ BUILDERS: dict[str, Callable[..., Problem]] = {
     "lstm": lstm,
     "mlp20m": lambda params=20e6, **kw: mlp(params=params, **kw),
     "mlp100m": lambda params=100e6, **kw: mlp(params=params, **kw),
+    # The GPU goal (not in scale.py's default list): 4 GB of float32 weights, h = 21,603.
+    "mlp1b": lambda params=1e9, **kw: mlp(params=params, **kw),
 }
 
 #: ``--quick``: fewer, smaller probe batches, and MLPs scaled down to 2M / 10M parameters.
@@ -294,6 +297,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "lstm": {"num_batches": 2, "batch_size": 4, "length": 16},
     "mlp20m": {"num_batches": 2, "batch_size": 32, "params": 2e6},
     "mlp100m": {"num_batches": 2, "batch_size": 32, "params": 10e6},
+    "mlp1b": {"num_batches": 2, "batch_size": 32, "params": 20e6},
 }
 
 
