@@ -152,6 +152,17 @@ def curvature_context(device: torch.device) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def no_fallback_notice() -> Iterator[None]:
+    """Silence torch's "performance drop" warning, given when ``vmap`` (or a batched backward)
+    has no batching rule for an operator (the CPU flash attention kernels, say) and loops over
+    it instead: the result is the same, the user can do nothing about it, and the
+    measurement's cost is timed anyway."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        yield
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
 
@@ -425,8 +436,7 @@ class HessianOperator(_LinearOperator):
 
         def run(batched: bool) -> tuple[Tensor | None, ...]:
             if batched:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*performance drop.*")
+                with no_fallback_notice():
                     return torch.autograd.grad(
                         outputs,
                         self.params,

@@ -16,16 +16,21 @@ with the covariance operator and the class-structure estimator.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .operators import LossFn, _resolve_params, curvature_context, default_batch_size
+from .operators import (
+    LossFn,
+    _resolve_params,
+    curvature_context,
+    default_batch_size,
+    no_fallback_notice,
+)
 
 __all__ = ["OutputsFn", "PerSampleLossFn", "per_sample_gradients", "per_sample_problems"]
 
@@ -94,16 +99,6 @@ def _flat(
     return torch.cat(parts, dim=1, out=out)
 
 
-@contextlib.contextmanager
-def _no_fallback_notice() -> Iterator[None]:
-    """Silence torch's "performance drop" warning, given when ``vmap`` has no batching rule for
-    an operator (the CPU flash attention kernels, say) and loops over it instead: the result is
-    the same, the user can do nothing about it, and the measurement's cost is timed anyway."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*performance drop.*")
-        yield
-
-
 def _batched_grad(
     outputs: Sequence[Tensor],
     inputs: Sequence[Tensor],
@@ -117,8 +112,7 @@ def _batched_grad(
     B = grad_outputs[0].shape[0]
     if B > 1 and state.get("batched", True):
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*performance drop.*")
+            with no_fallback_notice():
                 return torch.autograd.grad(
                     list(outputs),
                     list(inputs),
@@ -203,7 +197,7 @@ class _PerSample:
         pdict = {f"model.{k}": p.detach() for k, p in zip(self.names, self.params, strict=True)}
         samples = [leaves[j][start:stop] for j in idx]
         in_dims = (None, *([0] * len(samples)))
-        with _no_fallback_notice():
+        with no_fallback_notice():
             grads, losses = torch.func.vmap(
                 torch.func.grad_and_value(f), in_dims=in_dims, randomness="different"
             )(pdict, *samples)
@@ -216,7 +210,7 @@ class _PerSample:
         f = self._single(leaves, spec, idx)
         pdict = {f"model.{k}": p for k, p in zip(self.names, self.params, strict=True)}
         in_dims = (None, *([0] * len(idx)))
-        with _no_fallback_notice():
+        with no_fallback_notice():
             return torch.func.vmap(f, in_dims=in_dims, randomness="different")(
                 pdict, *[leaves[j] for j in idx]
             )
