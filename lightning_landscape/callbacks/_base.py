@@ -644,22 +644,29 @@ class LandscapeMonitor(ScheduledMonitor):
                 self._coord.publish(key, -1, shared)
         return float(shared)
 
+    def _fastest(self, pl_module: LightningModule, work: Callable[[], Any], runs: int = 1) -> float:
+        """Seconds of ``work`` (synchronised on a GPU): the faster of two runs, as the first
+        pays one-off initialisation, unless the first is long enough for that to be a small
+        part of it (``runs=2``: always two)."""
+        clock, times = self._now, []
+        while len(times) < runs or (len(times) < 2 and times[0] < QUIET_SECONDS / 10):
+            t0 = clock()
+            work()
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+            times.append(clock() - t0)
+        return min(times)
+
     def _time_probe_gradient(self, pl_module: LightningModule) -> float:
-        clock = self._now
         loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
         params = [p for p in pl_module.parameters() if p.requires_grad]
-        times = []
+
+        def gradients() -> None:
+            for batch in self._probe or []:
+                torch.autograd.grad(loss_fn(pl_module, batch), params, allow_unused=True)
+
         with ctx.isolated(pl_module, train_mode=self.train_mode):
-            # The first pass pays one-off initialisation: keep the faster of two, unless the
-            # first is long enough for that to be a small part of it.
-            while len(times) < 2 and (not times or times[0] < QUIET_SECONDS / 10):
-                t0 = clock()
-                for batch in self._probe or []:
-                    torch.autograd.grad(loss_fn(pl_module, batch), params, allow_unused=True)
-                if pl_module.device.type == "cuda":
-                    torch.cuda.synchronize(pl_module.device)
-                times.append(clock() - t0)
-        return min(times)
+            return self._fastest(pl_module, gradients)
 
     def _time_probe_product(
         self, pl_module: LightningModule, hvp: Any = "auto", dtype: Any = None, **_: Any
@@ -671,7 +678,6 @@ class LandscapeMonitor(ScheduledMonitor):
         product fails here (the measurement will say why)."""
         if not self._probe:
             return 0.0
-        clock, times = self._now, []
         loss_fn = self.loss_fn or ctx.training_step_loss(pl_module)
         try:
             with ctx.isolated(pl_module, train_mode=self.train_mode), warnings.catch_warnings():
@@ -679,15 +685,9 @@ class LandscapeMonitor(ScheduledMonitor):
                 op = HessianOperator(pl_module, loss_fn, self._probe[:1], hvp=hvp, dtype=dtype)
                 v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
                 v = v.to(device=op.device, dtype=op.dtype)
-                for _ in range(2):
-                    t0 = clock()
-                    op.matvec(v)
-                    if pl_module.device.type == "cuda":
-                        torch.cuda.synchronize(pl_module.device)
-                    times.append(clock() - t0)
+                return self._fastest(pl_module, lambda: op.matvec(v), runs=2)
         except Exception:  # a guess: never a reason to stop training
             return 0.0
-        return min(times)
 
     @override
     def _step_seconds_guess(self) -> float | None:
